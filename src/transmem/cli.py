@@ -1,0 +1,238 @@
+"""`transmem ...`: demo, data, pretrain, finetune, transfer, evaluate, predict, zoo, bench.
+
+Every training command takes ``--config FILE.yaml`` plus ``--section.key value`` overrides
+(e.g. ``--train.steps 500 --data.num_digits 3``); unknown keys are errors. Bad input ends with a
+one-line ``transmem: error: ...`` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or "." not in tok:
+            parser.error(f"unrecognized argument {tok!r} (overrides are --section.key value)")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                parser.error(f"{tok} needs a value")
+            val = rest[i + 1]
+            i += 2
+        out[key] = val
+    return out
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--config", help="YAML experiment config (sections data, model, train, transfer, eval)")
+    p.add_argument("--out", required=out_required, help="run folder (never overwritten)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--zoo-name", help="also save the trained model under this name in the zoo root")
+    p.add_argument("--zoo-root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="transmem", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="pretrain two zoo models, transfer to a new task, compare, report")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="the same path on tiny sizes (about a minute)")
+    p.add_argument("--mnist", help="folder with real MNIST IDX files (default: built-in digits)")
+    p.add_argument("--no-bank-read", action="store_true", help="skip the bank_read TMU row")
+
+    p = sub.add_parser("data", help="list datasets, or export clips of one to .npy")
+    p.add_argument("action", choices=["list", "export"])
+    p.add_argument("--config")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="export: the .npy file to write (N, T, C, H, W) uint8")
+
+    p = sub.add_parser("pretrain", help="train a backbone without labels; also trains from scratch on a target")
+    _common(p)
+    p = sub.add_parser("finetune", help="train starting from a zoo entry")
+    _common(p)
+    p.add_argument("--from", dest="init_from", required=True, help="zoo entry to start from")
+    p = sub.add_parser("transfer", help="train a TMU target that draws on frozen zoo teachers")
+    _common(p)
+    p.add_argument("--teachers", nargs="+", help="zoo entries (folders or names in the zoo root)")
+    p.add_argument("--distill-weight", type=float, help="lambda of L_distill (config transfer.distill_weight)")
+    p.add_argument("--mode", choices=["distill", "bank_read"], help="config transfer.mode")
+    p.add_argument("--init-from", help="zoo entry to initialise the target backbone (finetune init)")
+
+    p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model on a dataset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--config")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("predict", help="forecast from the last T_in frames of a file or folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("zoo", help="list the zoo or show one card")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--root")
+
+    p = sub.add_parser("bench", help="time training steps and inference rollouts")
+    p.add_argument("--model", default="convlstm", choices=["convlstm", "predrnn", "tmu"])
+    p.add_argument("--backbone", default="convlstm", help="TMU target backbone")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--filter", type=int, default=5)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--teachers", type=int, default=2)
+    p.add_argument("--cached-bank", action="store_true")
+    p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    try:
+        return _dispatch(args, rest, ap)
+    except KeyboardInterrupt:
+        print("transmem: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # known input problems end in one clean line
+        if _is_user_error(e):
+            msg = " ".join(str(e).split())
+            print(f"transmem: error: {msg}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .api import RunFolderError
+    from .config import ConfigError
+    from .data import DataError
+    from .transfer import TeacherMismatch
+    from .zoo import ZooError
+    return isinstance(e, (RunFolderError, ConfigError, DataError, TeacherMismatch, ZooError,
+                          FileNotFoundError, PermissionError, FloatingPointError))
+
+
+def _dispatch(args, rest, ap) -> int:
+    if args.cmd in ("demo", "zoo", "predict", "bench") and rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    overrides = _split_overrides(rest, ap)
+
+    if args.cmd == "demo":
+        from .demo import run_demo
+        run_demo(args.out, quick=args.quick, mnist_dir=args.mnist, bank_read=not args.no_bank_read)
+        return 0
+
+    if args.cmd == "zoo":
+        from .zoo import list_entries, read_card, resolve
+        if args.action == "list":
+            print(format_zoo_table(list_entries(args.root)))
+        else:
+            if not args.name:
+                ap.error("zoo show needs a NAME")
+            import json
+            print(json.dumps(read_card(resolve(args.name, args.root)), indent=2))
+        return 0
+
+    if args.cmd == "bench":
+        from .bench import run_bench
+        run_bench(args)
+        return 0
+
+    if args.cmd == "predict":
+        from .predict import run_predict
+        run_predict(args.model, args.input, args.out)
+        return 0
+
+    from .config import load_experiment
+    exp = load_experiment(args.config, overrides)
+    from . import api
+
+    if args.cmd == "data":
+        from .data import list_datasets
+        if args.action == "list":
+            print("\n".join(list_datasets()))
+            return 0
+        if not args.out:
+            ap.error("data export needs --out FILE.npy")
+        return _export(exp, args.split, args.out)
+    if args.cmd == "pretrain":
+        m = api.run_train(exp, args.out, args.resume, zoo_name=args.zoo_name, zoo_root=args.zoo_root)
+    elif args.cmd == "finetune":
+        m = api.run_train(exp, args.out, args.resume, init_from=args.init_from,
+                          zoo_name=args.zoo_name, zoo_root=args.zoo_root)
+    elif args.cmd == "transfer":
+        if args.distill_weight is not None:
+            exp.transfer.distill_weight = args.distill_weight
+        if args.mode:
+            exp.transfer.mode = args.mode
+        if args.init_from:
+            exp.transfer.init_from = args.init_from
+        m = api.run_transfer(exp, args.out, args.resume, teachers=args.teachers,
+                             zoo_name=args.zoo_name, zoo_root=args.zoo_root)
+    elif args.cmd == "evaluate":
+        m = api.run_evaluate(args.model, exp, args.out)
+    else:  # pragma: no cover - argparse guards the choices
+        ap.error(f"unknown command {args.cmd}")
+    print(_summary_line(m))
+    return 0
+
+
+def _summary_line(m: dict) -> str:
+    parts = [f"{k}={m[k]:.4g}" for k in ("mse", "mse_pixel", "mae", "ssim", "psnr") if isinstance(m.get(k), float)]
+    return "test: " + " ".join(parts)
+
+
+def _export(exp, split: str, out: str) -> int:
+    import numpy as np
+    from .data import build_datasets
+    if os.path.exists(out):
+        raise FileExistsError(f"{out}: exists; not overwriting")
+    ds = build_datasets(exp.data)[split]
+    arr = np.stack([(ds[i]["frames"].numpy() * 255).round().astype(np.uint8) for i in range(len(ds))])
+    tmp = out + ".tmp.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, out)
+    print(f"wrote {out}: {arr.shape} uint8")
+    return 0
+
+
+def format_zoo_table(entries) -> str:
+    rows = [("name", "backbone", "data", "frame", "T_in->T_out", "steps", "test MSE/frame")]
+    for path, card in entries:
+        data = card.get("data", {})
+        desc = data.get("name", "?")
+        if desc == "flying_digits":
+            desc = f"flying_digits k={data.get('num_digits')}"
+        model = card.get("model", "?")
+        if model == "tmu":
+            model = f"tmu({card['config'].get('backbone')}, {len(card['config'].get('source_names', []))} src)"
+        size = card.get("frame_size", ["?", "?"])
+        mse = card.get("metrics", {}).get("mse")
+        rows.append((path.name, model, desc, f"{size[0]}x{size[1]}",
+                     f"{card.get('t_in', '?')}->{card.get('t_out', '?')}",
+                     str(card.get("train", {}).get("steps", "?")),
+                     f"{mse:.2f}" if isinstance(mse, (int, float)) else "-"))
+    if len(rows) == 1:
+        return "(zoo is empty)"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Folders of frame images (PNG, JPEG, ...) and KTH-style folders of action clips.
+
+Registered dataset ``"frames"``: ``cfg.path`` is a folder; every folder under it (itself
+included) that directly holds image files is one sequence, its frames ordered
+
+* by name, in natural order (``f2.png`` before ``f10.png``), by default; or
+* by a time stamp parsed from each name with ``extra["time_regex"]`` (a regular expression;
+  its group ``t``, else its first group, is the time) and, for dates,
+  ``extra["time_format"]`` (a ``strptime`` format, e.g. ``"%Y%m%d%H%M"``); without a format the
+  group must be a number. With ``extra["max_gap"]`` (seconds for dates, else the numbers' unit)
+  a larger step between two frames splits the folder into two sequences of the same event.
+
+Registered dataset ``"kth"``: a tree such as KTH's ``<action>/<person..._d1>.avi`` or
+``<action>/<person>/<clip>/*.png``: every video file (see :mod:`transmem.data.video`) and every
+folder directly holding images is one sequence. Sequences are grouped into events by
+``extra["group_regex"]`` (default ``person\\d+``, KTH's subject ids), so one person's clips never
+end up in two splits; names without a match are their own event. The KTH ``00sequences.txt``
+sub-clip boundaries are not read: every file is one sequence.
+
+Frames are read as RGB or gray (16-bit gray scaled to [0, 1]), converted to ``cfg.channels``,
+brought to ``cfg.size`` by ``cfg.resize`` and stored as uint8. Frames of different sizes in
+one sequence are an error.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .clips import (SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
+                    opt_int, parse_time, require_path, split_at_gaps)
+from .errors import DataError
+from .registry import DataConfig, register_dataset
+from .video import find_video_files, prepare_frames, video_specs
+
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image as ``(H, W)`` (gray: uint8, or uint16 for 16-bit) or ``(H, W, 3)`` uint8 RGB.
+
+    Raises :class:`DataError` for a file Pillow cannot read (unknown format, truncated, ...).
+    """
+    from PIL import Image
+    try:
+        with Image.open(os.fspath(path)) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("L", "1"):
+                return np.asarray(im.convert("L"))
+            if mode.startswith("I;16"):
+                return np.asarray(im).astype(np.uint16)
+            if mode == "I":
+                return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+            if mode == "F":
+                a = np.asarray(im, dtype=np.float32)
+                return np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
+            if mode == "LA":
+                return np.asarray(im.convert("L"))
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, zlib.error, ...
+        raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from None
+
+
+def list_frames(folder: str | os.PathLike, *, time_regex: str | None = None,
+                time_format: str | None = None) -> tuple[list[Path], list[float] | None]:
+    """Image files directly in ``folder`` in frame order, and their parsed times (or ``None``).
+
+    Sorted by name (natural order) or, with ``time_regex``, by the time parsed from each name;
+    a name without a time, or two frames with one time, is a :class:`DataError`.
+    """
+    folder = Path(folder)
+    try:
+        files = [folder / f for f in os.listdir(folder) if is_image_file(f) and (folder / f).is_file()]
+    except OSError as e:
+        raise DataError(folder, f"cannot list folder ({e.strerror or e})") from None
+    if not time_regex:
+        return sorted(files, key=lambda p: natural_key(p.name)), None
+    import re
+    try:
+        pat = re.compile(time_regex)
+    except re.error as e:
+        raise DataError(folder, f"extra.time_regex is not a valid regular expression: {e}") from None
+    timed = []
+    for f in files:
+        t = parse_time(f.name, pat, time_format)
+        if t is None:
+            raise DataError(f, f"no time in the file name (time_regex={time_regex!r}"
+                               f"{', time_format=' + repr(time_format) if time_format else ''})")
+        timed.append((t, f))
+    timed.sort(key=lambda tf: (tf[0], natural_key(tf[1].name)))
+    for (t0, f0), (t1, f1) in zip(timed, timed[1:]):
+        if t0 == t1:
+            raise DataError(f1, f"same time as {f0.name}: two frames with one time stamp")
+    return [f for _, f in timed], [t for t, _ in timed]
+
+
+def read_frames(files: list[Path], channels: int = 1, size: int | None = None, resize: str = "resize", *,
+                aspect: str = "crop", crop=None, where=None) -> np.ndarray:
+    """Read image files (in the given order) into prepared uint8 frames ``(T, channels, H, W)``."""
+    if not files:
+        raise DataError(where, "empty folder: no frame images found")
+    return prepare_frames(((f, read_image(f)) for f in files), channels, size, resize, aspect, crop,
+                          where=where or files[0].parent)
+
+
+def read_frame_folder(folder: str | os.PathLike, channels: int = 1, size: int | None = None,
+                      resize: str = "resize", *, time_regex: str | None = None, time_format: str | None = None,
+                      max_frames: int | None = None, aspect: str = "crop", crop=None) -> np.ndarray:
+    """All frames of one folder (see :func:`list_frames` for the order) as uint8 ``(T, C, H, W)``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "no such folder")
+    files, _ = list_frames(folder, time_regex=time_regex, time_format=time_format)
+    if not files:
+        raise DataError(folder, f"empty folder: no frame images ({', '.join(sorted(IMAGE_EXTS))})")
+    return read_frames(files[:max_frames] if max_frames else files, channels, size, resize, aspect=aspect,
+                       crop=crop, where=folder)
+
+
+def find_frame_folders(root: Path) -> list[Path]:
+    """Folders under ``root`` (itself included) that directly hold image files."""
+    found = []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort(key=natural_key)
+        if any(is_image_file(f) for f in files):
+            found.append(Path(d))
+    return found
+
+
+def _folder_specs(cfg: DataConfig, folders: list[Path], root: Path, names: list[str], events: list[str]) -> list[SequenceSpec]:
+    fo = fit_options(cfg)
+    regex, fmt = opt(cfg, "time_regex"), opt(cfg, "time_format")
+    max_gap = opt_float(cfg, "max_gap", positive=True)
+    maxf = opt_int(cfg, "max_frames")
+    specs = []
+    for folder, name, event in zip(folders, names, events):
+        files, times = list_frames(folder, time_regex=regex, time_format=fmt)
+        if maxf:
+            files, times = files[:maxf], (times[:maxf] if times else None)
+        runs = split_at_gaps(times, max_gap) if (times and max_gap) else [(0, len(files))]
+        for k, (a, b) in enumerate(runs):
+            part = files[a:b]
+
+            def load(part=part, folder=folder):
+                return read_frames(part, cfg.channels, fo["size"], fo["mode"], aspect=fo["aspect"],
+                                   crop=fo["crop"], where=folder), None
+            specs.append(SequenceSpec(name if len(runs) == 1 else f"{name}#{k}", event, part, load))
+    return specs
+
+
+@register_dataset("frames")
+def build_frames(cfg: DataConfig) -> dict:
+    """Clips from a folder of frames, or a folder of such folders (each one sequence)."""
+    root = require_path(cfg, "a folder of frame images")
+    if not root.is_dir():
+        raise DataError(root, "expected a folder of frame images, got a file")
+    folders = find_frame_folders(root)
+    if not folders:
+        raise DataError(root, f"empty folder: no frame images ({', '.join(sorted(IMAGE_EXTS))})")
+    names = [root.name if f == root else os.path.relpath(f, root) for f in folders]
+    events = group_events(names, opt(cfg, "group_regex"), cfg.path)
+    specs = _folder_specs(cfg, folders, root, names, events)
+    return build_clip_datasets(cfg, "frames", specs, what="sequences")
+
+
+KTH_GROUP_REGEX = r"person\d+"
+
+
+@register_dataset("kth")
+def build_kth(cfg: DataConfig) -> dict:
+    """Clips from a KTH-style tree: each video file and each folder of frames is one sequence."""
+    root = require_path(cfg, "a folder of action folders (videos or frame folders)")
+    if not root.is_dir():
+        raise DataError(root, "expected a folder of action folders, got a file")
+    videos = find_video_files(root)
+    folders = find_frame_folders(root)
+    if not videos and not folders:
+        raise DataError(root, "empty folder: no video files or frame folders found")
+    regex = opt(cfg, "group_regex", KTH_GROUP_REGEX)
+    fnames = [root.name if f == root else os.path.relpath(f, root) for f in folders]
+    specs = video_specs(cfg, videos, root, group_regex=regex)
+    specs += _folder_specs(cfg, folders, root, fnames, group_events(fnames, regex, cfg.path))
+    # one order for all, whatever the kind of source
+    specs.sort(key=lambda s: natural_key(s.name))
+    return build_clip_datasets(cfg, "kth", specs, what="events")

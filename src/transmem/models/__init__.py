@@ -1,0 +1,7 @@
+"""Backbones and the TMU. Importing this package registers every built-in model."""
+from .registry import create_model, list_models, get_model_class, register_model, build_config
+from .base import PredictiveRNN, BackboneConfig, patchify, unpatchify
+from . import convlstm, predrnn, tmu  # noqa: F401  (registration)
+
+__all__ = ["create_model", "list_models", "get_model_class", "register_model", "build_config",
+           "PredictiveRNN", "BackboneConfig", "patchify", "unpatchify"]

@@ -1,0 +1,152 @@
+"""The backbone protocol every predictive RNN follows.
+
+A backbone sees frames as ``(B, T, C, H, W)``; patching into a coarser grid with ``p*p*C``
+channels happens here, inside the model. Subclasses implement one recurrent step over the patched
+grid (:meth:`init_state`, :meth:`step`); the rollout, scheduled sampling and the optional memory
+output are shared. The *memory* of layer ``l`` is the recurrent cell state ``c`` that the layer
+carries to the next step. A ``memory_hook`` may rewrite it right after the cell computes it and
+before the hidden state is read from it: that is how the TMU plugs into any backbone without edits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+# hook(layer, t, memory, x_in, h_prev) -> memory to carry
+MemoryHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BackboneConfig:
+    in_channels: int = 1      # channels of a frame (1 gray, 3 RGB)
+    num_layers: int = 2
+    hidden: int = 32          # hidden channels of every layer
+    filter_size: int = 5
+    patch_size: int = 4       # frames are cut into p x p patches: grid H/p x W/p, p*p*C channels
+    norm: str = "none"        # "none" | "group": GroupNorm over channels, works at any frame size
+    forget_bias: float = 1.0
+
+
+def patchify(frames: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, T, C*p*p, H/p, W/p)."""
+    if p == 1:
+        return frames
+    b, t, c, h, w = frames.shape
+    x = frames.reshape(b, t, c, h // p, p, w // p, p)
+    return x.permute(0, 1, 2, 4, 6, 3, 5).reshape(b, t, c * p * p, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, T, C*p*p, h, w) -> (B, T, C, h*p, w*p)."""
+    if p == 1:
+        return x
+    b, t, cp, h, w = x.shape
+    c = cp // (p * p)
+    x = x.reshape(b, t, c, p, p, h, w).permute(0, 1, 2, 5, 3, 6, 4)
+    return x.reshape(b, t, c, h * p, w * p)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "group":
+        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm '{kind}'; use 'none' or 'group'")
+
+
+def teacher_forcing_mask(batch: int, steps: int, t_in: int | None, device=None) -> torch.Tensor:
+    """Mask for a plain rollout: ground truth for the first t_in frames, own predictions after.
+    ``t_in=None`` feeds ground truth at every step (one-step-ahead training)."""
+    mask = torch.ones(batch, steps, device=device)
+    if t_in is not None:
+        mask[:, t_in - 1:] = 0.0
+    return mask
+
+
+class PredictiveRNN(nn.Module):
+    """Base class of every backbone. ``forward`` returns predictions of frames 1..T-1."""
+
+    config_class = BackboneConfig
+    model_name = "base"
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.config = config
+        p = config.patch_size
+        self.frame_channels = config.in_channels * p * p  # channels of the patched grid
+
+    # --- to implement ---------------------------------------------------------------------
+    def init_state(self, batch: int, height: int, width: int, ref: torch.Tensor):
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, state, t: int, hook: Optional[MemoryHook] = None):
+        """One step on the patched grid: returns (next frame (B, p*p*C, h, w), state, memories),
+        ``memories`` being the list of per-layer memories carried to the next step."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def hidden_channels(self, layer: int) -> int:
+        return self.config.hidden
+
+    def layer_input_channels(self, layer: int) -> int:
+        return self.frame_channels if layer == 0 else self.config.hidden
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def check_frames(self, frames: torch.Tensor) -> None:
+        if frames.dim() != 5:
+            raise ValueError(f"frames must be (B, T, C, H, W), got shape {tuple(frames.shape)}")
+        c, h, w = frames.shape[2:]
+        p = self.config.patch_size
+        if c != self.config.in_channels:
+            raise ValueError(f"model expects {self.config.in_channels} channels, frames have {c}")
+        if h % p or w % p:
+            raise ValueError(f"frame size {h}x{w} is not divisible by patch size {p}")
+
+    def forward(self, frames: torch.Tensor, sampling_mask: torch.Tensor | None = None,
+                return_memory: bool = False, t_in: int | None = None,
+                memory_hook: Optional[MemoryHook] = None):
+        """Predict frames 1..T-1 of ``frames`` (B, T, C, H, W).
+
+        At step t >= 1 the input is ``m * frames[t] + (1 - m) * prediction[t]`` with
+        ``m = sampling_mask[:, t-1]`` (shape (B, T-1) or broadcastable to (B, T-1, C, H, W) in
+        frame space). Without a mask: ground truth for the first ``t_in`` frames, then the model's
+        own predictions (``t_in=None``: ground truth throughout).
+        Returns predictions (B, T-1, C, H, W), and with ``return_memory`` also a list over layers
+        of memories (B, T-1, hidden, H/p, W/p).
+        """
+        self.check_frames(frames)
+        b, T = frames.shape[:2]
+        p = self.config.patch_size
+        x = patchify(frames, p)
+        if sampling_mask is None:
+            sampling_mask = teacher_forcing_mask(b, T - 1, t_in, device=frames.device)
+        mask = sampling_mask.to(frames.dtype)
+        if mask.dim() == 2:
+            mask = mask[:, :, None, None, None]
+        elif mask.shape[-1] == frames.shape[-1] and p > 1:
+            mask = patchify(mask.expand(b, T - 1, *frames.shape[2:]), p)
+        state = self.init_state(b, x.shape[-2], x.shape[-1], x)
+        preds, memories = [], []
+        x_gen = None
+        for t in range(T - 1):
+            if t == 0:
+                inp = x[:, 0]
+            else:
+                m = mask[:, t - 1]
+                inp = m * x[:, t] + (1 - m) * x_gen
+            x_gen, state, mem = self.step(inp, state, t, memory_hook)
+            preds.append(x_gen)
+            if return_memory:
+                memories.append(mem)
+        out = unpatchify(torch.stack(preds, 1), p)
+        if not return_memory:
+            return out
+        per_layer = [torch.stack([m[l] for m in memories], 1) for l in range(self.num_layers)]
+        return out, per_layer

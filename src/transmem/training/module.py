@@ -1,0 +1,139 @@
+"""One LightningModule for every way of training a forecaster: pretraining a zoo model, training
+from scratch, finetuning, and TMU transfer (a backbone or a TMU model, optionally a memory bank).
+
+The loss is ``L_pred + distill_weight * L_distill``: the frame MSE over the predicted frames (plus
+an optional L1 term) and, for a TMU with a bank, the distillation term, which is part of the graph.
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .schedules import SamplingSchedule, reverse_time
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    if valid is None:
+        return F.mse_loss(pred, target)
+    w = valid.to(pred.dtype).expand_as(pred)
+    return ((pred - target) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+
+
+def masked_l1(pred, target, valid):
+    if valid is None:
+        return F.l1_loss(pred, target)
+    w = valid.to(pred.dtype).expand_as(pred)
+    return ((pred - target).abs() * w).sum() / w.sum().clamp_min(1.0)
+
+
+class ForecastModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, schedule: SamplingSchedule, lr: float = 1e-3,
+                 bank=None, distill_weight: float = 0.0, bank_cache=None,
+                 reverse_prob: float = 0.0, l1_weight: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.bank = bank
+        self.bank_cache = bank_cache
+        self.schedule = schedule
+        self.lr = lr
+        self.distill_weight = distill_weight
+        self.reverse_prob = reverse_prob
+        self.l1_weight = l1_weight
+        self.t_in = schedule.t_in
+        self.is_tmu = hasattr(model, "transfer")
+        self.seed = seed
+        if bank_cache is not None and reverse_prob > 0:
+            raise ValueError("a cached bank cannot be combined with time-reversal augmentation")
+        if bank_cache is not None and bank is not None and bank.teacher_inputs != "ground_truth":
+            raise ValueError("only a ground_truth-mode bank can be cached (an 'own' bank depends on the sampling mask)")
+
+    # the teachers are frozen and not part of what this module trains or checkpoints
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in sd.items() if not k.startswith("bank.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kw):
+        own = {k: v for k, v in state_dict.items() if not k.startswith("bank.")}
+        return super().load_state_dict(own, strict=False if self.bank is not None else strict, **kw)
+
+    def _generator(self) -> torch.Generator:
+        # masks and augmentation are a pure function of (seed, step): resume reproduces them
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.global_step)
+        return g
+
+    def get_bank(self, batch, frames, mask):
+        if self.bank is None:
+            return None
+        if self.bank_cache is not None and "index" in batch:
+            cached = self.bank_cache.get(batch["index"].cpu())
+            if cached is not None:
+                return [{l: s.to(frames.device) for l, s in src.items()} for src in cached]
+            bank = self.bank(frames, mask, self.t_in)
+            self.bank_cache.put(batch["index"].cpu(), bank)
+            return bank
+        return self.bank(frames, mask, self.t_in)
+
+    def compute_loss(self, batch):
+        frames, valid = batch["frames"], batch.get("mask")
+        g = self._generator()
+        frames, valid = reverse_time(frames, self.reverse_prob, g, valid)
+        mask = self.schedule.mask(self.global_step, frames.shape[0], frames.device, g)
+        target = frames[:, 1:]
+        tvalid = None if valid is None else valid[:, 1:]
+        distill = None
+        if self.is_tmu:
+            bank = self.get_bank(batch, frames, mask)
+            preds, aux = self.model(frames, mask, bank=bank, return_aux=True)
+            distill = aux["distill_loss"]
+        else:
+            preds = self.model(frames, mask)
+        pred_loss = masked_mse(preds, target, tvalid)
+        if self.l1_weight:
+            pred_loss = pred_loss + self.l1_weight * masked_l1(preds, target, tvalid)
+        loss = pred_loss
+        if distill is not None and self.distill_weight > 0:
+            loss = loss + self.distill_weight * distill
+        return loss, pred_loss, distill
+
+    def training_step(self, batch, batch_idx):
+        loss, pred_loss, distill = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {self.global_step}: stopping; the last good "
+                "checkpoint is kept (lower the learning rate or check the data)")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", pred_loss)
+        if distill is not None:
+            self.log("train/distill", distill, prog_bar=True)
+        return loss
+
+    def rollout(self, frames: torch.Tensor) -> torch.Tensor:
+        """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too)."""
+        if self.is_tmu and self.model.config.mode == "bank_read":
+            mask = torch.zeros(frames.shape[0], frames.shape[1] - 1, device=frames.device)
+            mask[:, : self.t_in - 1] = 1
+            # at test time no teacher may see future frames: teachers roll out on their own
+            bank = _own_rollout_bank(self.bank, frames, mask, self.t_in)
+            return self.model(frames, t_in=self.t_in, bank=bank)[:, self.t_in - 1:]
+        return self.model(frames, t_in=self.t_in)[:, self.t_in - 1:]
+
+    def validation_step(self, batch, batch_idx):
+        frames, valid = batch["frames"], batch.get("mask")
+        preds = self.rollout(frames)
+        mse = masked_mse(preds, frames[:, self.t_in:], None if valid is None else valid[:, self.t_in:])
+        self.log("val/mse", mse, prog_bar=True, sync_dist=True, batch_size=frames.shape[0])
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.lr)
+
+
+def _own_rollout_bank(bank, frames, mask, t_in):
+    mode = bank.teacher_inputs
+    bank.teacher_inputs = "own"
+    try:
+        return bank(frames, mask, t_in)
+    finally:
+        bank.teacher_inputs = mode
