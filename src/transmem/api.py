@@ -195,6 +195,8 @@ def load_for_inference(ref, exp: Experiment | None = None) -> tuple[ForecastModu
 
 def run_evaluate(ref, exp: Experiment, out, datasets=None) -> dict:
     out = Path(out)
+    if (out / "metrics.json").exists():
+        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
     out.mkdir(parents=True, exist_ok=True)
     module, card = load_for_inference(ref)
     if exp.train.t_in != module.t_in:
@@ -203,7 +205,5 @@ def run_evaluate(ref, exp: Experiment, out, datasets=None) -> dict:
     metrics = evaluate(module, datasets[exp.eval.split], exp.eval.batch_size,
                        thresholds=exp.eval.thresholds or None, progress=exp.train.progress)
     metrics["model"] = str(ref)
-    if (out / "metrics.json").exists():
-        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
     write_json(out / "metrics.json", metrics)
     return metrics

@@ -186,7 +186,8 @@ th{background:#f2f2f2}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1.5em 0}
 figcaption{font-weight:600;margin-bottom:.4em}
-img{max-width:100%;image-rendering:pixelated}
+img{max-width:100%}
+img.px{image-rendering:pixelated}
 .small{color:#666;font-size:90%}
 """
 
@@ -216,7 +217,8 @@ def _html(title: str, headers: list[str], cells: list[list[str]], bold: list[lis
         if p.is_file():
             mime = _MIME.get(p.suffix.lower(), "application/octet-stream")
             data = base64.b64encode(p.read_bytes()).decode("ascii")
-            parts.append(f'<img alt="{e(caption)}" src="data:{mime};base64,{data}">')
+            cls = ' class="px"' if p.suffix.lower() == ".gif" else ""  # frames: keep pixels sharp
+            parts.append(f'<img{cls} alt="{e(caption)}" src="data:{mime};base64,{data}">')
         else:
             warnings.warn(f"report image not found: {p}", stacklevel=3)
             parts.append(f'<p class="small">(image missing: {e(str(rel))})</p>')
@@ -273,12 +275,19 @@ def _ranges(idx: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-def summarize_transfer(weights: Any, source_names: Sequence[str]) -> str:
+def summarize_transfer(
+    weights: Any,
+    source_names: Sequence[str],
+    step_label: str = "lead times",
+    first_step: int = 1,
+) -> str:
     """One line on which source dominates the transfer weights ``(N_sources, T)``.
 
-    The dominant source has the largest mean weight over lead times; "strongest at" lists the lead
-    times (1-based) where it has the largest weight of all sources; other sources that lead at some
-    lead times are named too. Extra trailing axes (e.g. ``(N, T, h, w)`` maps) are averaged out.
+    The dominant source has the largest mean weight over steps; "strongest at" lists the steps
+    (numbered from ``first_step``) where it has the largest weight of all sources; other sources
+    that lead at some steps are named too. Extra trailing axes (e.g. ``(N, T, h, w)`` maps) are
+    averaged out. If the T axis covers every recurrent step of a clip rather than the forecast
+    only, pass e.g. ``step_label="steps"``.
     """
     w = np.asarray(weights.detach().cpu().numpy() if hasattr(weights, "detach") else weights, dtype=np.float64)
     if w.ndim == 1:
@@ -296,17 +305,17 @@ def summarize_transfer(weights: Any, source_names: Sequence[str]) -> str:
     name = source_names[top]
     if n == 1:
         return f"single source '{name}' (mean weight {means[0]:.2f})"
-    mine = [i + 1 for i in range(t) if lead[i] == top]
+    mine = [i + first_step for i in range(t) if lead[i] == top]
     line = f"source '{name}' dominates (mean weight {means[top]:.2f})"
     if mine:
-        line += f", strongest at lead times {_ranges(mine)}"
+        line += f", strongest at {step_label} {_ranges(mine)}"
     else:
-        line += ", though it never has the largest weight at a single lead time"
+        line += f", though it never has the largest weight at any single one of the {step_label}"
     others = []
     for j in range(n):
         if j == top:
             continue
-        steps = [i + 1 for i in range(t) if lead[i] == j]
+        steps = [i + first_step for i in range(t) if lead[i] == j]
         if steps:
             others.append(f"'{source_names[j]}' leads at {_ranges(steps)}")
     if others:

@@ -89,12 +89,13 @@ def method_report(out: Path, title: str, methods: dict, model_dirs: dict, datase
             names = card["config"]["source_names"]
             for layer, m in maps.items():
                 safe = name.replace(":", "-").replace("+", "-")
-                p = plot_transfer_maps(fig_dir / f"transfer_{safe}_layer{layer}.png", m["transfer"], names,
-                                       f"{name}: transfer weight per source (layer {layer})")
+                lead = m["transfer"][:, t_in - 1:]  # steps that produce the forecast: lead times 1..T_out
+                p = plot_transfer_maps(fig_dir / f"transfer_{safe}_layer{layer}.png", lead, names,
+                                       f"{name}: transfer weight per source and lead time (layer {layer})")
                 images.append((f"{name}: transfer maps, layer {layer}", str(p.relative_to(out))))
                 np.savez(fig_dir / f"transfer_{safe}_layer{layer}.npz",
                          **{k: v for k, v in m.items() if v is not None})
-                notes.append(f"{name}, layer {layer}: {summarize_transfer(m['transfer'], names)}")
+                notes.append(f"{name}, layer {layer}: {summarize_transfer(lead, names)}")
     if frames is not None:
         for i in range(min(examples, frames.shape[0])):
             rows = [frames[i, :t_in], frames[i, t_in:]] + [preds[m][i] for m in preds]
@@ -104,7 +105,8 @@ def method_report(out: Path, title: str, methods: dict, model_dirs: dict, datase
             rows_grid = [frames[i, t_in:]] + [preds[m][i] for m in preds]
             p = save_grid(fig_dir / f"example{i}.png", rows_grid, ["truth"] + list(preds))
             images.append((f"test clip {i}: forecast grid", str(p.relative_to(out))))
-    table = {m: {k: v for k, v in d.items() if not isinstance(v, (list, dict))} for m, d in methods.items()}
+    table = {m: {k: v for k, v in d.items() if not isinstance(v, list) and k != "contingency"}
+             for m, d in methods.items()}
     return write_report(out, title, table, images, notes, settings)
 
 

@@ -13,6 +13,7 @@ returns the :class:`pathlib.Path` it wrote.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ _BLANK = (225, 225, 225)
 _TEXT = (0, 0, 0)
 _MARGIN = 4  # pixels around and between panels
 _GAP = 2  # pixels between grid cells
+_COL_GAP = 10  # pixels between GIF panels
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,7 +74,16 @@ def to_uint8_frames(x: Any, scale: int = 1) -> np.ndarray:
     return np.ascontiguousarray(u8)
 
 
+@functools.lru_cache(maxsize=4)
 def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans shipped inside matplotlib (Unicode labels such as 'λ'), else Pillow's default."""
+    try:
+        import matplotlib
+
+        ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return ImageFont.truetype(str(ttf), size=size)
+    except Exception:  # noqa: BLE001 - any font problem falls back to the built-in font
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without the sized default font
@@ -123,7 +134,7 @@ def save_gif(
     lh = _line_height(font)
     col_w = [max(s.shape[2], _text_size(font, lab)[0]) for s, lab in zip(seqs, labels)]
     panel_h = max(s.shape[1] for s in seqs)
-    width = _MARGIN + sum(w + _MARGIN for w in col_w)
+    width = 2 * _MARGIN + sum(col_w) + _COL_GAP * (len(col_w) - 1)
     height = _MARGIN + lh + _MARGIN + panel_h + _MARGIN + lh + _MARGIN
 
     frames: list[Image.Image] = []
@@ -140,7 +151,7 @@ def save_gif(
                 img.paste(Image.fromarray(s[min(t, s.shape[0] - 1)]), (px, py))
             else:
                 draw.rectangle((px, py, px + pw - 1, py + ph - 1), fill=_BLANK)
-            x += cw + _MARGIN
+            x += cw + _COL_GAP
         draw.text((_MARGIN, 3 * _MARGIN + lh + panel_h), f"t = {t + 1}/{t_max}", fill=_TEXT, font=font)
         frames.append(img)
 
@@ -206,11 +217,11 @@ def save_grid(
 
 
 # ----------------------------------------------------------------------------- plots
-def _new_figure(figsize: tuple[float, float]) -> Any:
+def _new_figure(figsize: tuple[float, float], layout: str | None = None) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, dpi=100)
+    fig = Figure(figsize=figsize, dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -283,7 +294,7 @@ def plot_transfer_maps(
         vmax = vmin + 1e-6
 
     cols = len(steps)
-    fig = _new_figure((1.6 * cols + 1.4, 1.6 * n + 0.8))
+    fig = _new_figure((1.5 * cols + 1.2, 1.5 * n + 0.7), layout="constrained")
     axes = fig.subplots(n, cols, squeeze=False)
     im = None
     for i in range(n):

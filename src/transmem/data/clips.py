@@ -50,6 +50,19 @@ SPLIT_ONLY_KEYS = frozenset({"splits", "split_order", "group_regex"})
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def why(e: BaseException, path: Any = None) -> str:
+    """``"TypeName: message"`` of a library exception, without the file path it may repeat and
+    cut to a reasonable length (the :class:`DataError` already names the file)."""
+    msg = str(e)
+    if path is not None:
+        for form in {os.fspath(path), os.path.abspath(os.fspath(path))}:
+            msg = msg.replace(f"'{form}'", "").replace(form, "")
+    msg = " ".join(msg.split()).strip(" :") or "no details"
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    return f"{type(e).__name__}: {msg}"
+
+
 # --------------------------------------------------------------------------------------------
 # names and times
 # --------------------------------------------------------------------------------------------
@@ -514,10 +527,12 @@ def split_events(events: list[str], fractions, *, explicit: dict | None = None, 
     n = len(events)
     if n < len(positive):
         need = ", ".join(SPLITS[i] for i in positive)
-        raise DataError(path, f"only {n} {what} ({', '.join(events) or 'none'}) for {len(positive)} splits "
-                              f"with a positive fraction ({need}); one {what[:-1] if what.endswith('s') else what} "
-                              f"never goes into two splits: give more {what}, set a zero fraction, or name the "
-                              f"{what} of each split with extra.splits={{'train': [...], 'val': [...], 'test': [...]}}")
+        one = what[:-1] if what.endswith("s") else what
+        raise DataError(path, f"only {n} {one if n == 1 else what} ({', '.join(events) or 'none'}) for "
+                              f"{len(positive)} splits with a positive fraction ({need}); one {one} never goes "
+                              f"into two splits: give more {what}, set a zero fraction (e.g. split=[1, 0, 0]), "
+                              f"or name the {what} of each split with "
+                              f"extra.splits={{'train': [...], 'val': [...], 'test': [...]}}")
     counts = [0, 0, 0]
     for i in positive:
         counts[i] = max(1, int(math.floor(fr[i] * n)))
@@ -593,8 +608,9 @@ def make_splits(cfg: DataConfig, prep: Prepared, *, order: str = "hash", what: s
     if short:
         warnings.warn(f"{cfg.path}: {len(short)} sequence(s) shorter than frames={T} are left out: "
                       f"{', '.join(short[:5])}{' ...' if len(short) > 5 else ''}")
-    events = list(dict.fromkeys(prep.events[i] for i in usable))
     explicit = opt(cfg, "splits")
+    # explicit names are checked against every event found; fractions share out the usable ones
+    events = list(dict.fromkeys(prep.events if explicit is not None else [prep.events[i] for i in usable]))
     groups = split_events(events, fractions, explicit=explicit, order=opt(cfg, "split_order", order),
                           path=cfg.path, what=what)
     out = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .clips import (SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
-                    opt_int, parse_time, require_path, split_at_gaps)
+                    opt_int, parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from .registry import DataConfig, register_dataset
 from .video import find_video_files, prepare_frames, video_specs
@@ -65,7 +65,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 return np.asarray(im.convert("L"))
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, zlib.error, ...
-        raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from None
+        raise DataError(path, f"cannot read image ({why(e, path)})") from None
 
 
 def list_frames(folder: str | os.PathLike, *, time_regex: str | None = None,

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int, parse_time,
-                    require_path, split_at_gaps)
+from .clips import (SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
+                    parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from .radar import FMI_A, FMI_B, R_MAX, dbz_to_rainrate, prepare_rain_frames
 from .registry import DataConfig, register_dataset
@@ -70,7 +70,7 @@ def open_h5(path: str | os.PathLike):
         return h5py.File(os.fspath(path), "r")
     except Exception as e:  # OSError "unable to open", truncated superblock, ...
         kind = "not an HDF5 file" if head != _HDF5_MAGIC else "unreadable or truncated HDF5 file"
-        raise DataError(path, f"{kind} ({type(e).__name__}: {e})") from None
+        raise DataError(path, f"{kind} ({why(e, path)})") from None
 
 
 def _numeric_datasets(f) -> list[tuple[str, tuple]]:
@@ -210,7 +210,7 @@ def read_h5_frames(cfg: DataConfig, files: list[Path], where=None) -> tuple[np.n
                     except DataError:
                         raise
                     except Exception as e:  # h5py read errors on corrupt chunks, ...
-                        raise DataError(p, f"cannot read frame {t} of {ds.name} ({type(e).__name__}: {e})") from None
+                        raise DataError(p, f"cannot read frame {t} of {ds.name} ({why(e, p)})") from None
                     yield (p, fr)
                     n += 1
             finally:
@@ -224,7 +224,7 @@ def _guard(p, fn):
     except DataError:
         raise
     except Exception as e:  # h5py errors on a damaged file
-        raise DataError(p, f"unreadable HDF5 content ({type(e).__name__}: {e})") from None
+        raise DataError(p, f"unreadable HDF5 content ({why(e, p)})") from None
 
 
 def _dataset_reader(cfg: DataConfig, f, p):

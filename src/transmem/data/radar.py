@@ -37,12 +37,12 @@ import re
 import zlib
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from .clips import (SequenceSpec, build_clip_datasets, fit_masked, fit_options, natural_key, opt, opt_float,
-                    opt_int, require_path, split_at_gaps)
+                    opt_int, require_path, split_at_gaps, why)
 from .errors import DataError
 from .registry import DataConfig, register_dataset
 
@@ -174,7 +174,7 @@ def read_mch_gif(path: str | os.PathLike) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:  # UnidentifiedImageError, truncated data, ...
-        raise DataError(path, f"cannot read GIF ({type(e).__name__}: {e})") from None
+        raise DataError(path, f"cannot read GIF ({why(e, path)})") from None
 
 
 _FMI_TIME = re.compile(r"(?<!\d)(\d{12})(?!\d)")

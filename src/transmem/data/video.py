@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key,
-                    opt, opt_int, quantize_uint8, require_path, to_channels)
+from .clips import (SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key, opt,
+                    opt_int, quantize_uint8, require_path, to_channels, why)
 from .errors import DataError
 from .registry import DataConfig, register_dataset
 
@@ -46,7 +46,7 @@ def decode_video(path: str | os.PathLike, max_frames: int | None = None) -> Iter
     try:
         container = av.open(os.fspath(path), mode="r")
     except Exception as e:  # av.error.*, OSError, ...: everything becomes one DataError
-        raise DataError(path, f"cannot open as video ({type(e).__name__}: {e})") from None
+        raise DataError(path, f"cannot open as video ({why(e, path)})") from None
     try:
         if not container.streams.video:
             raise DataError(path, "no video stream in the file")
@@ -61,7 +61,7 @@ def decode_video(path: str | os.PathLike, max_frames: int | None = None) -> Iter
     except DataError:
         raise
     except Exception as e:
-        raise DataError(path, f"cannot decode video ({type(e).__name__}: {e})") from None
+        raise DataError(path, f"cannot decode video ({why(e, path)})") from None
     finally:
         try:
             container.close()
@@ -83,7 +83,7 @@ def decode_gif(path: str | os.PathLike, max_frames: int | None = None) -> Iterat
     except DataError:
         raise
     except Exception as e:  # UnidentifiedImageError, truncated file, LZW errors, ...
-        raise DataError(path, f"cannot read GIF ({type(e).__name__}: {e})") from None
+        raise DataError(path, f"cannot read GIF ({why(e, path)})") from None
 
 
 def iter_frames(path: str | os.PathLike, max_frames: int | None = None) -> Iterator[np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from .schedules import SamplingSchedule, reverse_time
 
@@ -43,6 +44,8 @@ class ForecastModule(L.LightningModule):
         self.t_in = schedule.t_in
         self.is_tmu = hasattr(model, "transfer")
         self.seed = seed
+        # validation MSE as a (sum, weight) metric: exact when the val set is split over processes
+        self.val_mse = MeanMetric(nan_strategy="disable")
         if bank_cache is not None and reverse_prob > 0:
             raise ValueError("a cached bank cannot be combined with time-reversal augmentation")
         if bank_cache is not None and bank is not None and bank.teacher_inputs != "ground_truth":
@@ -63,6 +66,33 @@ class ForecastModule(L.LightningModule):
         g.manual_seed(self.seed * 1_000_003 + self.global_step)
         return g
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def _draws(self, frames, valid):
+        """Time reversal and sampling mask for this step. The random numbers are drawn for the
+        global batch (all processes) and each process takes the rows of its own clips (every
+        world-th, as :class:`~transmem.training.loop.StepSampler` deals them), so a step is the
+        same on 1 or N processes with the same global batch; on one process this is exactly
+        ``reverse_time`` followed by ``schedule.mask``."""
+        g = self._generator()
+        world, rank = self._world()
+        if world == 1:
+            frames, valid = reverse_time(frames, self.reverse_prob, g, valid)
+            return frames, valid, self.schedule.mask(self.global_step, frames.shape[0], frames.device, g)
+        b = frames.shape[0]
+        if self.reverse_prob > 0:
+            flip = torch.rand(world * b, generator=g)[rank::world] < self.reverse_prob
+            flip = flip.to(frames.device).view(-1, *([1] * (frames.dim() - 1)))
+            frames = torch.where(flip, frames.flip(1), frames)
+            if valid is not None:
+                valid = torch.where(flip, valid.flip(1), valid)
+        mask = self.schedule.mask(self.global_step, world * b, None, g)[rank::world].to(frames.device)
+        return frames, valid, mask
+
     def get_bank(self, batch, frames, mask):
         if self.bank is None:
             return None
@@ -77,9 +107,7 @@ class ForecastModule(L.LightningModule):
 
     def compute_loss(self, batch):
         frames, valid = batch["frames"], batch.get("mask")
-        g = self._generator()
-        frames, valid = reverse_time(frames, self.reverse_prob, g, valid)
-        mask = self.schedule.mask(self.global_step, frames.shape[0], frames.device, g)
+        frames, valid, mask = self._draws(frames, valid)
         target = frames[:, 1:]
         tvalid = None if valid is None else valid[:, 1:]
         distill = None
@@ -122,8 +150,12 @@ class ForecastModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         frames, valid = batch["frames"], batch.get("mask")
         preds = self.rollout(frames)
-        mse = masked_mse(preds, frames[:, self.t_in:], None if valid is None else valid[:, self.t_in:])
-        self.log("val/mse", mse, prog_bar=True, sync_dist=True, batch_size=frames.shape[0])
+        target = frames[:, self.t_in:]
+        tvalid = None if valid is None else valid[:, self.t_in:]
+        mse = masked_mse(preds, target, tvalid)
+        weight = target.numel() if tvalid is None else tvalid.to(preds.dtype).expand_as(preds).sum()
+        self.val_mse.update(mse.detach(), weight)
+        self.log("val/mse", self.val_mse, prog_bar=True, batch_size=frames.shape[0])
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

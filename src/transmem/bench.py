@@ -1,0 +1,431 @@
+"""`transmem bench`: time training steps and inference rollouts of a backbone or a TMU model.
+
+Random weights and random frames ``(B, T, 1, S, S)``; no data is read. What is timed:
+
+* **training step**: forward, backward and an Adam step, plus the teacher passes the method needs.
+  For the TMU without ``--cached-bank`` that is the memory bank's forward (N frozen ConvLSTM
+  teachers of the target's size, under ``no_grad``); with ``--cached-bank`` the bank is read from
+  a :class:`~transmem.transfer.BankCache` filled before timing;
+* **inference rollout**: ``T_in = T/2`` input frames, the rest forecast, under
+  ``torch.inference_mode``; a distill-mode TMU runs without teachers.
+
+Steps of the timed variants are interleaved (one of each per round) so that load from other jobs
+hits them alike; the numbers are medians over ``--steps`` rounds after ``--warmup`` rounds.
+FLOPs are counted once, outside the timed loop, with ``torch.utils.flop_counter.FlopCounterMode``;
+achieved GFLOP/s are compared with a fp32 matmul / conv2d peak measured in the same run.
+The same training step through ``ForecastModule`` + ``lightning.Trainer`` is timed in blocks
+alternating with the bare loop to report Lightning's overhead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .models import create_model
+from .training.schedules import SamplingSchedule
+
+REQUIRED_KEYS = ("train_ms", "infer_ms", "seq_per_s", "peak_rss_mb", "params", "gflops", "peak_gflops")
+
+
+@dataclass
+class BenchSpec:
+    """One benchmark configuration (the CLI's flags, plus a few knobs for scripts)."""
+    model: str = "convlstm"        # convlstm | predrnn | tmu
+    backbone: str = "convlstm"     # TMU target backbone
+    layers: int = 2
+    hidden: int = 32
+    filter: int = 5
+    patch: int = 4
+    size: int = 64
+    batch: int = 8
+    frames: int = 20               # T = T_in + T_out, T_in = T // 2
+    teachers: int = 2
+    cached_bank: bool = False
+    tmu_mode: str = "distill"      # distill | bank_read
+    tmu_layers: str = "bottom"
+    distill_weight: float = 0.1
+    lr: float = 1e-3
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "BenchSpec":
+        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**kw)
+
+    @property
+    def t_in(self) -> int:
+        return max(1, self.frames // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the workload
+
+
+def _backbone_config(spec: BenchSpec) -> dict:
+    return dict(num_layers=spec.layers, hidden=spec.hidden, filter_size=spec.filter,
+                patch_size=spec.patch, in_channels=1)
+
+
+class Workload:
+    """A model, its optimizer, teachers/bank/cache if any, and one fixed batch of random frames.
+
+    ``train_step``, ``infer_step``, ``bank_step`` (the teachers' pass of an uncached TMU step)
+    and ``teacher_infer_step`` (N full teacher rollouts) are the things that can be timed."""
+
+    def __init__(self, spec: BenchSpec):
+        from .transfer import BankCache, MemoryBank
+
+        if spec.frames < 3:
+            raise ValueError("bench needs at least 3 frames")
+        if spec.size % spec.patch:
+            raise ValueError(f"--size {spec.size} is not divisible by --patch {spec.patch}")
+        self.spec = spec
+        torch.manual_seed(spec.seed)
+        g = torch.Generator().manual_seed(spec.seed)
+        b, T = spec.batch, spec.frames
+        self.frames = torch.rand(b, T, 1, spec.size, spec.size, generator=g)
+        self.target = self.frames[:, 1:]
+        # a scheduled-sampling mask half way through the decay: random 0/1 in the forecast part
+        self.schedule = SamplingSchedule(kind="linear", t_in=spec.t_in, frames=T, stop_step=2)
+        self.mask = self.schedule.mask(1, b, generator=g)
+        self.index = torch.arange(b)
+        self.bank = self.cache = None
+        self.teachers: list = []
+        cfg = _backbone_config(spec)
+        if spec.model == "tmu":
+            self.teachers = [create_model("convlstm", cfg) for _ in range(spec.teachers)]
+            names = [f"teacher{i}" for i in range(spec.teachers)]
+            probe = create_model(spec.backbone, cfg)
+            from .models.tmu import resolve_layers
+            layers = resolve_layers(spec.tmu_layers, probe.num_layers)
+            self.bank = MemoryBank(self.teachers, names, probe, layers, "ground_truth", frame_channels=1)
+            self.model = create_model("tmu", backbone=spec.backbone, backbone_config=cfg,
+                                      source_names=names, source_channels=self.bank.source_channels(),
+                                      tmu_layers=layers, mode=spec.tmu_mode)
+            if spec.cached_bank:
+                self.cache = BankCache(b)
+                self.cache.put(self.index, self.bank(self.frames, self.mask, spec.t_in))
+        elif spec.model in ("convlstm", "predrnn"):
+            self.model = create_model(spec.model, cfg)
+        else:
+            raise ValueError(f"unknown bench model '{spec.model}'")
+        self.model.train()
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def is_tmu(self) -> bool:
+        return self.spec.model == "tmu"
+
+    def get_bank(self):
+        if self.bank is None:
+            return None
+        if self.cache is not None:
+            return self.cache.get(self.index)
+        return self.bank(self.frames, self.mask, self.spec.t_in)
+
+    def loss(self):
+        if self.is_tmu:
+            preds, aux = self.model(self.frames, self.mask, bank=self.get_bank(), return_aux=True)
+            loss = F.mse_loss(preds, self.target)
+            if aux["distill_loss"] is not None and self.spec.distill_weight > 0:
+                loss = loss + self.spec.distill_weight * aux["distill_loss"]
+            return loss
+        return F.mse_loss(self.model(self.frames, self.mask), self.target)
+
+    def train_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.step()
+
+    def _own_bank(self):
+        mode = self.bank.teacher_inputs
+        self.bank.teacher_inputs = "own"
+        try:
+            mask = torch.zeros(self.spec.batch, self.spec.frames - 1)
+            mask[:, : self.spec.t_in - 1] = 1
+            return self.bank(self.frames, mask, self.spec.t_in)
+        finally:
+            self.bank.teacher_inputs = mode
+
+    def infer_step(self) -> None:
+        with torch.inference_mode():
+            if self.is_tmu and self.spec.tmu_mode == "bank_read":
+                self.model(self.frames, t_in=self.spec.t_in, bank=self._own_bank())
+            else:
+                self.model(self.frames, t_in=self.spec.t_in)
+
+    def bank_step(self) -> None:
+        """The teachers' part of an uncached TMU training step (the memory bank's forward)."""
+        self.bank(self.frames, self.mask, self.spec.t_in)
+
+    def teacher_infer_step(self) -> None:
+        """N full teacher inference rollouts (what a bank that runs whole teachers would cost)."""
+        with torch.inference_mode():
+            for t in self.teachers:
+                t(self.frames, t_in=self.spec.t_in)
+
+    def count_flops(self, which: str) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+        fn = {"train": self._flop_train, "infer": self.infer_step, "bank": self.bank_step}[which]
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return int(fc.get_total_flops())
+
+    def _flop_train(self) -> None:  # forward + backward (the Adam update is elementwise, not counted)
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing helpers
+
+
+def interleave(tasks: dict[str, Callable[[], None]], warmup: int, steps: int) -> dict[str, list[float]]:
+    """Run each task once per round, ``warmup`` rounds untimed then ``steps`` timed rounds;
+    returns milliseconds per task and round. Interleaving exposes every variant to the same load."""
+    times: dict[str, list[float]] = {k: [] for k in tasks}
+    for r in range(warmup + steps):
+        for name, fn in tasks.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = (time.perf_counter() - t0) * 1e3
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def median(xs) -> float | None:
+    return float(statistics.median(xs)) if xs else None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_peak(quick: bool = False, reps: int = 5) -> dict:
+    """Achievable fp32 GFLOP/s on this machine now: a large matmul and a large 5x5 conv2d
+    (median of ``reps`` calls each, after one warm-up call)."""
+    out = {}
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    probes = {"matmul": (lambda: torch.mm(a, b), 2 * n ** 3)}
+    cb, ch, s = (4, 64, 16) if quick else (16, 128, 32)
+    x = torch.randn(cb, ch, s, s)
+    w = torch.randn(2 * ch, ch, 5, 5)
+    probes["conv2d"] = (lambda: F.conv2d(x, w, padding=2), 2 * cb * s * s * 2 * ch * ch * 25)
+    with torch.inference_mode():
+        for name, (fn, flops) in probes.items():
+            fn()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            out[f"{name}_gflops"] = round(flops / statistics.median(ts) / 1e9, 1)
+    out["peak_gflops"] = max(out["matmul_gflops"], out["conv2d_gflops"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning overhead
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def lightning_step_times(w: Workload, steps: int, warmup: int) -> list[float]:
+    """Milliseconds between consecutive training batches of ``Trainer.fit`` on ``w``'s batch
+    (the same model, bank/cache and frames), first ``warmup`` intervals dropped."""
+    import lightning as L
+    from torch.utils.data import Dataset
+
+    from .training.module import ForecastModule
+
+    _quiet_lightning()
+    batch = {"frames": w.frames, "index": w.index}
+
+    class Repeat(Dataset):
+        def __len__(self):
+            return warmup + steps + 1
+
+        def __getitem__(self, i):
+            return batch
+
+    module = ForecastModule(w.model, w.schedule, lr=w.spec.lr, bank=w.bank,
+                            distill_weight=w.spec.distill_weight if w.is_tmu else 0.0,
+                            bank_cache=w.cache)
+    starts: list[float] = []
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, *a, **k):
+            starts.append(time.perf_counter())
+
+    loader = torch.utils.data.DataLoader(Repeat(), batch_size=None, shuffle=False)
+    trainer = L.Trainer(max_steps=warmup + steps + 1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[Clock()])
+    trainer.fit(module, loader)
+    w.model.train()
+    ms = [(b - a) * 1e3 for a, b in zip(starts[:-1], starts[1:])]
+    return ms[warmup:]
+
+
+def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 2) -> dict:
+    """Bare loop vs ``ForecastModule`` + ``Trainer.fit``, in alternating blocks."""
+    bare, light = [], []
+    per = max(1, math.ceil(steps / blocks))
+    for _ in range(blocks):
+        bare += interleave({"bare": w.train_step}, warmup, per)["bare"]
+        light += lightning_step_times(w, per, warmup)
+    b, l = median(bare), median(light)
+    return {"bare_ms": round(b, 2), "lightning_ms": round(l, 2),
+            "overhead_pct": round(100 * (l / b - 1), 2), "steps": len(bare)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def benchmark(spec: BenchSpec, mode: str = "both", steps: int = 10, warmup: int = 3,
+              threads: int = 0, lightning: bool = True, peak: bool = True) -> dict:
+    if steps < 1 or warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = load_average()
+    w = Workload(spec)
+    base_rss = rss_mb()
+    tasks = {}
+    if mode in ("train", "both"):
+        tasks["train"] = w.train_step
+    if mode in ("infer", "both"):
+        tasks["infer"] = w.infer_step
+    times = interleave(tasks, warmup, steps)
+    peak_rss = peak_rss_mb()
+    train_ms, infer_ms = median(times.get("train")), median(times.get("infer"))
+    res: dict = {
+        "train_ms": None if train_ms is None else round(train_ms, 3),
+        "infer_ms": None if infer_ms is None else round(infer_ms, 3),
+        "seq_per_s": round(spec.batch / ((train_ms if train_ms is not None else infer_ms) / 1e3), 3),
+        "peak_rss_mb": round(peak_rss, 1),
+        "params": w.params,
+    }
+    flops = {}
+    if train_ms is not None:
+        flops["train"] = w.count_flops("train")
+    if infer_ms is not None:
+        flops["infer"] = w.count_flops("infer")
+    gf = {k: flops[k] / ((train_ms if k == "train" else infer_ms) / 1e3) / 1e9 for k in flops}
+    res["gflops"] = round(gf["train"] if "train" in gf else gf["infer"], 2)
+    res["peak_gflops"] = None
+    res.update({
+        "infer_seq_per_s": None if infer_ms is None else round(spec.batch / (infer_ms / 1e3), 3),
+        "train_gflop_per_step": None if "train" not in flops else round(flops["train"] / 1e9, 3),
+        "infer_gflop_per_step": None if "infer" not in flops else round(flops["infer"] / 1e9, 3),
+        "infer_gflops": None if "infer" not in gf else round(gf["infer"], 2),
+        "base_rss_mb": round(base_rss, 1),
+        "step_peak_mb": round(peak_rss - base_rss, 1),
+        "train_ms_all": [round(x, 2) for x in times.get("train", [])],
+        "infer_ms_all": [round(x, 2) for x in times.get("infer", [])],
+    })
+    if lightning and train_ms is not None:
+        res["lightning"] = lightning_overhead(w, steps, warmup)
+    if peak:
+        p = measure_peak()
+        res["peak_gflops"] = p["peak_gflops"]
+        res["peak_probe"] = p
+        res["efficiency"] = round(res["gflops"] / p["peak_gflops"], 3)
+    res.update({
+        "config": asdict(spec), "mode": mode, "steps": steps, "warmup": warmup,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(), "cpus": os.cpu_count(),
+        "load_avg_before": load_before, "load_avg_after": load_average(),
+    })
+    return res
+
+
+def format_table(res: dict) -> str:
+    c = res["config"]
+    name = c["model"] if c["model"] != "tmu" else (
+        f"tmu[{c['backbone']}] {c['teachers']} teachers {'cached' if c['cached_bank'] else 'uncached'}")
+    rows = [
+        ("model", f"{name}  {c['layers']}x{c['hidden']} k{c['filter']} p{c['patch']}"),
+        ("batch x frames x size", f"{c['batch']} x {c['frames']} x {c['size']}^2"),
+        ("params", f"{res['params']:,}"),
+        ("train step (median)", _ms(res["train_ms"])),
+        ("inference rollout (median)", _ms(res["infer_ms"])),
+        ("sequences/s", f"{res['seq_per_s']:.2f}"),
+        ("achieved GFLOP/s", f"{res['gflops']:.1f}"),
+        ("peak GFLOP/s (measured)", "-" if res["peak_gflops"] is None else
+         f"{res['peak_gflops']:.1f}  ({100 * res['gflops'] / res['peak_gflops']:.0f}% of it)"),
+        ("peak RSS", f"{res['peak_rss_mb']:.0f} MB (step: +{res['step_peak_mb']:.0f} MB)"),
+    ]
+    if "lightning" in res:
+        lo = res["lightning"]
+        rows.append(("Lightning vs bare step", f"{lo['lightning_ms']:.1f} vs {lo['bare_ms']:.1f} ms "
+                                                f"({lo['overhead_pct']:+.1f}%)"))
+    rows.append(("threads / load avg", f"{res['threads']} / {res['load_avg_before']} -> {res['load_avg_after']}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ms(x):
+    return "-" if x is None else f"{x:.1f} ms"
+
+
+def run_bench(args) -> dict:
+    spec = BenchSpec.from_args(args)
+    res = benchmark(spec, mode=args.mode, steps=args.steps, warmup=args.warmup,
+                    threads=args.threads, lightning=getattr(args, "lightning", True),
+                    peak=getattr(args, "peak", True))
+    print(format_table(res))
+    if getattr(args, "json", None):
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2))
+        print(f"wrote {path}")
+    return res

@@ -1,0 +1,176 @@
+"""Read one user input (file or folder) into frames for ``transmem predict``.
+
+:func:`read_input_frames` dispatches on the extension, and for folders on the contents:
+
+=====================================  ==================================================
+input                                  read as
+=====================================  ==================================================
+``.npy`` / ``.npz``                    array ``(T, H, W)``, ``(T, C, H, W)`` or ``(T, H, W, C)``
+                                       with C in {1, 3}; uint8 (/255), uint16 (/65535), bool,
+                                       or float already in [0, 1]
+video (``.mp4 .avi .mov .mkv ...``)    all frames, through PyAV
+``.gif``                               all frames, through Pillow
+one image (``.png .jpg ...``)          a single frame
+``.h5 .hdf5 .nc ...``                  the HDF5 reader (``dataset``, ``scale``, ... in opts)
+folder of FMI / MeteoSwiss radar files one radar event, sorted by the times in the names
+folder of images                       a frame folder (name order, or ``time_regex``)
+folder of HDF5 files                   their 2-D fields, in name order
+=====================================  ==================================================
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .clips import fit_frames, opt_float, opt_int, to_channels, why
+from .errors import DataError
+from .registry import DataConfig
+
+_FIT_KEYS = ("resize", "aspect", "crop")
+
+
+def _unit_array(a: np.ndarray, path) -> np.ndarray:
+    """Array of frames → float32 ``(T, H, W, C)`` in [0, 1]."""
+    if a.dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported array dtype {a.dtype}; expected uint8, uint16, bool or float")
+    if a.ndim == 3:
+        a = a[..., None]
+    elif a.ndim == 4:
+        if a.shape[1] in (1, 3):
+            a = a.transpose(0, 2, 3, 1)
+        elif a.shape[-1] not in (1, 3, 4):
+            raise DataError(path, f"array of shape {a.shape}: expected (T, H, W), (T, C, H, W) or (T, H, W, C) "
+                                  f"with C = 1 or 3")
+    else:
+        raise DataError(path, f"array of shape {a.shape}: expected (T, H, W), (T, C, H, W) or (T, H, W, C)")
+    if 0 in a.shape:
+        raise DataError(path, f"empty array of shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype.kind in "iu":
+        raise DataError(path, f"integer array of dtype {a.dtype}: use uint8 (0..255) or uint16, or float in [0, 1]")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise DataError(path, "array holds NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise DataError(path, f"float values span [{lo:.4g}, {hi:.4g}]; frames must be in [0, 1]")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _load_array(path: Path, key: str | None) -> np.ndarray:
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                names = list(z.files)
+                if key is None:
+                    if len(names) != 1:
+                        raise DataError(path, f"npz holds {len(names)} arrays ({', '.join(names)}); pass key=NAME")
+                    key = names[0]
+                if key not in names:
+                    raise DataError(path, f"no array '{key}' in the npz ({', '.join(names)})")
+                return z[key]
+        return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
+    except Exception as e:  # ValueError (pickled / bad header), EOFError, zipfile errors, ...
+        raise DataError(path, f"cannot read numpy array ({why(e, path)})") from None
+
+
+def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | None = None, **opts):
+    """Frames of one input as float32 ``(T, C, H, W)`` in [0, 1].
+
+    ``size`` (None = native) and ``opts["resize"]`` (``"resize"`` | ``"crop"`` | ``"none"``),
+    ``aspect``, ``crop`` act as in the dataset readers. Other opts: ``max_frames``; ``key`` (npz
+    array); ``time_regex`` / ``time_format`` (frame folders); ``kind`` (``"fmi"`` | ``"mch"``),
+    ``r_max``, ``a``, ``b`` (radar); ``dataset``, ``scale``, ``offset``, ``nodata``,
+    ``undetect``, ``units``, ``time_axis`` (HDF5). With ``return_mask=True`` the result is
+    ``(frames, mask)``, mask bool ``(T, 1, H, W)`` (all True except for radar / HDF5 no-data).
+
+    Every bad input (missing, unreadable, unsupported, empty, mixed sizes, ...) raises
+    :class:`~transmem.data.errors.DataError`.
+    """
+    from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
+    from .hdf5 import is_hdf5_file, read_h5_frames
+    from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
+    from .video import is_video_file, prepare_frames, read_video
+
+    p = Path(path).expanduser()
+    return_mask = bool(opts.pop("return_mask", False))
+    if channels not in (1, 3):
+        raise DataError(p, f"channels must be 1 or 3, got {channels}")
+    mode = opts.get("resize", "resize" if size is not None else "none")
+    fit = {"aspect": opts.get("aspect", "crop"), "crop": opts.get("crop")}
+    extra = {k: v for k, v in opts.items() if k not in _FIT_KEYS}
+    cfg = DataConfig(name="input", path=os.fspath(p), size=size, channels=channels, resize=mode,
+                     extra=dict(extra, **fit))
+    radar_kw = {"r_max": opt_float(cfg, "r_max", 100.0, positive=True)}
+    maxf = opt_int(cfg, "max_frames")
+    mask = None
+
+    if not p.exists():
+        raise DataError(p, "no such file or folder")
+    if p.is_file():
+        name, suf = p.name.lower(), p.suffix.lower()
+        if suf in (".npy", ".npz"):
+            a = _unit_array(_load_array(p, opts.get("key")), p)
+            if maxf:
+                a = a[:maxf]
+            x = fit_frames(to_channels(a, channels, p), size, mode, path=p, **fit)
+        elif suf == ".gif" and parse_mch_time(p.name):  # one MeteoSwiss frame: rain rate, not colors
+            x, mask = read_radar_files([p], "mch", channels, size, mode, cfg=cfg, where=p, **fit, **radar_kw)
+        elif is_video_file(p):
+            x = read_video(p, channels, size, mode, max_frames=maxf, **fit).astype(np.float32) / 255.0
+        elif (name.endswith(".pgm.gz") or suf == ".pgm") and parse_fmi_time(p.name):
+            x, mask = read_radar_files([p], "fmi", channels, size, mode, cfg=cfg, where=p, **fit, **radar_kw)
+        elif suf in IMAGE_EXTS:
+            x = prepare_frames(iter([(p, read_image(p))]), channels, size, mode, where=p, **fit)
+            x = x.astype(np.float32) / 255.0
+        elif is_hdf5_file(p):
+            x, mask = read_h5_frames(cfg, [p], where=p)
+        else:
+            raise DataError(p, f"unsupported input format '{p.suffix or p.name}': give a video, GIF, image, "
+                               f".npy/.npz, HDF5/NetCDF4 file, or a folder of frames or radar files")
+    elif p.is_dir():
+        try:
+            names = sorted(os.listdir(p))
+        except OSError as e:
+            raise DataError(p, f"cannot list folder ({e.strerror or e})") from None
+        kind = opts.get("kind") or radar_kind(p)
+        if kind is not None:
+            if kind not in ("fmi", "mch"):
+                raise DataError(p, f"kind must be 'fmi' or 'mch', got {kind!r}")
+            x, mask = read_radar_folder(p, kind, channels, size, mode, cfg=cfg, **fit, **radar_kw)
+            if maxf:
+                x, mask = x[:maxf], mask[:maxf]
+        elif any(is_image_file(n) for n in names):
+            x = read_frame_folder(p, channels, size, mode, time_regex=opts.get("time_regex"),
+                                  time_format=opts.get("time_format"), max_frames=maxf, **fit)
+            x = x.astype(np.float32) / 255.0
+        elif any(is_hdf5_file(n) for n in names):
+            from .clips import natural_key
+            files = sorted((p / n for n in names if is_hdf5_file(n)), key=lambda q: natural_key(q.name))
+            x, mask = read_h5_frames(cfg, files, where=p)
+        elif not [n for n in names if not n.startswith(".")]:
+            raise DataError(p, "empty folder")
+        else:
+            vids = [n for n in names if is_video_file(n)]
+            hint = f"; it holds {len(vids)} video file(s): point at one" if vids else ""
+            raise DataError(p, f"no frames, radar or HDF5 files directly in the folder{hint}")
+    else:
+        raise DataError(p, "not a regular file or folder")
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] == 0:
+        raise DataError(p, "no frames")
+    if return_mask:
+        if mask is None:
+            mask = np.ones((x.shape[0], 1) + x.shape[2:], dtype=bool)
+        return x, np.ascontiguousarray(mask, dtype=bool)
+    return x

@@ -1,0 +1,113 @@
+"""Backbone protocol: shapes, memories, patching, sampling masks, registry."""
+import pytest
+import torch
+
+from transmem.models import create_model, list_models, patchify, unpatchify
+from transmem.models.base import teacher_forcing_mask
+
+BACKBONES = ["convlstm", "predrnn"]
+
+
+def small(name, **kw):
+    cfg = dict(num_layers=2, hidden=8, filter_size=3, patch_size=4)
+    cfg.update(kw)
+    return create_model(name, **cfg)
+
+
+def test_registry_lists_backbones_and_tmu():
+    assert {"convlstm", "predrnn", "tmu"} <= set(list_models())
+    with pytest.raises(KeyError, match="unknown model"):
+        create_model("nope")
+    with pytest.raises(ValueError, match="unknown convlstm config keys"):
+        create_model("convlstm", hiddden=3)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("size", [(16, 16), (32, 24)])
+def test_shapes_and_memory(name, size):
+    torch.manual_seed(0)
+    m = small(name)
+    x = torch.rand(2, 7, 1, *size)
+    y, mem = m(x, t_in=3, return_memory=True)
+    assert y.shape == (2, 6, 1, *size)
+    assert len(mem) == 2
+    for l in range(2):
+        assert mem[l].shape == (2, 6, 8, size[0] // 4, size[1] // 4)
+    # the same weights run at another frame size: no norm fixes the spatial size
+    y2 = m(torch.rand(1, 5, 1, 8, 12), t_in=2)
+    assert y2.shape == (1, 4, 1, 8, 12)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_group_norm_and_rgb(name):
+    m = small(name, norm="group", in_channels=3, patch_size=2)
+    y = m(torch.rand(2, 4, 3, 8, 8), t_in=2)
+    assert y.shape == (2, 3, 3, 8, 8)
+
+
+def test_patchify_roundtrip_and_layout():
+    x = torch.arange(2 * 3 * 2 * 8 * 12, dtype=torch.float32).reshape(2, 3, 2, 8, 12)
+    p = patchify(x, 4)
+    assert p.shape == (2, 3, 2 * 16, 2, 3)
+    assert torch.equal(unpatchify(p, 4), x)
+    # channel c*16 + i*4 + j of grid cell (a, b) is pixel (4a+i, 4b+j) of channel c
+    assert p[0, 0, 1 * 16 + 2 * 4 + 3, 1, 2] == x[0, 0, 1, 4 + 2, 8 + 3]
+
+
+def test_bad_frames_are_refused():
+    m = small("convlstm")
+    with pytest.raises(ValueError, match="not divisible by patch size"):
+        m(torch.rand(1, 4, 1, 10, 16))
+    with pytest.raises(ValueError, match="channels"):
+        m(torch.rand(1, 4, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_sampling_mask_controls_inputs(name):
+    """Future frames are ignored where the mask is 0 and read where it is 1."""
+    torch.manual_seed(0)
+    m = small(name).eval()
+    x = torch.rand(2, 6, 1, 16, 16)
+    x2 = x.clone()
+    x2[:, 3:] = torch.rand(2, 3, 1, 16, 16)
+    with torch.no_grad():
+        a, b = m(x, t_in=3), m(x2, t_in=3)
+        assert torch.allclose(a, b)  # frames after t_in never read in a rollout
+        mask = teacher_forcing_mask(2, 5, None)
+        c, d = m(x, mask), m(x2, mask)
+        assert not torch.allclose(c[:, 3:], d[:, 3:])  # read when teacher-forced
+        assert torch.allclose(c[:, :3], d[:, :3])
+        # per-sequence masks: sequence 0 teacher-forced, sequence 1 rolled out
+        mixed = torch.stack([torch.ones(5), teacher_forcing_mask(1, 5, 3)[0]])
+        e = m(x2, mixed)
+        assert torch.allclose(e[0], d[0], atol=1e-6) and torch.allclose(e[1], b[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_memory_hook_changes_the_carried_memory(name):
+    torch.manual_seed(0)
+    m = small(name).eval()
+    x = torch.rand(1, 5, 1, 16, 16)
+    calls = []
+
+    def hook(layer, t, mem, x_in, h_prev):
+        calls.append((layer, t, tuple(mem.shape), x_in.shape[1], h_prev.shape[1]))
+        return mem * 0 if layer == 1 else mem
+
+    with torch.no_grad():
+        base, mem0 = m(x, t_in=2, return_memory=True)
+        out, mem1 = m(x, t_in=2, return_memory=True, memory_hook=hook)
+    assert len(calls) == 2 * 4
+    assert calls[0] == (0, 0, (1, 8, 4, 4), 16, 8) and calls[1][:2] == (1, 0)
+    assert torch.count_nonzero(mem1[1]) == 0 and torch.allclose(mem1[0][:, 0], mem0[0][:, 0])
+    assert not torch.allclose(out, base)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_gradients_reach_every_parameter(name):
+    m = small(name)
+    x = torch.rand(2, 5, 1, 16, 16)
+    y = m(x)
+    ((y - x[:, 1:]) ** 2).mean().backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n

@@ -1,0 +1,236 @@
+"""The TMU and the memory bank: distillation gradients, teachers frozen, N = 1..3 teachers,
+bottom/all layers, both backbones, heterogeneous teachers, distill-mode independence from the
+teachers, cache equivalence, clear errors."""
+import copy
+
+import pytest
+import torch
+
+from transmem.models import create_model
+from transmem.training import ForecastModule, SamplingSchedule
+from transmem.transfer import BankCache, MemoryBank, TeacherMismatch
+
+T = 6
+SIZE = 16
+
+
+def teacher(name="convlstm", **kw):
+    cfg = dict(num_layers=2, hidden=8, filter_size=3, patch_size=4)
+    cfg.update(kw)
+    torch.manual_seed(len(kw) + len(name))
+    return create_model(name, **cfg).eval()
+
+
+def build(backbone="convlstm", teachers=None, layers="bottom", mode="distill", inputs="ground_truth",
+          weighting="none", gates=True, **bb):
+    teachers = teachers if teachers is not None else [teacher(), teacher(hidden=4)]
+    cfg = dict(num_layers=2, hidden=8, filter_size=3, patch_size=4)
+    cfg.update(bb)
+    probe = create_model(backbone, **cfg)
+    from transmem.models.tmu import resolve_layers
+    lay = resolve_layers(layers, probe.num_layers)
+    bank = MemoryBank(teachers, [f"t{i}" for i in range(len(teachers))], probe, lay, inputs)
+    torch.manual_seed(1)
+    model = create_model("tmu", backbone=backbone, backbone_config=cfg,
+                         source_names=bank.names, source_channels=bank.source_channels(),
+                         tmu_layers=lay, mode=mode, weighting=weighting, gates=gates)
+    return model, bank
+
+
+def clip(b=2, c=1):
+    torch.manual_seed(3)
+    return torch.rand(b, T, c, SIZE, SIZE)
+
+
+def distill_loss(model, bank, x):
+    _, aux = model(x, bank=bank(x), return_aux=True)
+    return aux["distill_loss"]
+
+
+@pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
+@pytest.mark.parametrize("layers", ["bottom", "all"])
+def test_distill_gradient_reaches_distillers_and_backbone_below(backbone, layers):
+    model, bank = build(backbone, layers=layers)
+    x = clip()
+    loss = distill_loss(model, bank, x)
+    assert loss.requires_grad and loss.item() > 0
+    loss.backward()
+    top = max(model.layers)
+    for name, p in model.named_parameters():
+        if ".distill." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"distiller {name} gets no gradient"
+        if name.startswith("backbone.cells."):
+            layer = int(name.split(".")[2])
+            if layer <= top:
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"backbone {name} gets no gradient"
+    for name, p in bank.named_parameters():
+        assert p.grad is None, f"teacher parameter {name} received a gradient"
+        assert not p.requires_grad
+
+
+def test_distill_loss_is_in_the_training_graph_and_teachers_stay_bit_identical():
+    model, bank = build()
+    before = copy.deepcopy(bank.state_dict())
+    distillers_before = {k: v.clone() for k, v in model.state_dict().items() if ".distill." in k}
+    module = ForecastModule(model, SamplingSchedule(t_in=3, frames=T, stop_step=10), lr=1e-2,
+                            bank=bank, distill_weight=1.0)
+    opt = module.configure_optimizers()
+    batch = {"frames": clip()}
+    for _ in range(3):
+        loss, pred_loss, distill = module.compute_loss(batch)
+        assert distill is not None and torch.isclose(loss, pred_loss + distill)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = bank.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [k for k, v in model.state_dict().items() if ".distill." in k and not torch.equal(v, distillers_before[k])]
+    assert changed, "distillers did not train"
+    assert all(k.startswith("bank.") is False for k in module.state_dict())
+
+
+def test_distill_weight_zero_leaves_distillers_untrained():
+    """With lambda = 0 (what the authors' code effectively trains) the distillers get no signal
+    through the loss except via the zero-initialised projections, so at step 0 none at all."""
+    model, bank = build()
+    module = ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, distill_weight=0.0)
+    loss, _, _ = module.compute_loss({"frames": clip()})
+    loss.backward()
+    for name, p in model.named_parameters():
+        if ".distill." in name:
+            assert p.grad is None or p.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
+def test_any_number_of_teachers(n, backbone):
+    teachers = [teacher(hidden=4 + 2 * i) for i in range(n)]
+    model, bank = build(backbone, teachers=teachers, layers="all", weighting="softmax")
+    x = clip()
+    bank_out = bank(x)
+    assert len(bank_out) == n and bank_out[n - 1][1].shape == (2, T - 1, 4 + 2 * (n - 1), 4, 4)
+    y, aux = model(x, bank=bank_out, return_aux=True, record_maps=True)
+    assert y.shape == (2, T - 1, 1, SIZE, SIZE)
+    w = aux["maps"][0][0]["weight"]
+    assert w.shape == (2, n, 4, 4)
+    assert torch.allclose(w.sum(1), torch.ones(2, 4, 4), atol=1e-5)  # softmax over sources
+
+
+def test_heterogeneous_teachers_family_width_depth_patch():
+    teachers = [teacher("predrnn", hidden=12, num_layers=3, patch_size=2),
+                teacher("convlstm", hidden=4, num_layers=1, patch_size=8)]
+    model, bank = build("convlstm", teachers=teachers, layers="all")
+    x = clip()
+    b = bank(x)
+    # teacher states resized to the target's 4x4 grid, in the teachers' own channel counts
+    assert b[0][0].shape == (2, T - 1, 12, 4, 4) and b[1][1].shape == (2, T - 1, 4, 4, 4)
+    assert bank.teacher_layer(0, 1) == 2 and bank.teacher_layer(1, 1) == 0  # depth mapping
+    loss = distill_loss(model, bank, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_rgb_target_reads_gray_teacher():
+    probe = create_model("convlstm", num_layers=2, hidden=8, filter_size=3, patch_size=4, in_channels=3)
+    bank = MemoryBank([teacher()], ["gray"], probe, [0], frame_channels=3)
+    out = bank(clip(c=3))
+    assert out[0][0].shape == (2, T - 1, 8, 4, 4)
+
+
+def test_incompatible_teacher_channels_give_a_clear_error():
+    probe = create_model("convlstm", num_layers=2, hidden=8, filter_size=3, patch_size=4, in_channels=2)
+    with pytest.raises(TeacherMismatch) as e:
+        MemoryBank([teacher()], ["mono"], probe, [0], frame_channels=2)
+    msg = str(e.value)
+    assert "'mono'" in msg and "1-channel" in msg and "2" in msg and "\n" not in msg
+
+
+def test_distill_mode_predictions_do_not_depend_on_teachers():
+    model, bank = build()
+    model.eval()
+    x = clip()
+    with torch.inference_mode():
+        alone = model(x, t_in=3)
+        with_bank = model(x, t_in=3, bank=bank(x))
+    assert torch.equal(alone, with_bank)
+    # and after a training step (so that the transfer path is active, not zero)
+    module = ForecastModule(model, SamplingSchedule(t_in=3, frames=T), lr=1e-1, bank=bank, distill_weight=1.0)
+    opt = module.configure_optimizers()
+    model.train()
+    loss, _, _ = module.compute_loss({"frames": x})
+    loss.backward()
+    opt.step()
+    model.eval()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".project." in n)
+    with torch.inference_mode():
+        assert torch.equal(model(x, t_in=3), model(x, t_in=3, bank=bank(x)))
+        assert not torch.equal(model(x, t_in=3), alone)
+
+
+def test_bank_read_needs_and_uses_the_bank():
+    model, bank = build(mode="bank_read")
+    x = clip()
+    with pytest.raises(ValueError, match="bank_read"):
+        model(x)
+    with torch.no_grad():
+        for tr in model.transfer.values():  # projections start at zero: make the path active
+            for proj in tr.project:
+                torch.nn.init.normal_(proj.weight, std=0.5)
+        b = bank(x)
+        y1 = model(x, bank=b)
+        b2 = [{l: s * 2 for l, s in src.items()} for src in b]
+        y2 = model(x, bank=b2)
+    assert not torch.allclose(y1, y2)
+
+
+def test_own_vs_ground_truth_teacher_inputs():
+    _, bank_gt = build(inputs="ground_truth")
+    _, bank_own = build(inputs="own")
+    x = clip()
+    mask = torch.zeros(2, T - 1)
+    mask[:, :2] = 1
+    a = bank_gt(x, mask, 3)
+    b = bank_own(x, mask, 3)
+    # identical teachers and identical inputs up to t_in; the forecast part differs
+    assert torch.allclose(a[0][0][:, :2], b[0][0][:, :2])
+    assert not torch.allclose(a[0][0][:, 3:], b[0][0][:, 3:])
+    # ground truth mode ignores the mask: a pure function of the clip
+    assert torch.equal(bank_gt(x, mask, 3)[0][0], bank_gt(x, torch.ones(2, T - 1), None)[0][0])
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_cached_bank_gives_the_same_loss(tmp_path, disk):
+    model, bank = build()
+    cache = BankCache(10, directory=tmp_path / "bank" if disk else None)
+    sched = SamplingSchedule(t_in=3, frames=T)
+    plain = ForecastModule(model, sched, bank=bank, distill_weight=0.5)
+    cached = ForecastModule(model, sched, bank=bank, distill_weight=0.5, bank_cache=cache)
+    batch = {"frames": clip(), "index": torch.tensor([3, 7])}
+    ref = plain.compute_loss(batch)[0]
+    first = cached.compute_loss(batch)[0]     # fills the cache
+    calls = []
+    bank.register_forward_hook(lambda *a: calls.append(1))
+    second = cached.compute_loss(batch)[0]    # served from the cache
+    assert calls == [], "teachers ran although the bank was cached"
+    assert torch.allclose(ref, first) and torch.allclose(ref, second, atol=1e-7)
+    if disk:  # a new cache object over the same folder reuses what was written
+        again = BankCache(10, directory=tmp_path / "bank").get(torch.tensor([7, 3]))
+        assert again is not None and torch.equal(again[0][0][0], bank(batch["frames"])[0][0][1])
+
+
+def test_cache_refuses_own_mode_and_reversal():
+    model, bank = build(inputs="own")
+    with pytest.raises(ValueError, match="ground_truth"):
+        ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, bank_cache=BankCache(4))
+    model, bank = build()
+    with pytest.raises(ValueError, match="reversal"):
+        ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, bank_cache=BankCache(4),
+                       reverse_prob=0.5)
+
+
+def test_gates_off_is_a_plain_sum():
+    model, bank = build(gates=False)
+    assert all(tr.gate is None for tr in model.transfer.values())
+    x = clip()
+    y, aux = model(x, bank=bank(x), return_aux=True)
+    assert torch.isfinite(y).all() and aux["distill_loss"] > 0
