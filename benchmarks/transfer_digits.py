@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Does transferable memory beat scratch and finetuning? A rerunnable benchmark.
+
+Pretext (zoo) models: 1-digit and 2-digit flying digits built from real MNIST digits, and (the
+cross-domain case) MeteoSwiss radar. Target: 3-digit flying digits, 10 -> 10 frames. Every
+method gets the same target budget; 3 training seeds; the data (digit pools, clips) is fixed by
+data seed 0; model selection on the validation split only; the test split is used once per run.
+
+    python benchmarks/transfer_digits.py --preset cpu --workers 2        # runs, resumable
+    python benchmarks/transfer_digits.py --preset cpu --aggregate        # JSON, table, plot
+
+Runs are claimed through files, so several worker processes (``--worker-id``) can share the
+list; a finished run (its ``metrics.json``) is never redone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
+RADAR_SPLITS = {"train": ["20150515", "20160711"], "val": ["20170131"], "test": []}
+
+# method -> (kind, settings). kinds: scratch | finetune (init) | transfer (teachers, transfer keys)
+CORE = {
+    "scratch": ("scratch", {}),
+    "finetune:digits1": ("finetune", {"init": "digits1"}),
+    "finetune:digits2": ("finetune", {"init": "digits2"}),
+    "tmu:distill": ("transfer", {"teachers": ["digits1", "digits2"]}),
+    "tmu:distill+finetune-init": ("transfer", {"teachers": ["digits1", "digits2"], "init_from": "digits2"}),
+    "tmu:bank_read": ("transfer", {"teachers": ["digits1", "digits2"], "mode": "bank_read"}),
+}
+ABLATIONS = {
+    "ablation:lambda0": ("transfer", {"teachers": ["digits1", "digits2"], "distill_weight": 0.0}),
+    "ablation:gates-off": ("transfer", {"teachers": ["digits1", "digits2"], "gates": False}),
+    "ablation:one-teacher": ("transfer", {"teachers": ["digits2"]}),
+    "ablation:teacher-own": ("transfer", {"teachers": ["digits1", "digits2"], "teacher_inputs": "own",
+                                          "cache_bank": "none"}),
+}
+CROSS = {
+    "cross:finetune:radar": ("finetune", {"init": "radar_mch"}),
+    "cross:tmu:radar": ("transfer", {"teachers": ["radar_mch"]}),
+}
+PRETEXT = {
+    "digits1": {"name": "flying_digits", "num_digits": 1},
+    "digits2": {"name": "flying_digits", "num_digits": 2},
+    "radar_mch": {"name": "radar_mch", "path": str(SHARED / "radar" / "mch"), "stride": 2,
+                  "extra": {"splits": RADAR_SPLITS}},
+}
+
+
+def load_preset(name: str) -> dict:
+    presets = yaml.safe_load((HERE / "configs" / "transfer_digits.yaml").read_text())
+    if name not in presets:
+        sys.exit(f"unknown preset '{name}'; known: {', '.join(presets)}")
+    return presets[name]
+
+
+def experiment(p: dict, data: dict, steps: int, seed: int, eval_split: str = "test"):
+    from transmem.config import load_experiment
+    clips = p["clips"]
+    d = {"size": p["size"], "frames": p["frames"], "seed": 0, "train_clips": clips["train"],
+         "val_clips": clips["val"], "test_clips": clips["test"], **data}
+    if d["name"] == "flying_digits":
+        d["mnist_dir"] = str(SHARED / "mnist")
+    return load_experiment(base={
+        "data": d,
+        "model": dict(p["model"]),
+        "train": {"steps": steps, "batch_size": p["batch_size"], "lr": p["lr"], "t_in": p["t_in"],
+                  "seed": seed, "val_every": p["val_every"], "val_batches": 0, "select_best": True,
+                  "ckpt_every": max(p["val_every"], 1), "progress": False, "threads": 1},
+        "transfer": {"distill_weight": 0.1, "cache_bank": "memory"},
+        "eval": {"split": eval_split, "batch_size": 64},
+    })
+
+
+def jobs(p: dict, with_cross: bool) -> list[tuple[str, int]]:
+    out = [(f"pretext:{n}", 0) for n in PRETEXT if with_cross or not n.startswith("radar")]
+    groups = [CORE, ABLATIONS] + ([CROSS] if with_cross else [])
+    for g in groups:
+        for seed in p["seeds"]:
+            out += [(m, seed) for m in g]
+    return out
+
+
+def method_spec(name: str):
+    for g in (CORE, ABLATIONS, CROSS):
+        if name in g:
+            return g[name]
+    raise KeyError(name)
+
+
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    safe = name.replace(":", "-").replace("+", "-")
+    return root / "runs" / safe / f"seed{seed}"
+
+
+def claim(d: Path) -> bool:
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(d / ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, f"{os.getpid()} {time.time()}".encode())
+    os.close(fd)
+    return True
+
+
+def wait_for(paths: list[Path], timeout_s: float = 4 * 3600) -> None:
+    t0 = time.time()
+    while not all((p / "card.json").is_file() for p in paths):
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"waited too long for {paths}")
+        time.sleep(5)
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/transfer_digits.py",
+                                "benchmarks/configs"], cwd=REPO).returncode != 0
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def execute(name: str, seed: int, p: dict, root: Path) -> None:
+    from transmem import api
+    zoo = root / "zoo"
+    d = run_dir(root, name, seed)
+    if name.startswith("pretext:"):
+        key = name.split(":", 1)[1]
+        split = "val" if key.startswith("radar") else "test"
+        exp = experiment(p, PRETEXT[key], p["pretext_steps"], seed, eval_split=split)
+        if key.startswith("radar"):
+            exp.train.val_every = 0  # three events only: no selection, train to the end
+        api.run_train(exp, d / "run", zoo_name=key, zoo_root=zoo, kind="pretrain")
+    else:
+        kind, s = method_spec(name)
+        exp = experiment(p, {"name": "flying_digits", "num_digits": 3}, p["target_steps"], seed)
+        if kind == "scratch":
+            api.run_train(exp, d / "run", kind="scratch")
+        elif kind == "finetune":
+            wait_for([zoo / s["init"]])
+            api.run_train(exp, d / "run", init_from=zoo / s["init"])
+        else:
+            teachers = [zoo / t for t in s["teachers"]]
+            wait_for(teachers + ([zoo / s["init_from"]] if "init_from" in s else []))
+            for k, v in s.items():
+                if k == "init_from":
+                    exp.transfer.init_from = str(zoo / v)
+                elif k != "teachers":
+                    setattr(exp.transfer, k, v)
+            api.run_transfer(exp, d / "run", teachers=teachers)
+    m = json.loads((d / "run" / "metrics.json").read_text())
+    m.update({"method": name, "seed": seed, "commit": commit()})
+    tmp = d / "result.json.tmp"
+    tmp.write_text(json.dumps(m))
+    os.replace(tmp, d / "result.json")
+
+
+def work(p: dict, root: Path, with_cross: bool, only: set | None) -> None:
+    for name, seed in jobs(p, with_cross):
+        if only and name not in only and not name.startswith("pretext:"):
+            continue
+        d = run_dir(root, name, seed)
+        if (d / "result.json").is_file() or not claim(d):
+            continue
+        t0 = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] start {name} seed {seed}", flush=True)
+        try:
+            execute(name, seed, p, root)
+        except Exception as e:
+            (d / "error.txt").write_text(repr(e))
+            (d / ".claim").unlink(missing_ok=True)
+            print(f"  FAILED {name} seed {seed}: {e!r}", flush=True)
+            raise
+        print(f"[{time.strftime('%H:%M:%S')}] done {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+
+
+def aggregate(p: dict, root: Path, out_json: Path, command: str) -> dict:
+    from transmem.viz import plot_per_frame
+    methods: dict = {}
+    commits = set()
+    groups = {**CORE, **ABLATIONS, **CROSS}
+    for name in groups:
+        runs = []
+        for seed in p["seeds"]:
+            f = run_dir(root, name, seed) / "result.json"
+            if f.is_file():
+                runs.append(json.loads(f.read_text()))
+        if not runs:
+            continue
+        commits |= {r["commit"] for r in runs}
+        mse = np.array([r["mse"] for r in runs])
+        methods[name] = {
+            "mse_mean": float(mse.mean()), "mse_std": float(mse.std(ddof=1)) if len(runs) > 1 else None,
+            "ssim_mean": float(np.mean([r["ssim"] for r in runs])),
+            "psnr_mean": float(np.mean([r["psnr"] for r in runs])),
+            "mae_mean": float(np.mean([r["mae"] for r in runs])),
+            "per_seed": [{"seed": r["seed"], "mse": r["mse"], "ssim": r["ssim"], "psnr": r["psnr"],
+                          "mae": r["mae"], "wall_s": r["train_wall_s"]} for r in runs],
+            "mse_per_frame": np.mean([r["mse_per_frame"] for r in runs], 0).tolist(),
+            "train_steps": runs[0]["train_steps"],
+            "wall_s": float(np.mean([r["train_wall_s"] for r in runs])),
+            "seeds_done": len(runs),
+        }
+    import torch
+    result = {
+        "commit": sorted(commits)[0] if len(commits) == 1 else sorted(commits),
+        "command": command,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+                   f"torch {torch.__version__}, 1 thread per run, 2 runs in parallel".replace("  ", " "),
+        "preset": p,
+        "data": "flying digits from real MNIST test digits (../shared/data/mnist), digit pools "
+                "80/10/10 % train/val/test by index, data seed 0; radar: MeteoSwiss (pysteps example "
+                "data), events 20150515 + 20160711 train, 20170131 val",
+        "selection": "best validation MSE checkpoint (every val_every steps); test split once per run",
+        "methods": methods,
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2))
+    if methods:
+        plot_per_frame(out_json.with_suffix(".png"), {m: v["mse_per_frame"] for m, v in methods.items()},
+                       "MSE per frame (sum over pixels)")
+    out_json.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    lines = ["| method | MSE/frame (mean ± sd) | SSIM | PSNR | MAE/frame | seeds | s/run |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    base = r["methods"].get("scratch", {}).get("mse_mean")
+    for m, v in r["methods"].items():
+        sd = f" ± {v['mse_std']:.2f}" if v["mse_std"] is not None else ""
+        rel = f" ({100 * (v['mse_mean'] / base - 1):+.1f}%)" if base and m != "scratch" else ""
+        lines.append(f"| {m} | {v['mse_mean']:.2f}{sd}{rel} | {v['ssim_mean']:.3f} | {v['psnr_mean']:.2f} | "
+                     f"{v['mae_mean']:.1f} | {v['seeds_done']} | {v['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="same as --preset quick")
+    ap.add_argument("--root", help="where runs go (default runs/bench-transfer-<preset>)")
+    ap.add_argument("--json", help="results file (default benchmarks/results/transfer_digits[_quick].json)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes to start")
+    ap.add_argument("--aggregate", action="store_true", help="only collect finished runs")
+    ap.add_argument("--no-cross", action="store_true", help="skip the radar cross-domain case")
+    ap.add_argument("--only", help="comma-separated methods to run")
+    args = ap.parse_args(argv)
+    preset = "quick" if args.quick else args.preset
+    p = load_preset(preset)
+    if not (SHARED / "mnist").is_dir():
+        sys.exit(f"real MNIST digits not found at {SHARED / 'mnist'} (set TRANSMEM_SHARED_DATA)")
+    with_cross = not args.no_cross and (SHARED / "radar" / "mch").is_dir()
+    root = Path(args.root or REPO / "runs" / f"bench-transfer-{preset}")
+    out_json = Path(args.json or HERE / "results" / ("transfer_digits.json" if preset == "cpu"
+                                                      else f"transfer_digits_{preset}.json"))
+    command = "python benchmarks/transfer_digits.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    if not args.aggregate:
+        only = set(args.only.split(",")) if args.only else None
+        if args.workers > 1:
+            procs = [subprocess.Popen([sys.executable, __file__, "--preset", preset, "--root", str(root),
+                                       "--workers", "1", "--json", str(out_json)]
+                                      + (["--no-cross"] if not with_cross else [])
+                                      + (["--only", args.only] if args.only else []))
+                     for _ in range(args.workers)]
+            codes = [pr.wait() for pr in procs]
+            if any(codes):
+                print(f"workers exited with {codes}", file=sys.stderr)
+        else:
+            work(p, root, with_cross, only)
+    r = aggregate(p, root, out_json, command)
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
