@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,28 +27,89 @@ class RunFolderError(ValueError):
     """The run folder cannot be used (exists, unwritable): one-line message."""
 
 
+# Free space a run folder must have before training starts (checkpoints, logs, results). Override
+# with the environment variable TRANSMEM_MIN_FREE_MB (0 turns the check off).
+MIN_FREE_MB = 200
+
+
+def _min_free_bytes() -> int:
+    raw = os.environ.get("TRANSMEM_MIN_FREE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else MIN_FREE_MB
+    except ValueError:
+        raise RunFolderError(f"TRANSMEM_MIN_FREE_MB={raw!r}: expected a number of megabytes") from None
+    return int(mb * 1024 * 1024)
+
+
+def _check_free_space(out: Path) -> None:
+    need = _min_free_bytes()
+    if need <= 0:
+        return
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # no answer from this file system: the write probe still runs
+    if free < need:
+        raise RunFolderError(f"{out}: only {free / 2**20:.0f} MiB free on its file system, below the "
+                             f"{need / 2**20:.0f} MiB transmem requires for checkpoints and results "
+                             "(free some space, choose another --out, or set TRANSMEM_MIN_FREE_MB)")
+
+
+def _wait_for_rank_zero(out: Path, timeout_s: float = 600.0) -> None:
+    """Processes other than global rank 0 wait until rank 0 has claimed the run folder (it has
+    passed its checks once anything appears in it), so that they never make a fresh folder look
+    taken to it."""
+    deadline = time.monotonic() + timeout_s
+    while not (out.is_dir() and any(out.iterdir())):
+        if time.monotonic() > deadline:
+            raise RunFolderError(f"{out}: rank 0 did not create the run folder within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
-    """Create the run folder; refuse one that holds a previous run unless resuming."""
+    """Create the run folder; refuse one that holds a previous run unless resuming, one that
+    cannot be written, and one whose file system has less than ``MIN_FREE_MB`` free.
+
+    Resuming needs the folder of an earlier run (its ``config.yaml``); a run stopped before its
+    first checkpoint resumes from step 0. In a distributed launch only global rank 0 checks the
+    folder; the other processes wait for it (see docs/reliability.md)."""
+    from .training.loop import is_launch_rank_zero
     out = Path(out)
+    if not is_launch_rank_zero():
+        _wait_for_rank_zero(out)
+        return out
     if out.exists() and any(out.iterdir()) and not resume:
         raise RunFolderError(f"{out}: run folder exists and is not empty; pass --resume to continue "
                              "that run, or choose another --out (nothing was changed)")
-    if resume and not (out / "checkpoints" / "last.ckpt").is_file():
-        raise RunFolderError(f"{out}: --resume asked but {out}/checkpoints/last.ckpt does not exist")
+    if resume and not (out / "checkpoints" / "last.ckpt").is_file() and not (out / "config.yaml").is_file():
+        raise RunFolderError(f"{out}: --resume asked but there is no earlier run here "
+                             f"(no {out}/checkpoints/last.ckpt nor {out}/config.yaml)")
+    _check_free_space(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test.{os.getpid()}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
-        raise RunFolderError(f"{out}: cannot write to the run folder ({e.strerror})") from None
+        raise RunFolderError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
     return out
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically: a temporary file beside ``path``, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2, allow_nan=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def schedule_for(exp: Experiment) -> SamplingSchedule:
@@ -82,10 +144,18 @@ def _card(exp: Experiment, model, metrics: dict, wall_s: float, kind: str, extra
     }
 
 
+def _evaluate(exp: Experiment, module: ForecastModule, datasets) -> dict:
+    from .predict import physical_transform
+    split = datasets.get(exp.eval.split)
+    if split is None or len(split) == 0:
+        raise ConfigError(f"eval.split '{exp.eval.split}' has no clips to evaluate on")
+    return evaluate(module, split, exp.eval.batch_size, thresholds=exp.eval.thresholds or None,
+                    to_physical=physical_transform(exp.data.to_dict()), progress=exp.train.progress)
+
+
 def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind: str, extra=None,
             zoo_name: str | None = None, zoo_root=None) -> dict:
-    metrics = evaluate(module, datasets[exp.eval.split], exp.eval.batch_size,
-                       thresholds=exp.eval.thresholds or None, progress=exp.train.progress)
+    metrics = _evaluate(exp, module, datasets)
     metrics["train_wall_s"] = round(wall, 2)
     metrics["train_steps"] = exp.train.steps
     write_json(out / "metrics.json", metrics)
@@ -202,8 +272,7 @@ def run_evaluate(ref, exp: Experiment, out, datasets=None) -> dict:
     if exp.train.t_in != module.t_in:
         module.t_in = exp.train.t_in
     datasets = datasets or _check_data(exp)
-    metrics = evaluate(module, datasets[exp.eval.split], exp.eval.batch_size,
-                       thresholds=exp.eval.thresholds or None, progress=exp.train.progress)
+    metrics = _evaluate(exp, module, datasets)
     metrics["model"] = str(ref)
     write_json(out / "metrics.json", metrics)
     return metrics

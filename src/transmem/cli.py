@@ -122,10 +122,11 @@ def _is_user_error(e: Exception) -> bool:
     from .api import RunFolderError
     from .config import ConfigError
     from .data import DataError
+    from .training.loop import CheckpointError
     from .transfer import TeacherMismatch
     from .zoo import ZooError
     return isinstance(e, (RunFolderError, ConfigError, DataError, TeacherMismatch, ZooError,
-                          FileNotFoundError, PermissionError, FloatingPointError))
+                          CheckpointError, FileNotFoundError, PermissionError, FloatingPointError))
 
 
 def _dispatch(args, rest, ap) -> int:

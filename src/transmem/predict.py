@@ -1,0 +1,78 @@
+"""`transmem predict`: forecast the frames that follow a file or folder of frames.
+
+Reads the input with the same readers as training (video, GIF, frame folder, .npy/.npz, radar),
+resizes it to the model's frame size, takes the last T_in frames and writes the T_out predicted
+frames as PNGs, an ``.npy`` and a GIF (input | prediction). Radar models also get the forecast in
+mm/h. Everything is written to a temporary folder first, so a failure leaves nothing partial.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .api import RunFolderError, load_for_inference
+from .data import DataError
+from .data.inputs import read_input_frames
+
+RADAR = ("radar_fmi", "radar_mch", "hdf5")
+
+
+def physical_transform(data: dict):
+    """Map model values in [0, 1] to physical units for radar data (mm/h), else None."""
+    if data.get("name") not in RADAR:
+        return None
+    from .data.radar import unit_to_rain
+    r_max = float((data.get("extra") or {}).get("r_max", 100.0))
+
+    def to_mmh(x):
+        if isinstance(x, torch.Tensor):
+            return torch.pow(10.0, x.clamp(0, 1) * np.log10(1.0 + r_max)) - 1.0
+        return unit_to_rain(x, r_max)
+    return to_mmh
+
+
+def run_predict(model_ref, input_path, out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunFolderError(f"{out}: output folder exists and is not empty; choose another --out")
+    module, card = load_for_inference(model_ref)
+    t_in, t_out = int(card["t_in"]), int(card["t_out"])
+    size = int(card["frame_size"][0])
+    channels = int(card.get("channels", 1))
+    data = card.get("data", {})
+    opts = {}
+    if data.get("name") in RADAR:
+        opts["r_max"] = float((data.get("extra") or {}).get("r_max", 100.0))
+    frames = read_input_frames(input_path, channels=channels, size=size, **opts)
+    if frames.shape[0] < t_in:
+        raise DataError(input_path, f"has {frames.shape[0]} frames; the model needs at least T_in={t_in}")
+    past = torch.from_numpy(np.ascontiguousarray(frames[-t_in:]))[None]
+    clip = torch.cat([past, past.new_zeros(1, t_out, *past.shape[2:])], 1)
+    with torch.inference_mode():
+        pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.save(tmp / "prediction.npy", pred.astype(np.float32))
+        to_phys = physical_transform(data)
+        if to_phys is not None:
+            np.save(tmp / "prediction_mmh.npy", to_phys(pred).astype(np.float32))
+        for k, f in enumerate(pred, 1):
+            img = (f.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+            Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp / f"frame_{k:02d}.png")
+        from .viz import save_gif
+        save_gif(tmp / "prediction.gif", [past[0].numpy(), pred], ["input", "prediction"])
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {t_out} predicted frames to {out} (frames, prediction.npy, prediction.gif)")
+    return out
