@@ -134,6 +134,9 @@ def commit() -> str:
         return "unknown"
 
 
+_COMMIT_AT_START: str | None = None  # the code a worker runs is the code it imported at start
+
+
 def execute(name: str, seed: int, p: dict, root: Path) -> None:
     from transmem import api
     zoo = root / "zoo"
@@ -163,13 +166,16 @@ def execute(name: str, seed: int, p: dict, root: Path) -> None:
                     setattr(exp.transfer, k, v)
             api.run_transfer(exp, d / "run", teachers=teachers)
     m = json.loads((d / "run" / "metrics.json").read_text())
-    m.update({"method": name, "seed": seed, "commit": commit()})
+    m.update({"method": name, "seed": seed, "commit": _COMMIT_AT_START or commit()})
     tmp = d / "result.json.tmp"
     tmp.write_text(json.dumps(m))
     os.replace(tmp, d / "result.json")
 
 
 def work(p: dict, root: Path, with_cross: bool, only: set | None) -> None:
+    global _COMMIT_AT_START
+    _COMMIT_AT_START = commit()
+    import transmem.api  # noqa: F401  (import the code now, with the commit just recorded)
     for name, seed in jobs(p, with_cross):
         if only and name not in only and not name.startswith("pretext:"):
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from .schedules import SamplingSchedule, reverse_time
 
@@ -26,6 +26,27 @@ def masked_l1(pred, target, valid):
         return F.l1_loss(pred, target)
     w = valid.to(pred.dtype).expand_as(pred)
     return ((pred - target).abs() * w).sum() / w.sum().clamp_min(1.0)
+
+
+class WeightedMean(Metric):
+    """sum(value * weight) / sum(weight) with sum states (float64), so that it reduces exactly
+    across processes. (torchmetrics' ``MeanMetric(nan_strategy="disable")`` drops the weights in
+    torchmetrics 1.9; a NaN value here propagates.)"""
+
+    full_state_update = False
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight) -> None:
+        w = torch.as_tensor(weight, dtype=torch.float64, device=self.total.device)
+        self.total += value.detach().to(torch.float64).sum() * w
+        self.weight += w
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.weight).to(torch.float32)
 
 
 class ForecastModule(L.LightningModule):
@@ -45,7 +66,7 @@ class ForecastModule(L.LightningModule):
         self.is_tmu = hasattr(model, "transfer")
         self.seed = seed
         # validation MSE as a (sum, weight) metric: exact when the val set is split over processes
-        self.val_mse = MeanMetric(nan_strategy="disable")
+        self.val_mse = WeightedMean()
         if bank_cache is not None and reverse_prob > 0:
             raise ValueError("a cached bank cannot be combined with time-reversal augmentation")
         if bank_cache is not None and bank is not None and bank.teacher_inputs != "ground_truth":
