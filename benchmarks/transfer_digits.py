@@ -194,7 +194,7 @@ def work(p: dict, root: Path, with_cross: bool, only: set | None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] done {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
 
 
-def aggregate(p: dict, root: Path, out_json: Path, command: str) -> dict:
+def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = True) -> dict:
     from transmem.viz import plot_per_frame
     methods: dict = {}
     commits = set()
@@ -240,7 +240,26 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str) -> dict:
         plot_per_frame(out_json.with_suffix(".png"), {m: v["mse_per_frame"] for m, v in methods.items()},
                        "MSE per frame (sum over pixels)")
     out_json.with_suffix(".md").write_text(markdown(result))
+    if methods and report:
+        write_bench_report(p, root, out_json, result)
     return result
+
+
+def write_bench_report(p: dict, root: Path, out_json: Path, result: dict) -> None:
+    """report.md / report.html with plots, GIFs of seed-0 forecasts and TMU transfer maps."""
+    from transmem.data import build_datasets
+    from transmem.reporting import method_report
+    seed = p["seeds"][0]
+    dirs = {m: run_dir(root, m, seed) / "run" / "model" for m in result["methods"]}
+    dirs = {m: d for m, d in dirs.items() if (d / "card.json").is_file()}
+    exp = experiment(p, {"name": "flying_digits", "num_digits": 3}, p["target_steps"], seed)
+    test = build_datasets(exp.data)["test"]
+    table = {m: {"mse": v["mse_mean"], "ssim": v["ssim_mean"], "psnr": v["psnr_mean"], "mae": v["mae_mean"],
+                 "mse_per_frame": v["mse_per_frame"], "seeds": v["seeds_done"]}
+             for m, v in result["methods"].items()}
+    method_report(out_json.parent / (out_json.stem + "_report"), "transmem benchmark: transfer to 3-digit flying digits",
+                  table, dirs, test, p["t_in"], examples=1, settings={k: result[k] for k in ("commit", "command", "machine")},
+                  notes=["Means over seeds; forecasts and transfer maps are from the seed-0 models."])
 
 
 def markdown(r: dict) -> str:
@@ -265,6 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--aggregate", action="store_true", help="only collect finished runs")
     ap.add_argument("--no-cross", action="store_true", help="skip the radar cross-domain case")
     ap.add_argument("--only", help="comma-separated methods to run")
+    ap.add_argument("--no-report", action="store_true", help="skip the HTML/GIF report")
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else args.preset
     p = load_preset(preset)
@@ -288,7 +308,7 @@ def main(argv=None) -> int:
                 print(f"workers exited with {codes}", file=sys.stderr)
         else:
             work(p, root, with_cross, only)
-    r = aggregate(p, root, out_json, command)
+    r = aggregate(p, root, out_json, command, report=not args.no_report)
     print(markdown(r))
     return 0
 

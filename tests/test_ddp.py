@@ -96,6 +96,7 @@ def _compare(run1, run2):
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     moved = max((a[k]).abs().max().item() for k in a)
+    print(f"max |weight diff| 1 vs 2 processes: {diff:.3g} (largest |weight| {moved:.3g})")
     assert diff <= WEIGHT_ATOL, diff
     assert moved > 100 * WEIGHT_ATOL  # the tolerance is small against the weights themselves
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (run1, run2))
@@ -173,7 +174,7 @@ SYNC_SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         port, out = int(sys.argv[1]), sys.argv[2]
-        mp.spawn(worker, args=(port, out), nprocs=2)
+        mp.start_processes(worker, args=(port, out), nprocs=2, start_method="fork")
         with open(os.path.join(out, "single.json"), "w") as f:
             json.dump(run(FrameMetrics(3, thresholds=[0.3, 0.6]), list(range(7))), f)
 ''')

@@ -173,6 +173,42 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path, reference):
     _assert_same_weights(_weights(reference), _weights(out))
 
 
+def _stopped_run(cfg, out, at_step):
+    """An in-process run that dies with an exception at ``at_step`` (checkpoints every 3 steps)."""
+    orig = ForecastModule.compute_loss
+
+    def compute_loss(self, batch):
+        if self.global_step == at_step:
+            raise RuntimeError("stopped")
+        return orig(self, batch)
+
+    ForecastModule.compute_loss = compute_loss
+    try:
+        with pytest.raises(RuntimeError, match="stopped"):
+            _cli("pretrain", "--config", cfg, "--out", out)
+    finally:
+        ForecastModule.compute_loss = orig
+
+
+def test_resume_prefers_a_newer_slurm_hpc_checkpoint(tmp_path, reference):
+    """On SLURM, Lightning answers the pre-emption signal by writing ``hpc_ckpt_N.ckpt`` into the
+    run folder; --resume continues from whichever of it and last.ckpt is further along."""
+    cfg = _cfg(tmp_path)
+    out, other = tmp_path / "run", tmp_path / "other"
+    _stopped_run(cfg, out, 7)     # last.ckpt at step 6
+    _stopped_run(cfg, other, 10)  # last.ckpt at step 9
+    (other / "checkpoints" / "last.ckpt").rename(out / "hpc_ckpt_1.ckpt")
+    steps = []
+    orig = ForecastModule.training_step
+    try:
+        ForecastModule.training_step = lambda self, b, i: steps.append(self.global_step) or orig(self, b, i)
+        assert _cli("pretrain", "--config", cfg, "--out", out, "--resume") == 0
+    finally:
+        ForecastModule.training_step = orig
+    assert steps == list(range(9, 20))
+    _assert_same_weights(_weights(reference), _weights(out))
+
+
 def test_sigkill_transfer_then_resume_equals_uninterrupted_run(tmp_path):
     cfg = _cfg(tmp_path, steps=12, ckpt_every=4, val_every=0, reverse_time_prob=0.0)
     assert _cli("pretrain", "--config", cfg, "--out", tmp_path / "teacher", "--train.steps", 4) == 0

@@ -275,4 +275,9 @@ def run_evaluate(ref, exp: Experiment, out, datasets=None) -> dict:
     metrics = _evaluate(exp, module, datasets)
     metrics["model"] = str(ref)
     write_json(out / "metrics.json", metrics)
+    from .reporting import method_report
+    name = card.get("name") or Path(str(ref)).name
+    method_report(out, f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
+                  {name: metrics}, {name: zoo.resolve(ref)}, datasets[exp.eval.split], module.t_in,
+                  examples=exp.eval.examples, settings={"model": str(ref), "data": exp.data.to_dict()})
     return metrics

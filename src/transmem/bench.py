@@ -262,6 +262,26 @@ def measure_peak(quick: bool = False, reps: int = 5) -> dict:
     return out
 
 
+def memory_probe(spec: BenchSpec, kind: str = "train", steps: int = 3) -> dict:
+    """Peak memory of ``steps`` calls of ``kind`` (train | infer | bank) on a fresh workload.
+    Run it in a fresh process: the peak resident set size only ever grows, so earlier work in
+    the same process would hide a smaller peak. ``step_peak_mb`` = peak RSS - RSS before the
+    first call (model, optimizer, frames and any bank cache already built)."""
+    w = Workload(spec)
+    base = rss_mb()
+    fn = {"train": w.train_step, "infer": w.infer_step, "bank": w.bank_step}[kind]
+    for _ in range(steps):
+        fn()
+    peak = peak_rss_mb()
+    cache_mb = 0.0
+    if w.cache is not None:
+        cache_mb = sum(s.numel() * s.element_size() for item in w.cache._mem.values()
+                       for src in item for s in src.values()) / 2 ** 20
+    return {"kind": kind, "peak_rss_mb": round(peak, 1), "base_rss_mb": round(base, 1),
+            "step_peak_mb": round(peak - base, 1), "cache_mb": round(cache_mb, 1),
+            "params": w.params, "steps": steps}
+
+
 # ---------------------------------------------------------------------------------------------
 # Lightning overhead
 

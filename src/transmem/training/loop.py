@@ -63,6 +63,18 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*exists and is not empty.*")
 
 
+def run_loggers(out_dir: Path) -> list:
+    """CSV logs always (``logs/metrics.csv``); TensorBoard too when it is installed."""
+    loggers = [CSVLogger(str(out_dir), name="logs", version="")]
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
+        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard", version=""))
+    except ImportError:
+        pass
+    return loggers
+
+
 def make_loader(ds, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0, drop_last=False):
     g = torch.Generator()
     g.manual_seed(seed)
@@ -382,6 +394,22 @@ def _row_step(row) -> float:
         return 0.0
 
 
+def _resume_point(out_dir: Path) -> tuple[str, int] | None:
+    """The checkpoint to resume from and its global step: the most advanced of
+    ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` files Lightning writes into the run
+    folder when SLURM signals a job before preempting it. Each candidate is opened with
+    ``weights_only=True`` here, so a checkpoint carrying pickled code is refused with one line
+    before anything is built."""
+    candidates = [out_dir / "checkpoints" / "last.ckpt", *sorted(out_dir.glob("hpc_ckpt_*.ckpt"))]
+    best = None
+    for c in candidates:
+        if c.is_file():
+            step = int(load_checkpoint_safely(c, mmap=True).get("global_step", 0))
+            if best is None or step > best[1]:
+                best = (str(c), step)
+    return best
+
+
 def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str | Path,
         resume: bool = False) -> L.Trainer:
     """Train ``module`` for ``cfg.steps`` optimizer steps; checkpoints in ``out_dir/checkpoints``.
@@ -400,12 +428,12 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     ckpt_path = None
-    if resume and last.is_file():
-        # refuse a checkpoint with pickled code here, with one line, before anything is built
-        step0 = int(load_checkpoint_safely(last, mmap=True).get("global_step", 0))
-        ckpt_path = str(last)
-        if is_launch_rank_zero():
-            _keep_logs_before(out_dir / "logs", step0)
+    if resume:
+        found = _resume_point(out_dir)
+        if found is not None:
+            ckpt_path, step0 = found
+            if is_launch_rank_zero():
+                _keep_logs_before(out_dir / "logs", step0)
     if is_launch_rank_zero():
         _clean_stale_temps(ckpt_dir)
     every = max(cfg.ckpt_every, 1)
@@ -435,7 +463,7 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=cfg.precision,
-        logger=CSVLogger(str(out_dir), name="logs", version=""),
+        logger=run_loggers(out_dir),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # StepSampler / ShardSampler split the data themselves
