@@ -111,3 +111,18 @@ def test_short_training_lowers_the_loss(tmp_path, cfg):
     exp = load_experiment(cfg, {"train.steps": "60", "train.lr": "0.01", "data.train_clips": "64"})
     after = api.run_train(exp, tmp_path / "b")["mse"]
     assert after < 0.8 * before, (before, after)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, cfg):
+    from safetensors.torch import load_file
+    from transmem import api
+    from transmem.config import load_experiment
+
+    def weights(name, seed):
+        exp = load_experiment(cfg, {"train.steps": "2", "train.seed": str(seed)})
+        api.run_train(exp, tmp_path / name)
+        return load_file(str(tmp_path / name / "model" / "weights.safetensors"))
+
+    a, b, c = weights("a", 0), weights("b", 0), weights("c", 1)
+    assert all((a[k] == b[k]).all() for k in a)
+    assert any((a[k] != c[k]).any() for k in a)

@@ -91,7 +91,8 @@ def _cli_subprocess(tmp_path, args, **env):
     script = tmp_path / "wrapper.py"
     script.write_text(WRAPPER)
     e = dict(os.environ, **{k: str(v) for k, v in env.items()})
-    e.pop("RANK", None), e.pop("LOCAL_RANK", None)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
+        e.pop(k, None)
     return subprocess.run([sys.executable, str(script), *map(str, args)], env=e, capture_output=True,
                           text=True, timeout=300)
 

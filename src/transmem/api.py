@@ -185,6 +185,7 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         extra["init_from"] = {"entry": str(init_from), "sha256": card["sha256"]}
     else:
         cfg = dict(exp.model)
+        torch.manual_seed(exp.train.seed)  # initial weights are a function of the seed
         model = create_model(cfg.pop("name"), cfg)
     if model.config.in_channels != exp.data.channels:
         raise ConfigError(f"model reads {model.config.in_channels}-channel frames but data.channels={exp.data.channels}")
@@ -216,6 +217,7 @@ def build_transfer(exp: Experiment, teachers: list | None = None):
     layers = resolve_layers(tr.tmu_layers, probe.num_layers)
     bank = MemoryBank([m for m, _ in loaded], names, probe, layers, tr.teacher_inputs,
                       frame_channels=exp.data.channels)
+    torch.manual_seed(exp.train.seed)  # initial weights are a function of the seed
     model = create_model("tmu", backbone=backbone_name, backbone_config=backbone_cfg,
                          source_names=names, source_channels=bank.source_channels(),
                          tmu_layers=layers, mode=tr.mode, gates=tr.gates, weighting=tr.weighting,

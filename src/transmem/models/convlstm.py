@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneConfig, PredictiveRNN, make_norm
+from .base import BackboneConfig, PredictiveRNN, make_norm, tanh
 from .registry import register_model
 
 
@@ -16,7 +17,11 @@ class ConvLSTMConfig(BackboneConfig):
 
 
 class ConvLSTMCell(nn.Module):
-    """Gates from one fused convolution over [x, h]; memory c; h = o * tanh(c)."""
+    """Gates from one fused convolution over [x, h]; memory c; h = o * tanh(c).
+
+    Speed: without a norm the forget bias rides in the convolution's bias (no extra pass), and
+    on the first step (``first=True``: h and c are zeros) the convolution reads x alone and the
+    ``f * c`` term is dropped -- both exact up to float rounding."""
 
     def __init__(self, in_ch: int, hidden: int, k: int, norm: str, forget_bias: float):
         super().__init__()
@@ -24,20 +29,41 @@ class ConvLSTMCell(nn.Module):
         self.forget_bias = forget_bias
         self.conv = nn.Conv2d(in_ch + hidden, 4 * hidden, k, padding=k // 2)
         self.norm = make_norm(norm, 4 * hidden)
+        self._plain = isinstance(self.norm, nn.Identity)
+        fb = torch.zeros(4 * hidden)
+        fb[hidden:2 * hidden] = forget_bias
+        self.register_buffer("_forget", fb, persistent=False)  # not a weight: not saved
 
-    def forward(self, x, h, c, hook=None):
-        gates = self.norm(self.conv(torch.cat([x, h], 1)))
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f + self.forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
+    def _gates(self, inp, weight):
+        conv = self.conv
+        if self._plain:  # the forget bias joins the bias vector (4h numbers, not a map)
+            bias = self._forget if conv.bias is None else conv.bias + self._forget
+            return F.conv2d(inp, weight, bias, conv.stride, conv.padding)
+        gates = self.norm(F.conv2d(inp, weight, conv.bias, conv.stride, conv.padding))
+        return gates + self._forget[None, :, None, None]
+
+    def forward(self, x, h, c, hook=None, first: bool = False):
+        hd = self.hidden
+        if first:  # h = 0: its half of the fused convolution contributes nothing
+            gates = self._gates(x, self.conv.weight[:, : x.shape[1]])
+        else:
+            gates = self._gates(torch.cat([x, h], 1), self.conv.weight)
+        g = tanh(gates[:, 2 * hd: 3 * hd])
+        if first:  # c = 0: c' = sigmoid(i) * tanh(g)
+            c = torch.sigmoid(gates[:, :hd]) * g
+        else:  # c' = sigmoid(f) * c + sigmoid(i) * tanh(g), i and f in one pass
+            s = torch.sigmoid(gates[:, : 2 * hd])
+            c = torch.addcmul(s[:, hd:] * c, s[:, :hd], g)
         if hook is not None:
             c = hook(c, x, h)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h = torch.sigmoid(gates[:, 3 * hd:]) * tanh(c)
         return h, c
 
 
 @register_model("convlstm")
 class ConvLSTM(PredictiveRNN):
     config_class = ConvLSTMConfig
+    supports_depth = True
 
     def __init__(self, config: ConvLSTMConfig):
         super().__init__(config)
@@ -52,14 +78,20 @@ class ConvLSTM(PredictiveRNN):
         z = ref.new_zeros(batch, self.config.hidden, height, width)
         return [(z, z) for _ in range(self.config.num_layers)]
 
-    def step(self, x, state, t, hook=None):
+    def memory_depth(self, layer: int) -> int:
+        return layer + 1  # a layer reads only the layers below it
+
+    def step(self, x, state, t, hook=None, depth=None):
+        """``depth=k``: only the bottom k layers, no head (the frame comes back as None)."""
         new_state, memories = [], []
         inp = x
-        for l, cell in enumerate(self.cells):
+        n = len(self.cells) if depth is None else depth
+        for l in range(n):
+            cell = self.cells[l]
             h, c = state[l]
             layer_hook = None if hook is None else (lambda m, xi, hp, l=l: hook(l, t, m, xi, hp))
-            h, c = cell(inp, h, c, layer_hook)
+            h, c = cell(inp, h, c, layer_hook, first=t == 0)
             new_state.append((h, c))
             memories.append(c)
             inp = h
-        return self.head(inp), new_state, memories
+        return (self.head(inp) if depth is None else None), new_state, memories

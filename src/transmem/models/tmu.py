@@ -77,6 +77,15 @@ class _LayerTransfer(nn.Module):
         self.n, self.hidden = n, hidden
         self.use_gates, self.softmax = cfg.gates, cfg.weighting == "softmax"
 
+    def project_all(self, contrib: torch.Tensor) -> torch.Tensor:
+        """All projections P_n in one 1x1 convolution: (B, sum C_n, h, w) -> (B, n*hidden, h, w),
+        block n of the output being P_n applied to channel block n of the input."""
+        if self.n == 1:
+            return self.project[0](contrib)
+        weight = torch.block_diag(*[p.weight.flatten(1) for p in self.project])[:, :, None, None]
+        bias = torch.cat([p.bias for p in self.project])
+        return F.conv2d(contrib, weight, bias)
+
 
 @register_model("tmu")
 class TMUModel(nn.Module):
@@ -119,40 +128,52 @@ class TMUModel(nn.Module):
         ``record_maps`` stores per-step gate and source-weight maps in ``aux["maps"]``."""
         if self.config.mode == "bank_read" and bank is None:
             raise ValueError("TMU in bank_read mode needs the teachers' memory bank at every call")
-        losses: list[torch.Tensor] = []
         maps: dict[int, list] = {l: [] for l in self.layers}
+        distilled: dict[int, list] = {l: [] for l in self.layers}  # D(M) per step, for L_distill
+        read = self.config.mode == "bank_read"
+        collect = bank is not None and return_aux
+        # bank_read: the teachers' states of each layer side by side along channels, once per call
+        bank_cat = {} if not read else {
+            l: bank[0][l] if len(bank) == 1 else torch.cat([src[l] for src in bank], 2)
+            for l in self.layers}
 
         def hook(l, t, mem, x_in, h_prev):
             tr = self.transfer[str(l)] if str(l) in self.transfer else None
             if tr is None:
                 return mem
-            d = tr.distill(mem).split(tr.src_ch, 1)
-            if bank is not None:
-                losses.extend(F.mse_loss(d[n], bank[n][l][:, t]) for n in range(tr.n))
-            contrib = d if self.config.mode == "distill" else [bank[n][l][:, t] for n in range(tr.n)]
+            d = tr.distill(mem)  # every distiller at once: channel block n is D_n(M)
+            if collect:
+                distilled[l].append(d)
+            c = tr.project_all(bank_cat[l][:, t] if read else d)
             g = w = None
             if tr.gate is not None:
                 z = tr.gate(torch.cat([x_in, h_prev], 1))
                 if tr.use_gates:
-                    g = torch.sigmoid(z[:, : tr.n * tr.hidden]).unflatten(1, (tr.n, tr.hidden))
+                    g = torch.sigmoid(z[:, : tr.n * tr.hidden])
+                    c = g * c
                 if tr.softmax:
                     w = torch.softmax(z[:, z.shape[1] - tr.n:], 1)
-            out = mem
-            for n in range(tr.n):
-                c = tr.project[n](contrib[n])
-                if g is not None:
-                    c = g[:, n] * c
-                if w is not None:
-                    c = w[:, n: n + 1] * c
-                out = out + c
+            c = c.unflatten(1, (tr.n, tr.hidden))
+            if w is not None:
+                c = c * w[:, :, None]
+            out = mem + (c[:, 0] if tr.n == 1 else c.sum(1))
             if record_maps:
-                gate_map = g.mean(2) if g is not None else mem.new_ones(mem.shape[0], tr.n, *mem.shape[2:])
+                gate_map = g.unflatten(1, (tr.n, tr.hidden)).mean(2) if g is not None else \
+                    mem.new_ones(mem.shape[0], tr.n, *mem.shape[2:])
                 maps[l].append({"gate": gate_map.detach(), "weight": None if w is None else w.detach()})
             return out
 
         result = self.backbone(frames, sampling_mask, return_memory, t_in, memory_hook=hook)
         if not return_aux:
             return result
+        # L_distill: mean over TMU layers and sources of the MSE over (batch, steps, C_n, h, w),
+        # i.e. the mean of the per-step, per-source MSEs (every step has the same size)
+        losses = []
+        for l in self.layers:
+            if distilled[l]:
+                d = torch.stack(distilled[l], 1).split(self.transfer[str(l)].src_ch, 2)
+                steps = d[0].shape[1]
+                losses += [F.mse_loss(d[n], bank[n][l][:, :steps]) for n in range(len(d))]
         aux = {"distill_loss": torch.stack(losses).mean() if losses else None}
         if record_maps:
             aux["maps"] = maps

@@ -105,11 +105,13 @@ class MemoryBank(nn.Module):
                 raise TeacherMismatch(f"teacher '{self.names[n]}' patch size {p} does not divide "
                                       f"the frame size {frames.shape[-2]}x{frames.shape[-1]}")
             x = convert_channels(frames, teacher.config.in_channels)
+            wanted = {l: self.teacher_layer(n, l) for l in self.layers}
             if self.teacher_inputs == "ground_truth":
-                _, mems = teacher(x, None, return_memory=True, t_in=None)
-            else:
+                # only the teacher layers that are read (and those they depend on), no output head
+                mems = teacher.ground_truth_memories(x, set(wanted.values()))
+            else:  # a teacher reading its own predictions needs every layer and its head
                 _, mems = teacher(x, sampling_mask, return_memory=True, t_in=t_in)
-            out.append({l: resize_state(mems[self.teacher_layer(n, l)], (h, w)) for l in self.layers})
+            out.append({l: resize_state(mems[tl], (h, w)) for l, tl in wanted.items()})
         return out
 
 
