@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 
 from transmem.bench import (BenchSpec, Workload, interleave, lightning_overhead,  # noqa: E402
-                            load_average, measure_peak, median)
+                            load_average, measure_peak, median, peak_from_times, peak_probes)
 
 # budgets: (warm-up rounds, timed rounds). 4x64 steps take seconds each on 2 cores.
 FULL = {"table": (2, 10), "table_big": (2, 10), "curve": (1, 6), "settings": (1, 5), "light": (2, 10)}
@@ -58,7 +58,7 @@ class Ctx:
 
 
 def group(variants: dict[str, tuple[dict, str]], warmup: int, steps: int,
-          tweak: dict | None = None) -> dict:
+          tweak: dict | None = None, probe: bool = False, quick: bool = False) -> dict:
     """Time ``variants`` {name: (BenchSpec kwargs, kind)} interleaved; kind is train | infer |
     bank (the teachers' pass of an uncached TMU step) | teachers (N full teacher rollouts).
     Variants with equal specs share one workload. FLOPs are counted once per variant, untimed."""
@@ -76,11 +76,17 @@ def group(variants: dict[str, tuple[dict, str]], warmup: int, steps: int,
         if tweak and name in tweak and getattr(w, "wrap", None):
             fn = w.wrap(fn)
         tasks[name], owner[name] = fn, (w, kind)
+    probes = peak_probes(quick) if probe else {}
     load0, t0 = load_average(), time.time()
-    times = interleave(tasks, warmup, steps)
+    times = interleave({**tasks, **{k: fn for k, (fn, _) in probes.items()}}, warmup, steps)
+    peak = peak_from_times(probes, times) if probes else None
+    for k in probes:
+        times.pop(k)
     out = {"variants": {}, "warmup": warmup, "steps": steps, "load_avg_before": load0,
            "load_avg_after": load_average(), "wall_s": round(time.time() - t0, 1),
            "threads": torch.get_num_threads()}
+    if peak:
+        out["peak"] = peak
     for name, ms in times.items():
         w, kind = owner[name]
         med = median(ms)
@@ -143,7 +149,7 @@ def table_variants(kw: dict, which: str) -> dict:
 def part_table(ctx: Ctx, size: str, which: str) -> dict:
     kw = dict(ctx.sizes[size])
     warm, steps = ctx.budget["table" if size == "2x32" else "table_big"]
-    return group(table_variants(kw, which), warm, steps)
+    return group(table_variants(kw, which), warm, steps, probe=which != "infer", quick=ctx.quick)
 
 
 def part_memory(ctx: Ctx, size: str) -> dict:
@@ -222,9 +228,11 @@ def part_formats(ctx: Ctx) -> dict:
          "fused_adam/train": ({**kw, "seed": 2}, "train")}
     tweak = {"channels_last/train": _channels_last, "fused_adam/train": _fused_adam}
     res = group(v, warm, steps, tweak)
-    # bf16 separately (it can be far slower): 1 warm-up, 2 timed, against fp32 again
-    v2 = {"fp32/train": (kw, "train"), "bf16_autocast/train": ({**kw, "seed": 3}, "train")}
-    res["bf16"] = group(v2, 1, 2, {"bf16_autocast/train": _autocast_bf16})
+    # bf16 autocast apart (on CPUs without native bf16 it is far slower): against fp32 again
+    v2 = {"fp32/train": (kw, "train"), "bf16_autocast/train": ({**kw, "seed": 3}, "train"),
+          "fp32/infer": (kw, "infer"), "bf16_autocast/infer": ({**kw, "seed": 3}, "infer")}
+    res["bf16"] = group(v2, 1, 3, {"bf16_autocast/train": _autocast_bf16,
+                                   "bf16_autocast/infer": _autocast_bf16})
     return res
 
 
@@ -276,6 +284,71 @@ def part_lightning(ctx: Ctx, size: str, model: str) -> dict:
     return {**res, "load_avg_before": load0, "load_avg_after": load_average(), "spec": vars(spec)}
 
 
+def part_lightning_fixed(ctx: Ctx) -> dict:
+    """What Lightning + ForecastModule add per step, measured where it is not hidden by compute:
+    a tiny model (many steps, alternating blocks). The relative overhead of a config is then
+    fixed_ms / its bare step."""
+    tiny = dict(layers=1, hidden=8, size=16, batch=2, frames=6)
+    out = {}
+    for name, spec in (("convlstm", BenchSpec(**tiny)), ("tmu_cached", BenchSpec(**tmu(tiny, 2, True)))):
+        load0 = load_average()
+        r = lightning_overhead(Workload(spec), 10 if ctx.quick else 60, 5, blocks=3)
+        out[name] = {**r, "load_avg_before": load0, "load_avg_after": load_average(), "spec": vars(spec)}
+    return out
+
+
+BASE_REV = "e76fa11"  # the last commit before the issue-6 speed work on models/ and transfer/
+
+
+def _base_package(rev: str) -> Path:
+    """The package as it was at ``rev``, importable as ``transmem_base`` (with today's bench.py,
+    so both sides are timed by the same harness)."""
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="transmem_base_"))
+    names = _git("ls-tree", "-r", "--name-only", rev, "src/transmem").splitlines()
+    if not names:
+        raise RuntimeError(f"git revision {rev} has no src/transmem")
+    for name in names:
+        if not name.endswith(".py"):
+            continue
+        dest = root / "transmem_base" / Path(name).relative_to("src/transmem")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        blob = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=REPO, capture_output=True).stdout
+        dest.write_bytes(blob)
+    (root / "transmem_base" / "bench.py").write_text((REPO / "src/transmem/bench.py").read_text())
+    return root
+
+
+def part_before_after(ctx: Ctx) -> dict:
+    """This code vs the code at BASE_REV, interleaved in one process (2x32 workload)."""
+    import importlib
+    root = _base_package(BASE_REV)
+    sys.path.insert(0, str(root))
+    try:
+        old = importlib.import_module("transmem_base.bench")
+        kw = dict(ctx.curve_base)
+        tasks = {}
+        for tag, mod in (("before", old), ("after", sys.modules["transmem.bench"])):
+            ws = {"convlstm": mod.Workload(mod.BenchSpec(**kw)),
+                  "predrnn": mod.Workload(mod.BenchSpec(**{**kw, "model": "predrnn"})),
+                  "tmu2_cached": mod.Workload(mod.BenchSpec(**tmu(kw, 2, True))),
+                  "tmu2_uncached": mod.Workload(mod.BenchSpec(**tmu(kw, 2, False)))}
+            for name, w in ws.items():
+                tasks[f"{name}/train/{tag}"] = w.train_step
+            tasks[f"convlstm/infer/{tag}"] = ws["convlstm"].infer_step
+            tasks[f"tmu2/infer/{tag}"] = ws["tmu2_cached"].infer_step
+            tasks[f"bank2/teacher_pass/{tag}"] = ws["tmu2_uncached"].bank_step
+        warm, steps = ctx.budget["curve"]
+        res = group_fns(tasks, warm, steps)
+    finally:
+        sys.path.remove(str(root))
+    res["base_rev"] = BASE_REV
+    res["after_over_before"] = {
+        k.rsplit("/", 1)[0]: round(v["ms"] / res["variants"][k.rsplit("/", 1)[0] + "/before"]["ms"], 3)
+        for k, v in res["variants"].items() if k.endswith("/after")}
+    return res
+
+
 def part_compile(ctx: Ctx) -> dict:
     """torch.compile of the backbone (compile time reported apart from the step time)."""
     kw = dict(ctx.curve_base)
@@ -313,8 +386,10 @@ PARTS = {
     "lightning/2x32/convlstm": lambda c: part_lightning(c, "2x32", "convlstm"),
     "lightning/2x32/tmu_cached": lambda c: part_lightning(c, "2x32", "tmu_cached"),
     "lightning/4x64/convlstm": lambda c: part_lightning(c, "4x64", "convlstm"),
+    "lightning/fixed": part_lightning_fixed,
     "settings/threads": part_threads,
     "settings/formats": part_formats,
+    "before_after": part_before_after,
 }
 OPTIONAL = {"settings/compile": part_compile}  # slow to compile: only when asked for
 
@@ -355,18 +430,34 @@ def summarize(data: dict) -> dict:
         if bi and ti:
             t["tmu_infer_over_backbone"] = round(ti / bi, 3)
         v = data["parts"].get(tp, {}).get("variants", {}).get("convlstm/train", {})
-        if peak and v.get("gflops"):
+        gpeak = data["parts"].get(tp, {}).get("peak", {}).get("peak_gflops") or peak
+        if gpeak and v.get("gflops"):
             t["backbone_gflops"] = v["gflops"]
-            t["backbone_fraction_of_peak"] = round(v["gflops"] / peak, 3)
+            t["peak_gflops"] = gpeak
+            t["backbone_fraction_of_peak"] = round(v["gflops"] / gpeak, 3)
         mem = data["parts"].get(f"memory/{size}")
         if mem:
-            t["tmu_cached_step_mem_over_backbone"] = round(
-                mem["tmu2_cached/train"]["step_peak_mb"] / mem["convlstm/train"]["step_peak_mb"], 3)
-            t["tmu_uncached_step_mem_over_backbone"] = round(
-                mem["tmu2_uncached/train"]["step_peak_mb"] / mem["convlstm/train"]["step_peak_mb"], 3)
+            for tag in ("cached", "uncached"):
+                for key in ("run_mb", "step_peak_mb"):
+                    a, b = mem.get(f"tmu2_{tag}/train", {}).get(key), mem["convlstm/train"].get(key)
+                    if a and b:
+                        t[f"tmu_{tag}_{key}_over_backbone"] = round(a / b, 3)
             t["tmu_cached_peak_rss_over_backbone"] = round(
                 mem["tmu2_cached/train"]["peak_rss_mb"] / mem["convlstm/train"]["peak_rss_mb"], 3)
+            t["tmu_uncached_peak_rss_over_backbone"] = round(
+                mem["tmu2_uncached/train"]["peak_rss_mb"] / mem["convlstm/train"]["peak_rss_mb"], 3)
         s[size] = t
+    lf = data["parts"].get("lightning/fixed")
+    if lf:
+        fixed = max(lf["convlstm"]["fixed_ms"], lf["tmu_cached"]["fixed_ms"])
+        s["lightning"] = {"fixed_ms_per_step": fixed}
+        for size, part in (("2x32", "table/2x32"), ("4x64", "table/4x64/train")):
+            b = _ms(data, part, "convlstm/train")
+            if b:
+                s["lightning"][f"implied_overhead_pct_{size}"] = round(100 * fixed / b, 2)
+        for key in ("lightning/2x32/convlstm", "lightning/2x32/tmu_cached", "lightning/4x64/convlstm"):
+            if key in data["parts"]:
+                s["lightning"][f"measured_pct_{key.split('/', 1)[1]}"] = data["parts"][key]["overhead_pct"]
     tp = data["parts"].get("teachers")
     if tp:
         b = tp["variants"]["convlstm/train"]["ms"]
@@ -470,6 +561,13 @@ def markdown(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="*", help="parts to run (default: every part not yet done)")
@@ -505,7 +603,10 @@ def main(argv=None) -> int:
         todo += [p for p in args.redo if p not in todo]
     data["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                        "cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                       "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "quick": args.quick}
+                       "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "quick": args.quick,
+                       "commit": _git("rev-parse", "--short", "HEAD"),
+                       "dirty_files": _git("status", "--porcelain", "--", "src").count("\n") + 1
+                       if _git("status", "--porcelain", "--", "src") else 0}
     for name in todo:
         print(f"[speed] {name} ... (load {load_average()})", flush=True)
         t0 = time.time()

@@ -238,35 +238,57 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_peak(quick: bool = False, reps: int = 5) -> dict:
-    """Achievable fp32 GFLOP/s on this machine now: a large matmul and a large 5x5 conv2d
-    (median of ``reps`` calls each, after one warm-up call)."""
-    out = {}
+def peak_probes(quick: bool = False) -> dict[str, tuple[Callable[[], None], int]]:
+    """{name: (call, FLOPs)}: a large fp32 matmul and two large 5x5 conv2d forwards (under
+    inference mode), the machine's achievable GEMM/conv rate. Time them interleaved with the
+    steps they are compared with, so that both see the same load."""
     n = 1024 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
-    probes = {"matmul": (lambda: torch.mm(a, b), 2 * n ** 3)}
-    cb, ch, s = (4, 64, 16) if quick else (16, 128, 32)
-    x = torch.randn(cb, ch, s, s)
-    w = torch.randn(2 * ch, ch, 5, 5)
-    probes["conv2d"] = (lambda: F.conv2d(x, w, padding=2), 2 * cb * s * s * 2 * ch * ch * 25)
-    with torch.inference_mode():
-        for name, (fn, flops) in probes.items():
-            fn()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
+
+    def inference(fn):
+        def run():
+            with torch.inference_mode():
                 fn()
-                ts.append(time.perf_counter() - t0)
-            out[f"{name}_gflops"] = round(flops / statistics.median(ts) / 1e9, 1)
-    out["peak_gflops"] = max(out["matmul_gflops"], out["conv2d_gflops"])
+        return run
+
+    probes = {"peak/matmul": (inference(lambda: torch.mm(a, b)), 2 * n ** 3)}
+    shapes = [(4, 64, 16, 128)] if quick else [(8, 128, 32, 256), (32, 64, 16, 256)]
+    for i, (cb, ch, s, co) in enumerate(shapes):
+        x = torch.randn(cb, ch, s, s)
+        w = torch.randn(co, ch, 5, 5)
+        probes[f"peak/conv2d_{i}"] = (inference(lambda x=x, w=w: F.conv2d(x, w, padding=2)),
+                                      2 * cb * s * s * co * ch * 25)
+    return probes
+
+
+def peak_from_times(probes: dict, times: dict[str, list[float]]) -> dict:
+    """GFLOP/s of each probe (median and best call); ``peak_gflops`` is the best median."""
+    out = {}
+    for name, (_, flops) in probes.items():
+        ms = times[name]
+        key = name.split("/", 1)[1]
+        out[f"{key}_gflops"] = round(flops / (median(ms) / 1e3) / 1e9, 1)
+        out[f"{key}_gflops_best"] = round(flops / (min(ms) / 1e3) / 1e9, 1)
+    out["peak_gflops"] = max(v for k, v in out.items() if k.endswith("_gflops"))
+    out["peak_gflops_best"] = max(v for k, v in out.items() if k.endswith("_best"))
     return out
+
+
+def measure_peak(quick: bool = False, reps: int = 5) -> dict:
+    """The probes of :func:`peak_probes` on their own: one warm-up and ``reps`` timed calls each."""
+    probes = peak_probes(quick)
+    times = interleave({k: fn for k, (fn, _) in probes.items()}, 1, reps)
+    return peak_from_times(probes, times)
 
 
 def memory_probe(spec: BenchSpec, kind: str = "train", steps: int = 3) -> dict:
     """Peak memory of ``steps`` calls of ``kind`` (train | infer | bank) on a fresh workload.
     Run it in a fresh process: the peak resident set size only ever grows, so earlier work in
     the same process would hide a smaller peak. ``step_peak_mb`` = peak RSS - RSS before the
-    first call (model, optimizer, frames and any bank cache already built)."""
+    first call (model, optimizer, frames and any bank cache already built); ``run_mb`` = peak RSS
+    - RSS before the workload was built (what the run adds to an interpreter with torch loaded:
+    weights, optimizer state, frames, cache, activations; less sensitive to allocator state)."""
+    start = rss_mb()
     w = Workload(spec)
     base = rss_mb()
     fn = {"train": w.train_step, "infer": w.infer_step, "bank": w.bank_step}[kind]
@@ -278,7 +300,8 @@ def memory_probe(spec: BenchSpec, kind: str = "train", steps: int = 3) -> dict:
         cache_mb = sum(s.numel() * s.element_size() for item in w.cache._mem.values()
                        for src in item for s in src.values()) / 2 ** 20
     return {"kind": kind, "peak_rss_mb": round(peak, 1), "base_rss_mb": round(base, 1),
-            "step_peak_mb": round(peak - base, 1), "cache_mb": round(cache_mb, 1),
+            "step_peak_mb": round(peak - base, 1), "run_mb": round(peak - start, 1),
+            "start_rss_mb": round(start, 1), "cache_mb": round(cache_mb, 1),
             "params": w.params, "steps": steps}
 
 
@@ -293,6 +316,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*val_dataloader.*")
 
 
 def lightning_step_times(w: Workload, steps: int, warmup: int) -> list[float]:
@@ -334,15 +358,16 @@ def lightning_step_times(w: Workload, steps: int, warmup: int) -> list[float]:
 
 
 def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 2) -> dict:
-    """Bare loop vs ``ForecastModule`` + ``Trainer.fit``, in alternating blocks."""
+    """Bare loop vs ``ForecastModule`` + ``Trainer.fit``, in alternating blocks. ``fixed_ms`` is
+    the difference of the medians: what Lightning and the module add per step."""
     bare, light = [], []
     per = max(1, math.ceil(steps / blocks))
     for _ in range(blocks):
         bare += interleave({"bare": w.train_step}, warmup, per)["bare"]
         light += lightning_step_times(w, per, warmup)
     b, l = median(bare), median(light)
-    return {"bare_ms": round(b, 2), "lightning_ms": round(l, 2),
-            "overhead_pct": round(100 * (l / b - 1), 2), "steps": len(bare)}
+    return {"bare_ms": round(b, 2), "lightning_ms": round(l, 2), "fixed_ms": round(l - b, 2),
+            "overhead_pct": round(100 * (l / b - 1), 2), "steps": len(bare), "blocks": blocks}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +381,7 @@ def benchmark(spec: BenchSpec, mode: str = "both", steps: int = 10, warmup: int 
     if threads:
         torch.set_num_threads(threads)
     load_before = load_average()
+    start_rss = rss_mb()
     w = Workload(spec)
     base_rss = rss_mb()
     tasks = {}
@@ -364,7 +390,10 @@ def benchmark(spec: BenchSpec, mode: str = "both", steps: int = 10, warmup: int 
     if mode in ("infer", "both"):
         tasks["infer"] = w.infer_step
     times = interleave(tasks, warmup, steps)
-    peak_rss = peak_rss_mb()
+    peak_rss = peak_rss_mb()  # before the probes: their big tensors are not the model's
+    probes = peak_probes() if peak else {}
+    if probes:  # the peak probes, interleaved with a few more steps so that both see one load
+        extra = interleave({**tasks, **{k: fn for k, (fn, _) in probes.items()}}, 1, 5)
     train_ms, infer_ms = median(times.get("train")), median(times.get("infer"))
     res: dict = {
         "train_ms": None if train_ms is None else round(train_ms, 3),
@@ -388,24 +417,40 @@ def benchmark(spec: BenchSpec, mode: str = "both", steps: int = 10, warmup: int 
         "infer_gflops": None if "infer" not in gf else round(gf["infer"], 2),
         "base_rss_mb": round(base_rss, 1),
         "step_peak_mb": round(peak_rss - base_rss, 1),
+        "run_mb": round(peak_rss - start_rss, 1),
         "train_ms_all": [round(x, 2) for x in times.get("train", [])],
         "infer_ms_all": [round(x, 2) for x in times.get("infer", [])],
     })
     if lightning and train_ms is not None:
-        res["lightning"] = lightning_overhead(w, steps, warmup)
-    if peak:
-        p = measure_peak()
+        res["lightning"] = lightning_overhead(w, steps, warmup, blocks=2)
+    if probes:
+        p = peak_from_times(probes, extra)
         res["peak_gflops"] = p["peak_gflops"]
         res["peak_probe"] = p
-        res["efficiency"] = round(res["gflops"] / p["peak_gflops"], 3)
+        # like for like: the step's rate over the rounds run together with the probes
+        key = "train" if "train" in extra else "infer"
+        rate = flops[key] / (median(extra[key]) / 1e3) / 1e9
+        res["efficiency"] = round(rate / p["peak_gflops"], 3)
+        res["efficiency_note"] = (f"{key} step GFLOP/s over the best probe's GFLOP/s, both medians "
+                                  "of rounds run interleaved")
     res.update({
         "config": asdict(spec), "mode": mode, "steps": steps, "warmup": warmup,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "machine": platform.machine(), "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_avg_before": load_before, "load_avg_after": load_average(),
     })
     return res
+
+
+def load_warning(res: dict) -> str | None:
+    load, cpus = res.get("load_avg_before"), res.get("cpus") or 1
+    if load and load[0] > 0.5:
+        return (f"note: load average {load[0]} on {cpus} CPUs before the run: other jobs share the "
+                "CPU, compare variants side by side (speed.py interleaves them); with "
+                "2 threads on a busy CPU set OMP_WAIT_POLICY=PASSIVE or use --threads 1")
+    return None
 
 
 def format_table(res: dict) -> str:
@@ -421,7 +466,7 @@ def format_table(res: dict) -> str:
         ("sequences/s", f"{res['seq_per_s']:.2f}"),
         ("achieved GFLOP/s", f"{res['gflops']:.1f}"),
         ("peak GFLOP/s (measured)", "-" if res["peak_gflops"] is None else
-         f"{res['peak_gflops']:.1f}  ({100 * res['gflops'] / res['peak_gflops']:.0f}% of it)"),
+         f"{res['peak_gflops']:.1f}  (step at {100 * res['efficiency']:.0f}% of it, side by side)"),
         ("peak RSS", f"{res['peak_rss_mb']:.0f} MB (step: +{res['step_peak_mb']:.0f} MB)"),
     ]
     if "lightning" in res:
@@ -430,7 +475,9 @@ def format_table(res: dict) -> str:
                                                 f"({lo['overhead_pct']:+.1f}%)"))
     rows.append(("threads / load avg", f"{res['threads']} / {res['load_avg_before']} -> {res['load_avg_after']}"))
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    note = load_warning(res)
+    return text + ("\n" + note if note else "")
 
 
 def _ms(x):

@@ -21,7 +21,7 @@ from .data import build_datasets
 
 # Sizes chosen so that the full demo stays under 10 minutes on 2 CPU cores, --quick under 2.
 FULL = dict(size=32, frames=10, t_in=5, pre_clips=2000, target_clips=1000, val_clips=100,
-            test_clips=200, pre_steps=600, target_steps=400, batch=16,
+            test_clips=200, pre_steps=500, target_steps=300, batch=16,
             model=dict(name="convlstm", num_layers=2, hidden=16, filter_size=5, patch_size=4))
 QUICK = dict(size=32, frames=10, t_in=5, pre_clips=64, target_clips=64, val_clips=16,
              test_clips=32, pre_steps=40, target_steps=30, batch=8,

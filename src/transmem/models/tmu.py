@@ -56,6 +56,88 @@ def resolve_layers(spec, num_layers: int) -> list[int]:
     return layers
 
 
+def _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n: int, hidden: int, sum_c: int,
+                 pad: int, pad_g: int):
+    """One TMU step of the default configuration (distill mode, gates, no softmax weighting,
+    linear distiller) without autograd: ``[d | c] = conv(M)`` in one convolution whose second
+    block is the projection folded into the distiller (c = P(D(M))), ``g = sigmoid(G([x, h]))``,
+    ``M' = M + sum_n g_n * c_n``. Returns (M', d, c, g)."""
+    y = F.conv2d(mem, w, b, padding=pad)
+    d, c = y[:, :sum_c], y[:, sum_c:]
+    g = torch.sigmoid(F.conv2d(torch.cat([x_in, h_prev], 1), wg, bg, padding=pad_g))
+    if torch.is_grad_enabled() and (mem.requires_grad or g.requires_grad or c.requires_grad):
+        gc = g * c  # (the record_maps path under autograd)
+        return mem + (gc if n == 1 else gc.unflatten(1, (n, hidden)).sum(1)), d, c, g
+    out = torch.addcmul(mem, g[:, :hidden], c[:, :hidden])
+    for k in range(1, n):  # M' = M + sum_n g_n * c_n, accumulated in place
+        out.addcmul_(g[:, k * hidden:(k + 1) * hidden], c[:, k * hidden:(k + 1) * hidden])
+    return out, d, c, g
+
+
+def _distill_terms(d, src_ch, targets):
+    """sum over sources n of MSE(D_n(M), S_n) at one step (one term per source)."""
+    return sum(F.mse_loss(dn, s) for dn, s in zip(d.split(src_ch, 1), targets))
+
+
+class _DistillMixFn(torch.autograd.Function):
+    """:func:`_distill_mix` (and, given the teacher states of the step, the step's distillation
+    terms) as one autograd node. It keeps only M, x and h_prev (and references to the teacher
+    states) for backward and recomputes d, c, z and g there (two small convolutions), instead
+    of keeping the distilled memories, projections, gate pre-activations and gates of every
+    step: the TMU's share of the graph memory drops by about two thirds."""
+
+    @staticmethod
+    def forward(ctx, mem, x_in, h_prev, w, b, wg, bg, conf, *targets):
+        n, hidden, src_ch, pad, pad_g = conf
+        out, d, _, _ = _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n, hidden, sum(src_ch),
+                                    pad, pad_g)
+        ctx.save_for_backward(mem, x_in, h_prev, w, b, wg, bg, *targets)
+        ctx.conf = conf
+        ctx.set_materialize_grads(False)
+        if not targets:
+            return out
+        return out, _distill_terms(d, src_ch, targets)
+
+    @staticmethod
+    def backward(ctx, g_out, *g_rest):
+        mem, x_in, h_prev, w, b, wg, bg, *targets = ctx.saved_tensors
+        n, hidden, src_ch, pad, pad_g = ctx.conf
+        sum_c = sum(src_ch)
+        g_loss = g_rest[0] if g_rest else None
+        conv_bwd = torch.ops.aten.convolution_backward
+        if g_out is None:
+            g_out = torch.zeros_like(mem)
+        # recompute what forward did not keep
+        y = F.conv2d(mem, w, b, padding=pad) if g_loss is not None else \
+            F.conv2d(mem, w[sum_c:], b[sum_c:], padding=pad)
+        c = y[:, y.shape[1] - n * hidden:]
+        xh = torch.cat([x_in, h_prev], 1)
+        g = torch.sigmoid(F.conv2d(xh, wg, bg, padding=pad_g))
+        # M' sums the n blocks of g * c: each block's gradient is g_out
+        go = g_out.unsqueeze(1)
+        g_c = (g.unflatten(1, (n, hidden)) * go).flatten(1, 2)
+        g_z = torch.ops.aten.sigmoid_backward((c.unflatten(1, (n, hidden)) * go).flatten(1, 2), g)
+        if g_loss is not None:  # d/dd_n of MSE(d_n, S_n) = 2 (d_n - S_n) / numel
+            g_d = [(dn - s) * (2.0 / dn.numel()) for dn, s in zip(y[:, :sum_c].split(src_ch, 1), targets)]
+            g_d = torch.cat(g_d, 1) * g_loss
+        else:
+            g_d = torch.zeros_like(c[:, :1]).expand(-1, sum_c, -1, -1)
+        g_y = torch.cat([g_d, g_c], 1)
+        need = ctx.needs_input_grad
+        g_mem, g_w, g_b = conv_bwd(g_y, mem, w, [w.shape[0]], [1, 1], [pad, pad], [1, 1], False,
+                                   [0, 0], 1, [need[0], need[3], need[4]])
+        if need[0]:
+            g_mem = g_out + g_mem
+        want_xh = need[1] or need[2]
+        g_xh, g_wg, g_bg = conv_bwd(g_z, xh, wg, [wg.shape[0]], [1, 1], [pad_g, pad_g], [1, 1],
+                                    False, [0, 0], 1, [want_xh, need[5], need[6]])
+        g_x = g_h = None
+        if want_xh:
+            g_x, g_h = g_xh.split([x_in.shape[1], h_prev.shape[1]], 1)
+        return (g_mem, g_x if need[1] else None, g_h if need[2] else None, g_w, g_b, g_wg, g_bg,
+                None, *([None] * len(targets)))
+
+
 class _LayerTransfer(nn.Module):
     """The TMU parts of one backbone layer, for all sources."""
 
@@ -77,14 +159,60 @@ class _LayerTransfer(nn.Module):
         self.n, self.hidden = n, hidden
         self.use_gates, self.softmax = cfg.gates, cfg.weighting == "softmax"
 
-    def project_all(self, contrib: torch.Tensor) -> torch.Tensor:
-        """All projections P_n in one 1x1 convolution: (B, sum C_n, h, w) -> (B, n*hidden, h, w),
-        block n of the output being P_n applied to channel block n of the input."""
+    def fused_projection(self):
+        """All projections P_n as one 1x1 convolution (weight, bias): input channel block n maps
+        to output block n (a block-diagonal weight). Built once per forward, used at every step."""
         if self.n == 1:
-            return self.project[0](contrib)
+            return self.project[0].weight, self.project[0].bias
         weight = torch.block_diag(*[p.weight.flatten(1) for p in self.project])[:, :, None, None]
-        bias = torch.cat([p.bias for p in self.project])
-        return F.conv2d(contrib, weight, bias)
+        return weight, torch.cat([p.bias for p in self.project])
+
+    def mix(self, mem, contrib, x_in, h_prev, pw, pb):
+        """M' = M + sum_n w_n * g_n * P_n(contrib_n) with (pw, pb) from :meth:`fused_projection`;
+        returns (M', gates (B, n*hidden, h, w) or None, source weights (B, n, h, w) or None)."""
+        c = F.conv2d(contrib, pw, pb)
+        g = w = None
+        if self.gate is not None:
+            z = self.gate(torch.cat([x_in, h_prev], 1))
+            if self.use_gates:
+                g = torch.sigmoid(z[:, : self.n * self.hidden])
+                c = g * c
+            if self.softmax:
+                w = torch.softmax(z[:, z.shape[1] - self.n:], 1)
+        c = c.unflatten(1, (self.n, self.hidden))
+        if w is not None:
+            c = c * w[:, :, None]
+        return mem + (c[:, 0] if self.n == 1 else c.sum(1)), g, w
+
+    @property
+    def fast(self) -> bool:
+        """Default configuration: the distiller is linear and gates without softmax weights,
+        so the projection folds into the distiller (one convolution for d and P(d))."""
+        return (self.use_gates and not self.softmax and isinstance(self.distill[1], nn.Identity)
+                and self.gate is not None)
+
+    def folded(self):
+        """(weight, bias) of one convolution M -> [D(M) | P(D(M))] (built once per forward)."""
+        conv = self.distill[0]
+        pw, pb = self.fused_projection()
+        wd = conv.weight
+        bd = conv.bias if conv.bias is not None else wd.new_zeros(wd.shape[0])
+        p2 = pw.flatten(1)                                    # (n*hidden, sum C_n)
+        w_eff = (p2 @ wd.flatten(1)).view(p2.shape[0], *wd.shape[1:])
+        b_eff = p2 @ bd + pb
+        return torch.cat([wd, w_eff]), torch.cat([bd, b_eff])
+
+    def step_fast(self, mem, x_in, h_prev, w, b, record: bool, targets: list):
+        """One step on the default configuration: (M', the step's distillation terms summed
+        over sources or None without ``targets``, gates or None)."""
+        conf = (self.n, self.hidden, tuple(self.src_ch), self.distill[0].padding[0], self.gate.padding[0])
+        if torch.is_grad_enabled() and not record:
+            res = _DistillMixFn.apply(mem, x_in, h_prev, w, b, self.gate.weight, self.gate.bias,
+                                      conf, *targets)
+            return (res[0], res[1], None) if targets else (res, None, None)
+        out, d, _, g = _distill_mix(mem, x_in, h_prev, w, b, self.gate.weight, self.gate.bias,
+                                    conf[0], conf[1], sum(self.src_ch), conf[3], conf[4])
+        return out, (_distill_terms(d, self.src_ch, targets) if targets else None), g
 
 
 @register_model("tmu")
@@ -129,34 +257,38 @@ class TMUModel(nn.Module):
         if self.config.mode == "bank_read" and bank is None:
             raise ValueError("TMU in bank_read mode needs the teachers' memory bank at every call")
         maps: dict[int, list] = {l: [] for l in self.layers}
-        distilled: dict[int, list] = {l: [] for l in self.layers}  # D(M) per step, for L_distill
+        losses: list[torch.Tensor] = []  # per step and layer: sum over sources of MSE(D_n(M), S_n)
         read = self.config.mode == "bank_read"
-        collect = bank is not None and return_aux
         # bank_read: the teachers' states of each layer side by side along channels, once per call
         bank_cat = {} if not read else {
             l: bank[0][l] if len(bank) == 1 else torch.cat([src[l] for src in bank], 2)
             for l in self.layers}
 
+        fast = {l: not read and self.transfer[str(l)].fast for l in self.layers}
+        # per layer, once per call: the folded [distiller | projection] weights on the fast path,
+        # the fused projection otherwise
+        prep = {l: self.transfer[str(l)].folded() if fast[l] else self.transfer[str(l)].fused_projection()
+                for l in self.layers}
+
+        terms = [0]  # how many (step, layer, source) MSE terms the losses hold
+
         def hook(l, t, mem, x_in, h_prev):
             tr = self.transfer[str(l)] if str(l) in self.transfer else None
             if tr is None:
                 return mem
-            d = tr.distill(mem)  # every distiller at once: channel block n is D_n(M)
-            if collect:
-                distilled[l].append(d)
-            c = tr.project_all(bank_cat[l][:, t] if read else d)
-            g = w = None
-            if tr.gate is not None:
-                z = tr.gate(torch.cat([x_in, h_prev], 1))
-                if tr.use_gates:
-                    g = torch.sigmoid(z[:, : tr.n * tr.hidden])
-                    c = g * c
-                if tr.softmax:
-                    w = torch.softmax(z[:, z.shape[1] - tr.n:], 1)
-            c = c.unflatten(1, (tr.n, tr.hidden))
-            if w is not None:
-                c = c * w[:, :, None]
-            out = mem + (c[:, 0] if tr.n == 1 else c.sum(1))
+            w = None
+            # L_distill terms MSE(D_n(M), S_n) per step, layer and source (only when returned)
+            targets = [bank[n][l][:, t] for n in range(tr.n)] if bank is not None and return_aux else []
+            if fast[l]:
+                out, loss_t, g = tr.step_fast(mem, x_in, h_prev, *prep[l], record_maps, targets)
+                if loss_t is not None:
+                    losses.append(loss_t)
+            else:
+                d = tr.distill(mem)  # every distiller at once: channel block n is D_n(M)
+                out, g, w = tr.mix(mem, bank_cat[l][:, t] if read else d, x_in, h_prev, *prep[l])
+                if targets:
+                    losses.append(_distill_terms(d, tr.src_ch, targets))
+            terms[0] += len(targets)
             if record_maps:
                 gate_map = g.unflatten(1, (tr.n, tr.hidden)).mean(2) if g is not None else \
                     mem.new_ones(mem.shape[0], tr.n, *mem.shape[2:])
@@ -166,15 +298,8 @@ class TMUModel(nn.Module):
         result = self.backbone(frames, sampling_mask, return_memory, t_in, memory_hook=hook)
         if not return_aux:
             return result
-        # L_distill: mean over TMU layers and sources of the MSE over (batch, steps, C_n, h, w),
-        # i.e. the mean of the per-step, per-source MSEs (every step has the same size)
-        losses = []
-        for l in self.layers:
-            if distilled[l]:
-                d = torch.stack(distilled[l], 1).split(self.transfer[str(l)].src_ch, 2)
-                steps = d[0].shape[1]
-                losses += [F.mse_loss(d[n], bank[n][l][:, :steps]) for n in range(len(d))]
-        aux = {"distill_loss": torch.stack(losses).mean() if losses else None}
+        # the mean of every (step, layer, source) MSE term
+        aux = {"distill_loss": torch.stack(losses).sum() / terms[0] if losses else None}
         if record_maps:
             aux["maps"] = maps
         return result, aux
