@@ -319,55 +319,61 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*val_dataloader.*")
 
 
-def lightning_step_times(w: Workload, steps: int, warmup: int) -> list[float]:
-    """Milliseconds between consecutive training batches of ``Trainer.fit`` on ``w``'s batch
-    (the same model, bank/cache and frames), first ``warmup`` intervals dropped."""
+def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 1) -> dict:
+    """The training step through ``ForecastModule`` + ``lightning.Trainer.fit`` (no logger,
+    checkpoints or progress bar; a loader repeating ``w``'s batch) against the bare step, one of
+    each in turn: after every Lightning batch, a callback runs and times one bare step on a twin
+    workload (same spec, same weights). A Lightning step is the time from one batch start to the
+    next minus that bare step, so it includes Lightning's loop, hooks, logging and loader.
+    ``fixed_ms`` = median Lightning step - median bare step. ``blocks`` fits are run in a row."""
     import lightning as L
     from torch.utils.data import Dataset
 
     from .training.module import ForecastModule
 
     _quiet_lightning()
+    twin = Workload(w.spec)
     batch = {"frames": w.frames, "index": w.index}
-
-    class Repeat(Dataset):
-        def __len__(self):
-            return warmup + steps + 1
-
-        def __getitem__(self, i):
-            return batch
-
-    module = ForecastModule(w.model, w.schedule, lr=w.spec.lr, bank=w.bank,
-                            distill_weight=w.spec.distill_weight if w.is_tmu else 0.0,
-                            bank_cache=w.cache)
-    starts: list[float] = []
-
-    class Clock(L.Callback):
-        def on_train_batch_start(self, *a, **k):
-            starts.append(time.perf_counter())
-
-    loader = torch.utils.data.DataLoader(Repeat(), batch_size=None, shuffle=False)
-    trainer = L.Trainer(max_steps=warmup + steps + 1, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[Clock()])
-    trainer.fit(module, loader)
-    w.model.train()
-    ms = [(b - a) * 1e3 for a, b in zip(starts[:-1], starts[1:])]
-    return ms[warmup:]
-
-
-def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 2) -> dict:
-    """Bare loop vs ``ForecastModule`` + ``Trainer.fit``, in alternating blocks. ``fixed_ms`` is
-    the difference of the medians: what Lightning and the module add per step."""
-    bare, light = [], []
     per = max(1, math.ceil(steps / blocks))
+    light: list[float] = []
+    bare: list[float] = []
     for _ in range(blocks):
-        bare += interleave({"bare": w.train_step}, warmup, per)["bare"]
-        light += lightning_step_times(w, per, warmup)
+        class Repeat(Dataset):
+            def __len__(self):
+                return warmup + per + 1
+
+            def __getitem__(self, i):
+                return batch
+
+        module = ForecastModule(w.model, w.schedule, lr=w.spec.lr, bank=w.bank,
+                                distill_weight=w.spec.distill_weight if w.is_tmu else 0.0,
+                                bank_cache=w.cache)
+        starts: list[float] = []
+        bare_block: list[float] = []
+
+        class Clock(L.Callback):
+            def on_train_batch_start(self, *a, **k):
+                starts.append(time.perf_counter())
+
+            def on_train_batch_end(self, *a, **k):
+                t0 = time.perf_counter()
+                twin.train_step()
+                bare_block.append(time.perf_counter() - t0)
+
+        loader = torch.utils.data.DataLoader(Repeat(), batch_size=None, shuffle=False)
+        trainer = L.Trainer(max_steps=warmup + per + 1, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=[Clock()])
+        trainer.fit(module, loader)
+        w.model.train()
+        periods = [(b2 - b1 - c) * 1e3 for b1, b2, c in zip(starts[:-1], starts[1:], bare_block)]
+        light += periods[warmup:]
+        bare += [c * 1e3 for c in bare_block[:-1]][warmup:]
     b, l = median(bare), median(light)
     return {"bare_ms": round(b, 2), "lightning_ms": round(l, 2), "fixed_ms": round(l - b, 2),
-            "overhead_pct": round(100 * (l / b - 1), 2), "steps": len(bare), "blocks": blocks}
+            "overhead_pct": round(100 * (l / b - 1), 2), "steps": len(light), "blocks": blocks,
+            "lightning_ms_all": [round(x, 1) for x in light], "bare_ms_all": [round(x, 1) for x in bare]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +428,7 @@ def benchmark(spec: BenchSpec, mode: str = "both", steps: int = 10, warmup: int 
         "infer_ms_all": [round(x, 2) for x in times.get("infer", [])],
     })
     if lightning and train_ms is not None:
-        res["lightning"] = lightning_overhead(w, steps, warmup, blocks=2)
+        res["lightning"] = lightning_overhead(w, steps, warmup)
     if probes:
         p = peak_from_times(probes, extra)
         res["peak_gflops"] = p["peak_gflops"]
