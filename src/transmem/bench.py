@@ -19,14 +19,12 @@ alternating with the bare loop to report Lightning's overhead.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
 import resource
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -309,16 +307,6 @@ def memory_probe(spec: BenchSpec, kind: str = "train", steps: int = 3) -> dict:
 # Lightning overhead
 
 
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*val_dataloader.*")
-
-
 def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 1) -> dict:
     """The training step through ``ForecastModule`` + ``lightning.Trainer.fit`` (no logger,
     checkpoints or progress bar; a loader repeating ``w``'s batch) against the bare step, one of
@@ -329,9 +317,10 @@ def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 1) ->
     import lightning as L
     from torch.utils.data import Dataset
 
+    from .training.loop import quiet_lightning
     from .training.module import ForecastModule
 
-    _quiet_lightning()
+    quiet_lightning()
     twin = Workload(w.spec)
     batch = {"frames": w.frames, "index": w.index}
     per = max(1, math.ceil(steps / blocks))
