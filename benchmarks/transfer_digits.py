@@ -51,6 +51,19 @@ CROSS = {
     "cross:finetune:radar": ("finetune", {"init": "radar_mch"}),
     "cross:tmu:radar": ("transfer", {"teachers": ["radar_mch"]}),
 }
+# the search for a TMU that beats finetuning (issue 5's last step): first seed 0 of every
+# variant, then all seeds of the ones that look best
+_FT = {"teachers": ["digits1", "digits2"], "init_from": "digits2"}
+TUNING = {
+    "tune:ft-init+lambda0.01": ("transfer", {**_FT, "distill_weight": 0.01}),
+    "tune:ft-init+lambda0": ("transfer", {**_FT, "distill_weight": 0.0}),
+    "tune:ft-init+linear-decay": ("transfer", {**_FT, "distill_decay": "linear"}),
+    "tune:ft-init+all-layers": ("transfer", {**_FT, "tmu_layers": "all"}),
+    "tune:bank_read+ft-init": ("transfer", {**_FT, "mode": "bank_read"}),
+    "tune:bank_read+ft-init+own": ("transfer", {**_FT, "mode": "bank_read", "teacher_inputs": "own",
+                                                "cache_bank": "none"}),
+    "tune:distill+lambda1": ("transfer", {"teachers": ["digits1", "digits2"], "distill_weight": 1.0}),
+}
 PRETEXT = {
     "digits1": {"name": "flying_digits", "num_digits": 1},
     "digits2": {"name": "flying_digits", "num_digits": 2},
@@ -86,7 +99,7 @@ def experiment(p: dict, data: dict, steps: int, seed: int, eval_split: str = "te
 
 def jobs(p: dict, with_cross: bool) -> list[tuple[str, int]]:
     out = [(f"pretext:{n}", 0) for n in PRETEXT if with_cross or not n.startswith("radar")]
-    groups = [CORE, ABLATIONS] + ([CROSS] if with_cross else [])
+    groups = [CORE, ABLATIONS] + ([CROSS] if with_cross else []) + [TUNING]
     for g in groups:
         for seed in p["seeds"]:
             out += [(m, seed) for m in g]
@@ -94,7 +107,7 @@ def jobs(p: dict, with_cross: bool) -> list[tuple[str, int]]:
 
 
 def method_spec(name: str):
-    for g in (CORE, ABLATIONS, CROSS):
+    for g in (CORE, ABLATIONS, CROSS, TUNING):
         if name in g:
             return g[name]
     raise KeyError(name)
@@ -172,12 +185,14 @@ def execute(name: str, seed: int, p: dict, root: Path) -> None:
     os.replace(tmp, d / "result.json")
 
 
-def work(p: dict, root: Path, with_cross: bool, only: set | None) -> None:
+def work(p: dict, root: Path, with_cross: bool, only: set | None, seeds: set | None = None) -> None:
     global _COMMIT_AT_START
     _COMMIT_AT_START = commit()
     import transmem.api  # noqa: F401  (import the code now, with the commit just recorded)
     for name, seed in jobs(p, with_cross):
         if only and name not in only and not name.startswith("pretext:"):
+            continue
+        if seeds is not None and seed not in seeds and not name.startswith("pretext:"):
             continue
         d = run_dir(root, name, seed)
         if (d / "result.json").is_file() or not claim(d):
@@ -198,7 +213,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
     from transmem.viz import plot_per_frame
     methods: dict = {}
     commits = set()
-    groups = {**CORE, **ABLATIONS, **CROSS}
+    groups = {**CORE, **ABLATIONS, **CROSS, **TUNING}
     for name in groups:
         runs = []
         for seed in p["seeds"]:
@@ -284,6 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--aggregate", action="store_true", help="only collect finished runs")
     ap.add_argument("--no-cross", action="store_true", help="skip the radar cross-domain case")
     ap.add_argument("--only", help="comma-separated methods to run")
+    ap.add_argument("--seeds", help="comma-separated training seeds to run (default: the preset's)")
     ap.add_argument("--no-report", action="store_true", help="skip the HTML/GIF report")
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else args.preset
@@ -301,13 +317,15 @@ def main(argv=None) -> int:
             procs = [subprocess.Popen([sys.executable, __file__, "--preset", preset, "--root", str(root),
                                        "--workers", "1", "--json", str(out_json)]
                                       + (["--no-cross"] if not with_cross else [])
-                                      + (["--only", args.only] if args.only else []))
+                                      + (["--only", args.only] if args.only else [])
+                                      + (["--seeds", args.seeds] if args.seeds else []))
                      for _ in range(args.workers)]
             codes = [pr.wait() for pr in procs]
             if any(codes):
                 print(f"workers exited with {codes}", file=sys.stderr)
         else:
-            work(p, root, with_cross, only)
+            seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
+            work(p, root, with_cross, only, seeds)
     r = aggregate(p, root, out_json, command, report=not args.no_report)
     print(markdown(r))
     return 0

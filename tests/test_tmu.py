@@ -101,6 +101,41 @@ def test_distill_weight_zero_leaves_distillers_untrained():
             assert p.grad is None or p.grad.abs().sum() == 0
 
 
+class _AtStep(ForecastModule):
+    """A module whose global step is set by hand (no trainer)."""
+    step = 0
+
+    @property
+    def global_step(self):
+        return self.step
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_distill_decay_schedule_and_gradient(decay):
+    """lambda decays from distill_weight to 0 by the last step; while it is > 0 the distillation
+    term is in the graph and trains the distillers, at the end it no longer reaches them."""
+    model, bank = build()
+    module = _AtStep(model, SamplingSchedule(t_in=3, frames=T), bank=bank, distill_weight=0.4,
+                     distill_decay=decay, total_steps=100)
+    expect = {0: 0.4, 50: 0.2, 100: 0.0, 150: 0.0}
+    for step, lam in expect.items():
+        module.step = step
+        assert module.current_distill_weight() == pytest.approx(lam, abs=1e-9)
+    module.step = 25
+    assert module.current_distill_weight() == pytest.approx(0.3 if decay == "linear" else 0.4 * (0.5 + 0.5 * 2 ** -0.5))
+    for step, reaches in [(0, True), (100, False)]:
+        module.step = step
+        model.zero_grad()
+        loss, pred_loss, distill = module.compute_loss({"frames": clip()})
+        assert torch.isclose(loss, pred_loss + module.current_distill_weight() * distill)
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if ".distill." in n]
+        got = any(g is not None and g.abs().sum() > 0 for g in grads)
+        assert got == reaches
+    with pytest.raises(ValueError, match="distill_decay"):
+        ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, distill_decay="step")
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
 def test_any_number_of_teachers(n, backbone):

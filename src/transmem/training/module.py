@@ -6,6 +6,8 @@ an optional L1 term) and, for a TMU with a bank, the distillation term, which is
 """
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,8 @@ class WeightedMean(Metric):
 class ForecastModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, schedule: SamplingSchedule, lr: float = 1e-3,
                  bank=None, distill_weight: float = 0.0, bank_cache=None,
-                 reverse_prob: float = 0.0, l1_weight: float = 0.0, seed: int = 0):
+                 reverse_prob: float = 0.0, l1_weight: float = 0.0, seed: int = 0,
+                 distill_decay: str = "none", total_steps: int = 0):
         super().__init__()
         self.model = model
         self.bank = bank
@@ -60,6 +63,12 @@ class ForecastModule(L.LightningModule):
         self.schedule = schedule
         self.lr = lr
         self.distill_weight = distill_weight
+        if distill_decay not in ("none", "linear", "cosine"):
+            raise ValueError(f"distill_decay must be 'none', 'linear' or 'cosine', got '{distill_decay}'")
+        if distill_decay != "none" and total_steps <= 0:
+            raise ValueError("a decaying distillation weight needs the number of training steps")
+        self.distill_decay = distill_decay
+        self.total_steps = total_steps
         self.reverse_prob = reverse_prob
         self.l1_weight = l1_weight
         self.t_in = schedule.t_in
@@ -114,6 +123,16 @@ class ForecastModule(L.LightningModule):
         mask = self.schedule.mask(self.global_step, world * b, None, g)[rank::world].to(frames.device)
         return frames, valid, mask
 
+    def current_distill_weight(self) -> float:
+        """lambda at this step. A decay lets the teachers shape the memory early and leaves the
+        last part of the budget to the target's own loss."""
+        if self.distill_decay == "none":
+            return self.distill_weight
+        frac = min(self.global_step / self.total_steps, 1.0)
+        if self.distill_decay == "linear":
+            return self.distill_weight * (1.0 - frac)
+        return self.distill_weight * 0.5 * (1.0 + math.cos(math.pi * frac))
+
     def get_bank(self, batch, frames, mask):
         if self.bank is None:
             return None
@@ -142,8 +161,9 @@ class ForecastModule(L.LightningModule):
         if self.l1_weight:
             pred_loss = pred_loss + self.l1_weight * masked_l1(preds, target, tvalid)
         loss = pred_loss
-        if distill is not None and self.distill_weight > 0:
-            loss = loss + self.distill_weight * distill
+        weight = self.current_distill_weight()
+        if distill is not None and weight > 0:
+            loss = loss + weight * distill
         return loss, pred_loss, distill
 
     def training_step(self, batch, batch_idx):
@@ -156,6 +176,7 @@ class ForecastModule(L.LightningModule):
         self.log("train/mse", pred_loss)
         if distill is not None:
             self.log("train/distill", distill, prog_bar=True)
+            self.log("train/lambda", self.current_distill_weight())
         return loss
 
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
