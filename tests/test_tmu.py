@@ -136,6 +136,40 @@ def test_distill_decay_schedule_and_gradient(decay):
         ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, distill_decay="step")
 
 
+def test_distill_span_input_uses_only_input_steps():
+    """distill_span "input": teacher states after T_in do not enter the loss, those before do,
+    and the distillers still get the gradient."""
+    model, bank = build()
+    x = clip()
+    states = bank(x)
+    module = ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, distill_weight=1.0,
+                            distill_span="input")
+    assert module.distill_until == 3
+
+    def loss_with(states):
+        _, aux = model(x, bank=states, return_aux=True, distill_until=module.distill_until)
+        return aux["distill_loss"]
+
+    base = loss_with(states)
+    late = [{l: s.clone() for l, s in src.items()} for src in states]
+    early = [{l: s.clone() for l, s in src.items()} for src in states]
+    for src_late, src_early in zip(late, early):
+        for l in src_late:
+            src_late[l][:, 3:] += 5.0
+            src_early[l][:, :3] += 5.0
+    assert torch.equal(loss_with(late), base)
+    assert loss_with(early) > base + 1.0
+    _, aux = model(x, bank=states, return_aux=True)
+    assert not torch.isclose(aux["distill_loss"], base)  # every step differs from input steps only
+    model.zero_grad()
+    base.backward()
+    for name, p in model.named_parameters():
+        if ".distill." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="distill_span"):
+        ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, distill_span="late")
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
 def test_any_number_of_teachers(n, backbone):

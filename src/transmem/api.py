@@ -124,7 +124,8 @@ def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
     return ForecastModule(model, schedule_for(exp), lr=t.lr, bank=bank,
                           distill_weight=exp.transfer.distill_weight if bank is not None else 0.0,
                           bank_cache=cache, reverse_prob=t.reverse_time_prob, l1_weight=t.l1_weight,
-                          seed=t.seed, distill_decay=exp.transfer.distill_decay, total_steps=t.steps)
+                          seed=t.seed, distill_decay=exp.transfer.distill_decay, total_steps=t.steps,
+                          distill_span=exp.transfer.distill_span)
 
 
 def _card(exp: Experiment, model, metrics: dict, wall_s: float, kind: str, extra=None) -> dict:

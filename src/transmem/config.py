@@ -51,6 +51,7 @@ class TransferConfig:
     teachers: list = field(default_factory=list)  # zoo entries (folders or names in the zoo root)
     distill_weight: float = 0.1       # lambda in L = L_pred + lambda * L_distill (must be > 0 to transfer)
     distill_decay: str = "none"       # none | linear | cosine: lambda falls to 0 by the last step
+    distill_span: str = "all"         # all | input: distill at every step or only while both read inputs
     mode: str = "distill"             # distill | bank_read
     tmu_layers: Any = "bottom"        # bottom | all | top | [layer, ...]
     gates: bool = True

@@ -249,11 +249,12 @@ class TMUModel(nn.Module):
         return len(self.config.source_names)
 
     def forward(self, frames, sampling_mask=None, return_memory=False, t_in=None, bank=None,
-                return_aux=False, record_maps=False):
+                return_aux=False, record_maps=False, distill_until: int | None = None):
         """``bank``: list over sources of {layer: (B, T-1, C_n, h, w)} adapted teacher states.
         With a bank, ``aux["distill_loss"]`` is the mean squared distance between every distilled
         memory and its teacher state, averaged over sources, TMU layers and steps (in the graph).
-        ``record_maps`` stores per-step gate and source-weight maps in ``aux["maps"]``."""
+        ``record_maps`` stores per-step gate and source-weight maps in ``aux["maps"]``.
+        ``distill_until``: only steps t < distill_until add distillation terms."""
         if self.config.mode == "bank_read" and bank is None:
             raise ValueError("TMU in bank_read mode needs the teachers' memory bank at every call")
         maps: dict[int, list] = {l: [] for l in self.layers}
@@ -278,7 +279,8 @@ class TMUModel(nn.Module):
                 return mem
             w = None
             # L_distill terms MSE(D_n(M), S_n) per step, layer and source (only when returned)
-            targets = [bank[n][l][:, t] for n in range(tr.n)] if bank is not None and return_aux else []
+            wanted = bank is not None and return_aux and (distill_until is None or t < distill_until)
+            targets = [bank[n][l][:, t] for n in range(tr.n)] if wanted else []
             if fast[l]:
                 out, loss_t, g = tr.step_fast(mem, x_in, h_prev, *prep[l], record_maps, targets)
                 if loss_t is not None:

@@ -55,7 +55,7 @@ class ForecastModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, schedule: SamplingSchedule, lr: float = 1e-3,
                  bank=None, distill_weight: float = 0.0, bank_cache=None,
                  reverse_prob: float = 0.0, l1_weight: float = 0.0, seed: int = 0,
-                 distill_decay: str = "none", total_steps: int = 0):
+                 distill_decay: str = "none", total_steps: int = 0, distill_span: str = "all"):
         super().__init__()
         self.model = model
         self.bank = bank
@@ -68,6 +68,12 @@ class ForecastModule(L.LightningModule):
         if distill_decay != "none" and total_steps <= 0:
             raise ValueError("a decaying distillation weight needs the number of training steps")
         self.distill_decay = distill_decay
+        if distill_span not in ("all", "input"):
+            raise ValueError(f"distill_span must be 'all' or 'input', got '{distill_span}'")
+        # "input": only the steps that read input frames (t < T_in), where a ground_truth teacher
+        # knows nothing the target could not know; later teacher states have seen true frames
+        # that the target (once scheduled sampling ends) only predicts
+        self.distill_until = schedule.t_in if distill_span == "input" else None
         self.total_steps = total_steps
         self.reverse_prob = reverse_prob
         self.l1_weight = l1_weight
@@ -153,7 +159,7 @@ class ForecastModule(L.LightningModule):
         distill = None
         if self.is_tmu:
             bank = self.get_bank(batch, frames, mask)
-            preds, aux = self.model(frames, mask, bank=bank, return_aux=True)
+            preds, aux = self.model(frames, mask, bank=bank, return_aux=True, distill_until=self.distill_until)
             distill = aux["distill_loss"]
         else:
             preds = self.model(frames, mask)
