@@ -350,7 +350,9 @@ def main(argv=None) -> int:
     root = Path(args.root or REPO / "runs" / f"bench-transfer-{preset}")
     out_json = Path(args.json or HERE / "results" / ("transfer_digits.json" if preset == "cpu"
                                                       else f"transfer_digits_{preset}.json"))
-    command = "python benchmarks/transfer_digits.py " + " ".join(a for a in (argv or sys.argv[1:]))
+    # the command that reproduces the runs (it aggregates at the end); paths and --aggregate aside
+    command = f"python benchmarks/transfer_digits.py --preset {preset} --workers 2" + \
+        (f" --only {args.only}" if args.only else "")
     if not args.aggregate:
         only = set(args.only.split(",")) if args.only else None
         if args.workers > 1:

@@ -303,3 +303,12 @@ def test_gates_off_is_a_plain_sum():
     x = clip()
     y, aux = model(x, bank=bank(x), return_aux=True)
     assert torch.isfinite(y).all() and aux["distill_loss"] > 0
+
+
+def test_bank_read_with_ground_truth_teachers_is_flagged():
+    from transmem.api import transfer_caveats
+    from transmem.config import TransferConfig
+    assert transfer_caveats(TransferConfig()) == []
+    assert transfer_caveats(TransferConfig(mode="bank_read", teacher_inputs="own")) == []
+    (msg,) = transfer_caveats(TransferConfig(mode="bank_read"))
+    assert "teacher_inputs own" in msg and "\n" not in msg

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -230,9 +231,21 @@ def build_transfer(exp: Experiment, teachers: list | None = None):
     return model, bank, teachers_card
 
 
+def transfer_caveats(tr) -> list[str]:
+    """Settings that train but are known to mislead (each a one-line message)."""
+    out = []
+    if tr.mode == "bank_read" and tr.teacher_inputs == "ground_truth":
+        out.append("bank_read with teacher_inputs ground_truth: in training the teachers read true "
+                   "frames that the target only predicts, at test time they roll out on their own; "
+                   "the benchmark found this mismatch costly, prefer --transfer.teacher_inputs own")
+    return out
+
+
 def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=None, zoo_root=None,
                  datasets=None) -> dict:
     out = prepare_run_dir(out, resume)
+    for msg in transfer_caveats(exp.transfer):
+        warnings.warn(msg, stacklevel=2)
     datasets = datasets or _check_data(exp)
     model, bank, teachers_card = build_transfer(exp, teachers)
     if teachers is not None:
