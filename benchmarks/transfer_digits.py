@@ -68,6 +68,7 @@ SCREEN = {
     "tune:ft-init+all-layers": ("transfer", {**_FT, "tmu_layers": "all"}),
     "tune:distill+lambda1": ("transfer", {"teachers": ["digits1", "digits2"], "distill_weight": 1.0}),
 }
+ALL_METHODS = {**CORE, **ABLATIONS, **CROSS, **TUNING, **SCREEN}
 PRETEXT = {
     "digits1": {"name": "flying_digits", "num_digits": 1},
     "digits2": {"name": "flying_digits", "num_digits": 2},
@@ -119,13 +120,6 @@ def jobs(p: dict, with_cross: bool) -> list[tuple[str, int]]:
     return out
 
 
-def method_spec(name: str):
-    for g in (CORE, ABLATIONS, CROSS, TUNING, SCREEN):
-        if name in g:
-            return g[name]
-    raise KeyError(name)
-
-
 def run_dir(root: Path, name: str, seed: int) -> Path:
     safe = name.replace(":", "-").replace("+", "-")
     return root / "runs" / safe / f"seed{seed}"
@@ -175,7 +169,7 @@ def execute(name: str, seed: int, p: dict, root: Path) -> None:
             exp.train.val_every = 0  # three events only: no selection, train to the end
         api.run_train(exp, d / "run", zoo_name=key, zoo_root=zoo, kind="pretrain")
     else:
-        kind, s = method_spec(name)
+        kind, s = ALL_METHODS[name]
         exp = experiment(p, {"name": "flying_digits", "num_digits": 3}, p["target_steps"], seed)
         if kind == "scratch":
             api.run_train(exp, d / "run", kind="scratch")
@@ -203,9 +197,8 @@ def work(p: dict, root: Path, with_cross: bool, only: set | None, seeds: set | N
     _COMMIT_AT_START = commit()
     import transmem.api  # noqa: F401  (import the code now, with the commit just recorded)
     for name, seed in jobs(p, with_cross):
-        if only and name not in only and not name.startswith("pretext:"):
-            continue
-        if seeds is not None and seed not in seeds and not name.startswith("pretext:"):
+        skipped = (only and name not in only) or (seeds is not None and seed not in seeds)
+        if skipped and not name.startswith("pretext:"):  # the zoo is always needed
             continue
         d = run_dir(root, name, seed)
         if (d / "result.json").is_file() or not claim(d):
@@ -229,8 +222,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
     from transmem.viz import plot_per_frame
     methods: dict = {}
     commits = set()
-    groups = {**CORE, **ABLATIONS, **CROSS, **TUNING, **SCREEN}
-    for name in groups:
+    for name in ALL_METHODS:
         runs = []
         for seed in p["seeds"]:
             f = run_dir(root, name, seed) / "result.json"
@@ -277,10 +269,10 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
     out_json.write_text(json.dumps(result, indent=2))
     if methods:
         # the core rows and the tuned variants that have every seed (all rows would be unreadable)
-        shown = {m: v["mse_per_frame"] for m, v in methods.items()
-                 if m in CORE or (m in TUNING and v["seeds_done"] == len(p["seeds"]))}
-        plot_per_frame(out_json.with_suffix(".png"), shown or {m: v["mse_per_frame"] for m, v in methods.items()},
-                       "MSE per frame (sum over pixels)")
+        curves = {m: v["mse_per_frame"] for m, v in methods.items()}
+        shown = {m: c for m, c in curves.items()
+                 if m in CORE or (m in TUNING and methods[m]["seeds_done"] == len(p["seeds"]))}
+        plot_per_frame(out_json.with_suffix(".png"), shown or curves, "MSE per frame (sum over pixels)")
     out_json.with_suffix(".md").write_text(markdown(result))
     if methods and report:
         write_bench_report(p, root, out_json, result)
