@@ -92,6 +92,17 @@ def test_unknown_key_and_existing_run_folder(tmp_path, cfg, capsys):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["precious.txt"]
 
 
+@pytest.mark.parametrize("key, value", [("transfer.distill_decay", "step"), ("transfer.distill_span", "late"),
+                                        ("transfer.mode", "read"), ("train.schedule", "cosine")])
+def test_a_value_outside_a_settings_choices_is_refused_before_the_run_folder(tmp_path, cfg, capsys, key, value):
+    out = tmp_path / "r"
+    assert run("transfer", "--config", cfg, "--out", out, "--teachers", tmp_path / "none",
+               f"--{key}", value) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and key in err and value in err and "expected one of" in err
+    assert not out.exists()
+
+
 def test_bad_data_file_gives_one_line_error_and_nonzero_exit(tmp_path, cfg):
     bad = tmp_path / "clips.npy"
     np.save(bad, np.zeros((4, 16, 16), dtype=np.float64) + 7)  # wrong ndim and range

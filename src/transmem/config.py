@@ -115,6 +115,18 @@ def _coerce(value: Any, like: Any, key: str) -> Any:
     return value
 
 
+# settings with a fixed set of values, checked when the config is read (before any run folder)
+_CHOICES = {
+    "train.schedule": ("linear", "reverse", "none"),
+    "transfer.distill_decay": ("none", "linear", "cosine"),
+    "transfer.distill_span": ("all", "input"),
+    "transfer.mode": ("distill", "bank_read"),
+    "transfer.weighting": ("none", "softmax"),
+    "transfer.teacher_inputs": ("ground_truth", "own"),
+    "transfer.cache_bank": ("memory", "disk", "none"),
+}
+
+
 def _section(cls, data: dict, name: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -122,6 +134,10 @@ def _section(cls, data: dict, name: str):
         raise ConfigError(f"unknown keys in '{name}': {unknown}; known: {sorted(known)}")
     default = cls()
     kw = {k: _coerce(v, getattr(default, k), f"{name}.{k}") for k, v in data.items()}
+    for k, v in kw.items():
+        allowed = _CHOICES.get(f"{name}.{k}")
+        if allowed and v not in allowed:
+            raise ConfigError(f"{name}.{k}: expected one of {', '.join(allowed)}, got {v!r}")
     if cls is DataConfig and "split" in kw:
         kw["split"] = tuple(kw["split"])
     return cls(**kw)
