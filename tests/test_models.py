@@ -111,3 +111,43 @@ def test_gradients_reach_every_parameter(name):
     ((y - x[:, 1:]) ** 2).mean().backward()
     for n, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("with_o", [True, False])
+@pytest.mark.parametrize("first", [True, False])
+def test_fused_lstm_memory_matches_its_formula_and_passes_gradcheck(with_o, first):
+    from transmem.models.base import lstm_memory
+    torch.manual_seed(0)
+    hd = 3
+    pre = torch.randn(2, (4 if with_o else 3) * hd, 4, 5, dtype=torch.double, requires_grad=True)
+    c_prev = None if first else torch.randn(2, hd, 4, 5, dtype=torch.double, requires_grad=True)
+    out = lstm_memory(pre, c_prev, with_o)
+    c = out[0] if with_o else out
+    want = torch.sigmoid(pre[:, :hd]) * torch.tanh(pre[:, 2 * hd: 3 * hd])
+    if not first:
+        want = want + torch.sigmoid(pre[:, hd: 2 * hd]) * c_prev
+    assert torch.allclose(c, want, atol=1e-12)
+    if with_o:
+        assert torch.allclose(out[1], torch.sigmoid(pre[:, 3 * hd:]))
+    inputs = (pre,) if first else (pre, c_prev)
+    fn = (lambda *a: lstm_memory(a[0], None if first else a[1], with_o))
+    assert torch.autograd.gradcheck(fn, inputs)
+    if first:  # the forget gate reads a zero memory: its pre-activation gets no gradient
+        out_c = lstm_memory(pre, None, with_o)
+        (out_c[0] if with_o else out_c).sum().backward()
+        assert pre.grad[:, hd: 2 * hd].abs().max() == 0
+        assert pre.grad[:, :hd].abs().max() > 0
+
+
+def test_gated_tanh_and_pointwise_conv_match_torch():
+    from transmem.models.base import gated_tanh, pointwise_conv
+    torch.manual_seed(0)
+    o = torch.rand(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    c = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    assert torch.allclose(gated_tanh(o, c), o * torch.tanh(c))
+    assert torch.autograd.gradcheck(gated_tanh, (o, c))
+    x = torch.randn(2, 5, 3, 4, dtype=torch.double, requires_grad=True)
+    w = torch.randn(6, 5, 1, 1, dtype=torch.double, requires_grad=True)
+    b = torch.randn(6, dtype=torch.double, requires_grad=True)
+    assert torch.allclose(pointwise_conv(x, w, b), torch.nn.functional.conv2d(x, w, b))
+    assert torch.autograd.gradcheck(pointwise_conv, (x, w, b))

@@ -312,3 +312,61 @@ def test_bank_read_with_ground_truth_teachers_is_flagged():
     assert transfer_caveats(TransferConfig(mode="bank_read", teacher_inputs="own")) == []
     (msg,) = transfer_caveats(TransferConfig(mode="bank_read"))
     assert "teacher_inputs own" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("backbone,layers,kernel,n", [
+    ("convlstm", "bottom", 1, 2), ("convlstm", "all", 3, 1), ("predrnn", "bottom", 1, 3),
+    ("predrnn", "all", 3, 2)])
+def test_fused_fast_path_matches_plain_autograd(backbone, layers, kernel, n, monkeypatch):
+    """The default configuration runs one fused autograd node per step (folded projection,
+    1x1 convolutions as matmuls, [x, h] shared with the backbone). Outputs, the distillation
+    loss and every gradient must equal those of the plain per-op path."""
+    from transmem.models import tmu as tmu_mod
+    torch.manual_seed(0)
+    cfg = dict(num_layers=2, hidden=6, filter_size=3, patch_size=4)
+    model = create_model("tmu", backbone=backbone, backbone_config=cfg,
+                         source_names=[f"s{i}" for i in range(n)], source_channels=[6, 4, 5][:n],
+                         tmu_layers=layers, distiller_kernel=kernel, gate_kernel=kernel)
+    for p in model.parameters():  # random projections: the transfer path must matter
+        torch.nn.init.normal_(p, std=0.3)
+    lay = [0] if layers == "bottom" else [0, 1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, T, 1, SIZE, SIZE, generator=g)
+    mask = (torch.rand(2, T - 1, generator=g) > 0.5).float()
+    bank = [{l: torch.randn(2, T - 1, c, 4, 4, generator=g) for l in lay} for c in [6, 4, 5][:n]]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out, aux = model(x, mask, bank=bank, return_aux=True)
+        (out.square().mean() + aux["distill_loss"]).backward()
+        return out.detach(), aux["distill_loss"].detach(), [p.grad.clone() for p in model.parameters()]
+
+    assert all(model.transfer[str(l)].fast for l in lay)
+    fast = run()
+    monkeypatch.setattr(tmu_mod._LayerTransfer, "fast", property(lambda self: False))
+    plain = run()
+    assert torch.allclose(fast[0], plain[0], atol=1e-5)
+    assert torch.allclose(fast[1], plain[1], rtol=1e-5)
+    for a, b in zip(fast[2], plain[2]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()))
+    assert fast[2][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_distill_mix_node_passes_gradcheck(joined):
+    from transmem.models.tmu import _DistillMixFn
+    torch.manual_seed(0)
+    dd = dict(dtype=torch.double, requires_grad=True)
+    hidden, src = 3, (3, 2)
+    mem, x, h = torch.randn(2, hidden, 3, 3, **dd), torch.randn(2, 2, 3, 3, **dd), torch.randn(2, hidden, 3, 3, **dd)
+    w, b = torch.randn(sum(src) + 2 * hidden, hidden, 1, 1, **dd), torch.randn(sum(src) + 2 * hidden, **dd)
+    wg, bg = torch.randn(2 * hidden, 2 + hidden, 1, 1, **dd), torch.randn(2 * hidden, **dd)
+    targets = [torch.randn(2, c, 3, 3, dtype=torch.double) for c in src]
+    conf = (2, hidden, src, 0, 0)
+    if joined:
+        fn = lambda m, xh, *p: _DistillMixFn.apply(m, xh, None, None, *p, conf, *targets)
+        args = (mem, torch.cat([x, h], 1).detach().requires_grad_(), w, b, wg, bg)
+    else:
+        fn = lambda m, xi, hp, *p: _DistillMixFn.apply(m, None, xi, hp, *p, conf, *targets)
+        args = (mem, x, h, w, b, wg, bg)
+    assert torch.autograd.gradcheck(fn, args)

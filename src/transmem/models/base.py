@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-# hook(layer, t, memory, x_in, h_prev) -> memory to carry
+# hook(layer, t, memory, x_in, h_prev) -> memory to carry. A backbone that has [x_in, h_prev]
+# concatenated at hand may pass the two as views of it (a hook can then read it without a copy).
 MemoryHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -49,6 +50,17 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, t, c, h * p, w * p)
 
 
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """A 1x1 convolution as a batched matmul over positions. Why: oneDNN reorders the input and
+    output of a 1x1 convolution to its blocked layout and back at every call, which on the small
+    grids of these models costs several times the arithmetic."""
+    n, _, hh, ww = x.shape
+    w2 = weight.flatten(1).expand(n, -1, -1)
+    xf = x.flatten(2)
+    y = torch.bmm(w2, xf) if bias is None else torch.baddbmm(bias[None, :, None], w2, xf)
+    return y.view(n, weight.shape[0], hh, ww)
+
+
 class _CPUTanh(torch.autograd.Function):
     """tanh as 2*sigmoid(2x) - 1; like torch.tanh it keeps only its output for backward."""
 
@@ -72,6 +84,83 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _CPUTanh.apply(x)
     return torch.sigmoid(x * 2).mul_(2).sub_(1)
+
+
+class _LSTMMemoryFn(torch.autograd.Function):
+    """The LSTM memory update from gate pre-activations ``pre = [i, f, g(, o)]`` as one autograd
+    node: ``c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g)``, and ``sigmoid(o)`` when ``with_o``.
+    Why: built from slices and pointwise ops, autograd's backward makes a zero-filled gradient
+    of the whole of ``pre`` for every slice and adds them up; here the gradient of ``pre`` is
+    written once, block by block. ``c_prev=None`` means zeros (the first step)."""
+
+    @staticmethod
+    def forward(ctx, pre, c_prev, with_o: bool):
+        hd = pre.shape[1] // (4 if with_o else 3)
+        act = torch.sigmoid(pre[:, : 2 * hd])                # i, f
+        g = tanh(pre[:, 2 * hd: 3 * hd])  # (forward runs without grad: no _CPUTanh node)
+        c = act[:, :hd] * g
+        if c_prev is not None:
+            c.addcmul_(act[:, hd:], c_prev)
+        o = torch.sigmoid(pre[:, 3 * hd:]) if with_o else None
+        ctx.save_for_backward(act, g, c_prev, o)
+        ctx.set_materialize_grads(False)
+        return (c, o) if with_o else c
+
+    @staticmethod
+    def backward(ctx, g_c, g_o=None):
+        act, g, c_prev, o = ctx.saved_tensors
+        hd = g.shape[1]
+        d = act.new_empty(act.shape[0], (4 if o is not None else 3) * hd, *act.shape[2:])
+        g_c_prev = None
+        if g_c is None:
+            d[:, : 3 * hd].zero_()
+        else:
+            torch.mul(g_c, g, out=d[:, :hd])                     # dL/d sigmoid(i)
+            if c_prev is None:
+                d[:, hd: 2 * hd].zero_()
+            else:
+                torch.mul(g_c, c_prev, out=d[:, hd: 2 * hd])     # dL/d sigmoid(f)
+                if ctx.needs_input_grad[1]:
+                    g_c_prev = g_c * act[:, hd:]
+            torch.mul(g_c, act[:, :hd], out=d[:, 2 * hd: 3 * hd])  # dL/d tanh(g)
+            ifg = d[:, : 2 * hd]
+            torch.ops.aten.sigmoid_backward.grad_input(ifg, act, grad_input=ifg)
+            gg = d[:, 2 * hd: 3 * hd]
+            torch.ops.aten.tanh_backward.grad_input(gg, g, grad_input=gg)
+        if o is not None:
+            if g_o is None:
+                d[:, 3 * hd:].zero_()
+            else:
+                torch.ops.aten.sigmoid_backward.grad_input(g_o, o, grad_input=d[:, 3 * hd:])
+        return d, g_c_prev, None
+
+
+class _GatedTanhFn(torch.autograd.Function):
+    """``h = o * tanh(c)`` as one autograd node (it keeps o and tanh(c), as autograd would)."""
+
+    @staticmethod
+    def forward(ctx, o, c):
+        tc = tanh(c)
+        ctx.save_for_backward(o, tc)
+        return o * tc
+
+    @staticmethod
+    def backward(ctx, g_h):
+        o, tc = ctx.saved_tensors
+        g_o = g_h * tc if ctx.needs_input_grad[0] else None
+        g_c = torch.ops.aten.tanh_backward(g_h * o, tc) if ctx.needs_input_grad[1] else None
+        return g_o, g_c
+
+
+def lstm_memory(pre: torch.Tensor, c_prev: torch.Tensor | None, with_o: bool = False):
+    """``c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g)`` from ``pre = [i, f, g]`` (channel
+    blocks); with ``with_o``, ``pre = [i, f, g, o]`` and ``(c, sigmoid(o))`` is returned."""
+    return _LSTMMemoryFn.apply(pre, c_prev, with_o)
+
+
+def gated_tanh(o: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``o * tanh(c)``, the LSTM's hidden state from its output gate and memory."""
+    return _GatedTanhFn.apply(o, c)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:

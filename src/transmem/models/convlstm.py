@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneConfig, PredictiveRNN, make_norm, tanh
+from .base import BackboneConfig, PredictiveRNN, gated_tanh, lstm_memory, make_norm, pointwise_conv
 from .registry import register_model
 
 
@@ -43,21 +43,18 @@ class ConvLSTMCell(nn.Module):
         return gates + self._forget[None, :, None, None]
 
     def forward(self, x, h, c, hook=None, first: bool = False):
-        hd = self.hidden
-        if first:  # h = 0: its half of the fused convolution contributes nothing
+        if first:  # h = 0: its half of the fused convolution contributes nothing; c = 0 too
             gates = self._gates(x, self.conv.weight[:, : x.shape[1]])
+            c = None
         else:
-            gates = self._gates(torch.cat([x, h], 1), self.conv.weight)
-        g = tanh(gates[:, 2 * hd: 3 * hd])
-        if first:  # c = 0: c' = sigmoid(i) * tanh(g)
-            c = torch.sigmoid(gates[:, :hd]) * g
-        else:  # c' = sigmoid(f) * c + sigmoid(i) * tanh(g), i and f in one pass
-            s = torch.sigmoid(gates[:, : 2 * hd])
-            c = torch.addcmul(s[:, hd:] * c, s[:, :hd], g)
+            xh = torch.cat([x, h], 1)
+            gates = self._gates(xh, self.conv.weight)
+            if hook is not None:  # the hook reads x and h as views of [x, h] (see MemoryHook)
+                x, h = xh[:, : x.shape[1]], xh[:, x.shape[1]:]
+        c, o = lstm_memory(gates, c, with_o=True)  # c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
         if hook is not None:
             c = hook(c, x, h)
-        h = torch.sigmoid(gates[:, 3 * hd:]) * tanh(c)
-        return h, c
+        return gated_tanh(o, c), c
 
 
 @register_model("convlstm")
@@ -94,4 +91,4 @@ class ConvLSTM(PredictiveRNN):
             new_state.append((h, c))
             memories.append(c)
             inp = h
-        return (self.head(inp) if depth is None else None), new_state, memories
+        return (pointwise_conv(inp, self.head.weight) if depth is None else None), new_state, memories

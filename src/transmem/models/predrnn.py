@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneConfig, PredictiveRNN, make_norm, tanh
+from .base import BackboneConfig, PredictiveRNN, gated_tanh, lstm_memory, make_norm, pointwise_conv
 from .registry import register_model
 
 
@@ -59,23 +59,14 @@ class STLSTMCell(nn.Module):
         xg = self._x_gates(x)                                  # i, f, g, i', f', g', o from x
         hg = self._zero_or_conv(self.conv_h, h, h_zero)        # i, f, g, o from h
         mg = self._zero_or_conv(self.conv_m, m, m_zero)        # i', f', g' from m
-        t = xg[:, : 3 * hd] + hg[:, : 3 * hd]
-        s = torch.sigmoid(t[:, : 2 * hd])
-        if h_zero:  # first step: the previous c is zero as well as h
-            c = s[:, :hd] * tanh(t[:, 2 * hd:])
-        else:
-            c = torch.addcmul(s[:, hd:] * c, s[:, :hd], tanh(t[:, 2 * hd:]))
+        # c' = sigmoid(f) * c + sigmoid(i) * tanh(g), and m' alike from the x/m gates
+        c = lstm_memory(xg[:, : 3 * hd] + hg[:, : 3 * hd], None if h_zero else c)
         if hook is not None:
             c = hook(c, x, h)
-        u = xg[:, 3 * hd: 6 * hd] + mg
-        r = torch.sigmoid(u[:, : 2 * hd])
-        if m_zero:
-            m = r[:, :hd] * tanh(u[:, 2 * hd:])
-        else:
-            m = torch.addcmul(r[:, hd:] * m, r[:, :hd], tanh(u[:, 2 * hd:]))
+        m = lstm_memory(xg[:, 3 * hd: 6 * hd] + mg, None if m_zero else m)
         mem = torch.cat([c, m], 1)
         o = torch.sigmoid(xg[:, 6 * hd:] + hg[:, 3 * hd:] + self.conv_o(mem))
-        h = o * tanh(self.conv_last(mem))
+        h = gated_tanh(o, pointwise_conv(mem, self.conv_last.weight, self.conv_last.bias))
         return h, c, m
 
 
@@ -110,5 +101,5 @@ class PredRNN(PredictiveRNN):
             new_hc.append((h, c))
             memories.append(c)
             inp = h
-        frame = self.head(inp) if depth is None else None
+        frame = pointwise_conv(inp, self.head.weight) if depth is None else None
         return frame, {"hc": new_hc, "m": m}, memories

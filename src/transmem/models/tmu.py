@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import make_norm
+from .base import make_norm, pointwise_conv
 from .registry import create_model, register_model
 
 
@@ -56,17 +56,78 @@ def resolve_layers(spec, num_layers: int) -> list[int]:
     return layers
 
 
+def _conv(x, w, b, pad: int):
+    """A convolution of the TMU; a 1x1 one as a batched matmul (see :func:`pointwise_conv`)."""
+    if w.shape[-1] != 1:
+        return F.conv2d(x, w, b, padding=pad)
+    return pointwise_conv(x, w, b)
+
+
+def _conv_backward(g_y, x, w, pad: int, need):
+    """(grad x, grad w, grad b) of :func:`_conv`, each only where ``need`` says."""
+    if w.shape[-1] != 1:
+        return torch.ops.aten.convolution_backward(g_y, x, w, [w.shape[0]], [1, 1], [pad, pad],
+                                                   [1, 1], False, [0, 0], 1, list(need))
+    gf, xf = g_y.flatten(2), x.flatten(2)
+    g_x = torch.bmm(w.flatten(1).t().expand(x.shape[0], -1, -1), gf).view_as(x) if need[0] else None
+    g_w = torch.bmm(gf, xf.transpose(1, 2)).sum(0).view_as(w) if need[1] else None
+    g_b = gf.sum((0, 2)) if need[2] else None
+    return g_x, g_w, g_b
+
+
+def _joined(x_in, h_prev):
+    """[x, h] when the backbone passed x and h as views of it (see MemoryHook), else None."""
+    base = x_in._base
+    if base is None or h_prev._base is not base or base.dim() != 4:
+        return None
+    cx = x_in.shape[1]
+    if (base.shape[1] != cx + h_prev.shape[1] or x_in.storage_offset() != base.storage_offset()
+            or h_prev.storage_offset() != base.storage_offset() + cx * base.stride(1)):
+        return None
+    return base
+
+
+def _gate_pre(x_in, h_prev, wg, bg, pad: int, xh=None):
+    """G([x, h]), from ``xh = [x, h]`` when given; with a 1x1 gate and no ``xh``, the x and h
+    halves of the weight are applied one after the other, so that [x, h] is never built."""
+    if xh is not None:
+        return _conv(xh, wg, bg, pad)
+    if wg.shape[-1] != 1:
+        return F.conv2d(torch.cat([x_in, h_prev], 1), wg, bg, padding=pad)
+    n, cx = x_in.shape[:2]
+    w2 = wg.flatten(1)
+    z = torch.baddbmm(bg[None, :, None], w2[:, :cx].expand(n, -1, -1), x_in.flatten(2))
+    z = z.baddbmm_(w2[:, cx:].expand(n, -1, -1), h_prev.flatten(2))
+    return z.view(n, wg.shape[0], *x_in.shape[2:])
+
+
+def _gate_pre_backward(g_z, x_in, h_prev, wg, pad: int, need):
+    """(grad x, grad h, grad weight, grad bias) of :func:`_gate_pre` where ``need`` says."""
+    want_xh = need[0] or need[1]
+    cx = x_in.shape[1]
+    if wg.shape[-1] != 1:
+        g_xh, g_w, g_b = _conv_backward(g_z, torch.cat([x_in, h_prev], 1), wg, pad,
+                                        (want_xh, need[2], need[3]))
+        g_x, g_h = g_xh.split([cx, h_prev.shape[1]], 1) if want_xh else (None, None)
+    else:
+        g_x, g_wx, g_b = _conv_backward(g_z, x_in, wg[:, :cx], 0, (need[0], need[2], need[3]))
+        g_h, g_wh, _ = _conv_backward(g_z, h_prev, wg[:, cx:], 0, (need[1], need[2], False))
+        g_w = torch.cat([g_wx, g_wh], 1) if need[2] else None
+    return (g_x if need[0] else None), (g_h if need[1] else None), g_w, g_b
+
+
 def _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n: int, hidden: int, sum_c: int,
-                 pad: int, pad_g: int):
+                 pad: int, pad_g: int, xh=None):
     """One TMU step of the default configuration (distill mode, gates, no softmax weighting,
     linear distiller) without autograd: ``[d | c] = conv(M)`` in one convolution whose second
     block is the projection folded into the distiller (c = P(D(M))), ``g = sigmoid(G([x, h]))``,
-    ``M' = M + sum_n g_n * c_n``. Returns (M', d, c, g)."""
-    y = F.conv2d(mem, w, b, padding=pad)
+    ``M' = M + sum_n g_n * c_n``. ``xh``: [x, h] when at hand. Returns (M', d, c, g); under
+    autograd only on the ``record_maps`` path (training uses :class:`_DistillMixFn`)."""
+    y = _conv(mem, w, b, pad)
     d, c = y[:, :sum_c], y[:, sum_c:]
-    g = torch.sigmoid(F.conv2d(torch.cat([x_in, h_prev], 1), wg, bg, padding=pad_g))
+    g = torch.sigmoid(_gate_pre(x_in, h_prev, wg, bg, pad_g, xh))
     if torch.is_grad_enabled() and (mem.requires_grad or g.requires_grad or c.requires_grad):
-        gc = g * c  # (the record_maps path under autograd)
+        gc = g * c
         return mem + (gc if n == 1 else gc.unflatten(1, (n, hidden)).sum(1)), d, c, g
     out = torch.addcmul(mem, g[:, :hidden], c[:, :hidden])
     for k in range(1, n):  # M' = M + sum_n g_n * c_n, accumulated in place
@@ -81,17 +142,19 @@ def _distill_terms(d, src_ch, targets):
 
 class _DistillMixFn(torch.autograd.Function):
     """:func:`_distill_mix` (and, given the teacher states of the step, the step's distillation
-    terms) as one autograd node. It keeps only M, x and h_prev (and references to the teacher
-    states) for backward and recomputes d, c, z and g there (two small convolutions), instead
-    of keeping the distilled memories, projections, gate pre-activations and gates of every
-    step: the TMU's share of the graph memory drops by about two thirds."""
+    terms) as one autograd node, reading either ``xh = [x, h]`` or ``x`` and ``h`` (the other
+    None). For backward it keeps M, x and h (which the backbone keeps anyway), the gates g and
+    references to the teacher states, and recomputes [d | c] there (one small matmul), instead
+    of keeping the distilled memories, projections and gate pre-activations of every step.
+    Why per step and not once after the rollout: here d is computed while M is still in cache;
+    one pass over all steps' memories at the end measured slower on the CPU."""
 
     @staticmethod
-    def forward(ctx, mem, x_in, h_prev, w, b, wg, bg, conf, *targets):
+    def forward(ctx, mem, xh, x_in, h_prev, w, b, wg, bg, conf, *targets):
         n, hidden, src_ch, pad, pad_g = conf
-        out, d, _, _ = _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n, hidden, sum(src_ch),
-                                    pad, pad_g)
-        ctx.save_for_backward(mem, x_in, h_prev, w, b, wg, bg, *targets)
+        out, d, _, g = _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n, hidden, sum(src_ch),
+                                    pad, pad_g, xh)
+        ctx.save_for_backward(mem, xh, x_in, h_prev, w, b, wg, g, *targets)
         ctx.conf = conf
         ctx.set_materialize_grads(False)
         if not targets:
@@ -100,42 +163,34 @@ class _DistillMixFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, *g_rest):
-        mem, x_in, h_prev, w, b, wg, bg, *targets = ctx.saved_tensors
+        mem, xh, x_in, h_prev, w, b, wg, g, *targets = ctx.saved_tensors
         n, hidden, src_ch, pad, pad_g = ctx.conf
         sum_c = sum(src_ch)
         g_loss = g_rest[0] if g_rest else None
-        conv_bwd = torch.ops.aten.convolution_backward
         if g_out is None:
             g_out = torch.zeros_like(mem)
-        # recompute what forward did not keep
-        y = F.conv2d(mem, w, b, padding=pad) if g_loss is not None else \
-            F.conv2d(mem, w[sum_c:], b[sum_c:], padding=pad)
+        # recompute [d | c] (only c when no distillation term needs a gradient)
+        y = _conv(mem, w, b, pad) if g_loss is not None else _conv(mem, w[sum_c:], b[sum_c:], pad)
         c = y[:, y.shape[1] - n * hidden:]
-        xh = torch.cat([x_in, h_prev], 1)
-        g = torch.sigmoid(F.conv2d(xh, wg, bg, padding=pad_g))
-        # M' sums the n blocks of g * c: each block's gradient is g_out
-        go = g_out.unsqueeze(1)
-        g_c = (g.unflatten(1, (n, hidden)) * go).flatten(1, 2)
+        go = g_out.unsqueeze(1)  # M' sums the n blocks of g * c: each block's gradient is g_out
+        g_y = torch.empty_like(y) if g_loss is not None else \
+            y.new_zeros(y.shape[0], sum_c + n * hidden, *y.shape[2:])
+        torch.mul(g.unflatten(1, (n, hidden)), go, out=g_y[:, sum_c:].unflatten(1, (n, hidden)))
         g_z = torch.ops.aten.sigmoid_backward((c.unflatten(1, (n, hidden)) * go).flatten(1, 2), g)
         if g_loss is not None:  # d/dd_n of MSE(d_n, S_n) = 2 (d_n - S_n) / numel
-            g_d = [(dn - s) * (2.0 / dn.numel()) for dn, s in zip(y[:, :sum_c].split(src_ch, 1), targets)]
-            g_d = torch.cat(g_d, 1) * g_loss
-        else:
-            g_d = torch.zeros_like(c[:, :1]).expand(-1, sum_c, -1, -1)
-        g_y = torch.cat([g_d, g_c], 1)
+            for dn, s, gd in zip(y[:, :sum_c].split(src_ch, 1), targets, g_y[:, :sum_c].split(src_ch, 1)):
+                torch.sub(dn, s, out=gd).mul_(g_loss * (2.0 / dn.numel()))
         need = ctx.needs_input_grad
-        g_mem, g_w, g_b = conv_bwd(g_y, mem, w, [w.shape[0]], [1, 1], [pad, pad], [1, 1], False,
-                                   [0, 0], 1, [need[0], need[3], need[4]])
+        g_mem, g_w, g_b = _conv_backward(g_y, mem, w, pad, (need[0], need[4], need[5]))
         if need[0]:
-            g_mem = g_out + g_mem
-        want_xh = need[1] or need[2]
-        g_xh, g_wg, g_bg = conv_bwd(g_z, xh, wg, [wg.shape[0]], [1, 1], [pad_g, pad_g], [1, 1],
-                                    False, [0, 0], 1, [want_xh, need[5], need[6]])
-        g_x = g_h = None
-        if want_xh:
-            g_x, g_h = g_xh.split([x_in.shape[1], h_prev.shape[1]], 1)
-        return (g_mem, g_x if need[1] else None, g_h if need[2] else None, g_w, g_b, g_wg, g_bg,
-                None, *([None] * len(targets)))
+            g_mem = g_mem.add_(g_out)
+        g_xh = g_x = g_h = None
+        if xh is not None:
+            g_xh, g_wg, g_bg = _conv_backward(g_z, xh, wg, pad_g, (need[1], need[6], need[7]))
+        else:
+            g_x, g_h, g_wg, g_bg = _gate_pre_backward(g_z, x_in, h_prev, wg, pad_g,
+                                                      (need[2], need[3], need[6], need[7]))
+        return (g_mem, g_xh, g_x, g_h, g_w, g_b, g_wg, g_bg, None, *([None] * len(targets)))
 
 
 class _LayerTransfer(nn.Module):
@@ -206,12 +261,14 @@ class _LayerTransfer(nn.Module):
         """One step on the default configuration: (M', the step's distillation terms summed
         over sources or None without ``targets``, gates or None)."""
         conf = (self.n, self.hidden, tuple(self.src_ch), self.distill[0].padding[0], self.gate.padding[0])
+        xh = _joined(x_in, h_prev)
         if torch.is_grad_enabled() and not record:
-            res = _DistillMixFn.apply(mem, x_in, h_prev, w, b, self.gate.weight, self.gate.bias,
+            pair = (None, None) if xh is not None else (x_in, h_prev)
+            res = _DistillMixFn.apply(mem, xh, *pair, w, b, self.gate.weight, self.gate.bias,
                                       conf, *targets)
             return (res[0], res[1], None) if targets else (res, None, None)
         out, d, _, g = _distill_mix(mem, x_in, h_prev, w, b, self.gate.weight, self.gate.bias,
-                                    conf[0], conf[1], sum(self.src_ch), conf[3], conf[4])
+                                    conf[0], conf[1], sum(self.src_ch), conf[3], conf[4], xh)
         return out, (_distill_terms(d, self.src_ch, targets) if targets else None), g
 
 
