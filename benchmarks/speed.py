@@ -300,6 +300,7 @@ def part_lightning_fixed(ctx: Ctx) -> dict:
 
 
 BASE_REV = "e76fa11"  # the last commit before the issue-6 speed work on models/ and transfer/
+PREV_REV = "8fe0247"  # the last commit before the fused LSTM nodes and the matmul 1x1 convolutions
 
 
 def _base_package(rev: str) -> Path:
@@ -321,10 +322,10 @@ def _base_package(rev: str) -> Path:
     return root
 
 
-def part_before_after(ctx: Ctx) -> dict:
-    """This code vs the code at BASE_REV, interleaved in one process (2x32 workload)."""
+def part_before_after(ctx: Ctx, rev: str = BASE_REV) -> dict:
+    """This code vs the code at ``rev``, interleaved in one process (2x32 workload)."""
     import importlib
-    root = _base_package(BASE_REV)
+    root = _base_package(rev)
     sys.path.insert(0, str(root))
     try:
         old = importlib.import_module("transmem_base.bench")
@@ -344,7 +345,9 @@ def part_before_after(ctx: Ctx) -> dict:
         res = group_fns(tasks, warm, steps)
     finally:
         sys.path.remove(str(root))
-    res["base_rev"] = BASE_REV
+        for name in [m for m in sys.modules if m.split(".")[0] == "transmem_base"]:
+            del sys.modules[name]  # another revision may be imported under the same name
+    res["base_rev"] = rev
     res["after_over_before"] = {
         k.rsplit("/", 1)[0]: round(v["ms"] / res["variants"][k.rsplit("/", 1)[0] + "/before"]["ms"], 3)
         for k, v in res["variants"].items() if k.endswith("/after")}
@@ -392,6 +395,7 @@ PARTS = {
     "settings/threads": part_threads,
     "settings/formats": part_formats,
     "before_after": part_before_after,
+    "before_after/prev": lambda c: part_before_after(c, PREV_REV),
 }
 OPTIONAL = {"settings/compile": part_compile}  # slow to compile: only when asked for
 
@@ -617,6 +621,7 @@ def main(argv=None) -> int:
         res["_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         res["_wall_s"] = round(time.time() - t0, 1)
         res["_threads"] = torch.get_num_threads()
+        res["_commit"] = data["machine"]["commit"]
         res["_omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
         data["parts"][name] = res
         data["summary"] = summarize(data)
