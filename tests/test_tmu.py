@@ -370,3 +370,16 @@ def test_distill_mix_node_passes_gradcheck(joined):
         fn = lambda m, xi, hp, *p: _DistillMixFn.apply(m, None, xi, hp, *p, conf, *targets)
         args = (mem, x, h, w, b, wg, bg)
     assert torch.autograd.gradcheck(fn, args)
+
+
+def test_joined_input_is_recognised_only_for_exact_views_of_x_h():
+    from transmem.models.tmu import _joined
+    x, h = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    xh = torch.cat([x, h], 1)
+    assert _joined(xh[:, :3], xh[:, 3:]) is xh
+    assert _joined(x, h) is None                              # separate tensors
+    assert _joined(xh[:, 3:6], xh[:, :3]) is None             # wrong order
+    big = torch.cat([x, h, h], 1)
+    assert _joined(big[:, :3], big[:, 3:8]) is None           # base holds more than [x, h]
+    wide = torch.cat([xh, xh], 0)
+    assert _joined(wide[:2, :3], wide[:2, 3:]) is None        # base has another batch

@@ -81,7 +81,10 @@ def _joined(x_in, h_prev):
     if base is None or h_prev._base is not base or base.dim() != 4:
         return None
     cx = x_in.shape[1]
-    if (base.shape[1] != cx + h_prev.shape[1] or x_in.storage_offset() != base.storage_offset()
+    same_grid = (base.shape[0], *base.shape[2:]) == (x_in.shape[0], *x_in.shape[2:])
+    if (not same_grid or base.shape[1] != cx + h_prev.shape[1]
+            or x_in.stride() != base.stride() or h_prev.stride() != base.stride()
+            or x_in.storage_offset() != base.storage_offset()
             or h_prev.storage_offset() != base.storage_offset() + cx * base.stride(1)):
         return None
     return base
