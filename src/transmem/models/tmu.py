@@ -146,18 +146,19 @@ def _distill_terms(d, src_ch, targets):
 class _DistillMixFn(torch.autograd.Function):
     """:func:`_distill_mix` (and, given the teacher states of the step, the step's distillation
     terms) as one autograd node, reading either ``xh = [x, h]`` or ``x`` and ``h`` (the other
-    None). For backward it keeps M, x and h (which the backbone keeps anyway), the gates g and
-    references to the teacher states, and recomputes [d | c] there (one small matmul), instead
-    of keeping the distilled memories, projections and gate pre-activations of every step.
+    None). For backward it keeps M and [x, h] (which the backbone keeps anyway) and references to
+    the teacher states, and recomputes [d | c] and the gates there (two small matmuls), instead
+    of keeping the distilled memories, projections, gate pre-activations and gates of every
+    step: the TMU then adds little to the graph's memory.
     Why per step and not once after the rollout: here d is computed while M is still in cache;
     one pass over all steps' memories at the end measured slower on the CPU."""
 
     @staticmethod
     def forward(ctx, mem, xh, x_in, h_prev, w, b, wg, bg, conf, *targets):
         n, hidden, src_ch, pad, pad_g = conf
-        out, d, _, g = _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n, hidden, sum(src_ch),
+        out, d, _, _ = _distill_mix(mem, x_in, h_prev, w, b, wg, bg, n, hidden, sum(src_ch),
                                     pad, pad_g, xh)
-        ctx.save_for_backward(mem, xh, x_in, h_prev, w, b, wg, g, *targets)
+        ctx.save_for_backward(mem, xh, x_in, h_prev, w, b, wg, bg, *targets)
         ctx.conf = conf
         ctx.set_materialize_grads(False)
         if not targets:
@@ -166,7 +167,7 @@ class _DistillMixFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, *g_rest):
-        mem, xh, x_in, h_prev, w, b, wg, g, *targets = ctx.saved_tensors
+        mem, xh, x_in, h_prev, w, b, wg, bg, *targets = ctx.saved_tensors
         n, hidden, src_ch, pad, pad_g = ctx.conf
         sum_c = sum(src_ch)
         g_loss = g_rest[0] if g_rest else None
@@ -175,6 +176,7 @@ class _DistillMixFn(torch.autograd.Function):
         # recompute [d | c] (only c when no distillation term needs a gradient)
         y = _conv(mem, w, b, pad) if g_loss is not None else _conv(mem, w[sum_c:], b[sum_c:], pad)
         c = y[:, y.shape[1] - n * hidden:]
+        g = torch.sigmoid(_gate_pre(x_in, h_prev, wg, bg, pad_g, xh))
         go = g_out.unsqueeze(1)  # M' sums the n blocks of g * c: each block's gradient is g_out
         g_y = torch.empty_like(y) if g_loss is not None else \
             y.new_zeros(y.shape[0], sum_c + n * hidden, *y.shape[2:])
