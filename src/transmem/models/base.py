@@ -94,14 +94,19 @@ class _LSTMMemoryFn(torch.autograd.Function):
     written once, block by block. ``c_prev=None`` means zeros (the first step)."""
 
     @staticmethod
-    def forward(ctx, pre, c_prev, with_o: bool):
+    def math(pre, c_prev, with_o: bool):
+        """(sigmoid([i, f]), tanh(g), c, sigmoid(o) or None), without autograd."""
         hd = pre.shape[1] // (4 if with_o else 3)
         act = torch.sigmoid(pre[:, : 2 * hd])                # i, f
-        g = tanh(pre[:, 2 * hd: 3 * hd])  # (forward runs without grad: no _CPUTanh node)
+        g = tanh(pre[:, 2 * hd: 3 * hd])  # (runs without grad: no _CPUTanh node)
         c = act[:, :hd] * g
         if c_prev is not None:
             c.addcmul_(act[:, hd:], c_prev)
-        o = torch.sigmoid(pre[:, 3 * hd:]) if with_o else None
+        return act, g, c, (torch.sigmoid(pre[:, 3 * hd:]) if with_o else None)
+
+    @staticmethod
+    def forward(ctx, pre, c_prev, with_o: bool):
+        act, g, c, o = _LSTMMemoryFn.math(pre, c_prev, with_o)
         ctx.save_for_backward(act, g, c_prev, o)
         ctx.set_materialize_grads(False)
         return (c, o) if with_o else c
@@ -155,11 +160,16 @@ class _GatedTanhFn(torch.autograd.Function):
 def lstm_memory(pre: torch.Tensor, c_prev: torch.Tensor | None, with_o: bool = False):
     """``c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g)`` from ``pre = [i, f, g]`` (channel
     blocks); with ``with_o``, ``pre = [i, f, g, o]`` and ``(c, sigmoid(o))`` is returned."""
+    if not (torch.is_grad_enabled() and (pre.requires_grad or (c_prev is not None and c_prev.requires_grad))):
+        _, _, c, o = _LSTMMemoryFn.math(pre, c_prev, with_o)  # no graph: skip the node
+        return (c, o) if with_o else c
     return _LSTMMemoryFn.apply(pre, c_prev, with_o)
 
 
 def gated_tanh(o: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``o * tanh(c)``, the LSTM's hidden state from its output gate and memory."""
+    if not (torch.is_grad_enabled() and (o.requires_grad or c.requires_grad)):
+        return o * tanh(c)
     return _GatedTanhFn.apply(o, c)
 
 
