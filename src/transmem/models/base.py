@@ -61,28 +61,12 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.view(n, weight.shape[0], hh, ww)
 
 
-class _CPUTanh(torch.autograd.Function):
-    """tanh as 2*sigmoid(2x) - 1; like torch.tanh it keeps only its output for backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.sigmoid(x * 2).mul_(2).sub_(1)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)  # grad * (1 - y^2)
-
-
-def tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh(x). On CPU computed as 2*sigmoid(2x) - 1: this torch build's CPU tanh is several
-    times slower than its sigmoid; the two agree to ~2e-7 absolute."""
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) outside autograd (inside the nodes below). On CPU computed as 2*sigmoid(2x) - 1:
+    this torch build's CPU tanh is several times slower than its sigmoid; the two agree to
+    ~2e-7 absolute."""
     if x.device.type != "cpu":
         return torch.tanh(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _CPUTanh.apply(x)
     return torch.sigmoid(x * 2).mul_(2).sub_(1)
 
 
@@ -98,7 +82,7 @@ class _LSTMMemoryFn(torch.autograd.Function):
         """(sigmoid([i, f]), tanh(g), c, sigmoid(o) or None), without autograd."""
         hd = pre.shape[1] // (4 if with_o else 3)
         act = torch.sigmoid(pre[:, : 2 * hd])                # i, f
-        g = tanh(pre[:, 2 * hd: 3 * hd])  # (runs without grad: no _CPUTanh node)
+        g = _tanh(pre[:, 2 * hd: 3 * hd])
         c = act[:, :hd] * g
         if c_prev is not None:
             c.addcmul_(act[:, hd:], c_prev)
@@ -145,7 +129,7 @@ class _GatedTanhFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o, c):
-        tc = tanh(c)
+        tc = _tanh(c)
         ctx.save_for_backward(o, tc)
         return o * tc
 
@@ -169,7 +153,7 @@ def lstm_memory(pre: torch.Tensor, c_prev: torch.Tensor | None, with_o: bool = F
 def gated_tanh(o: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``o * tanh(c)``, the LSTM's hidden state from its output gate and memory."""
     if not (torch.is_grad_enabled() and (o.requires_grad or c.requires_grad)):
-        return o * tanh(c)
+        return o * _tanh(c)
     return _GatedTanhFn.apply(o, c)
 
 
