@@ -383,3 +383,18 @@ def test_joined_input_is_recognised_only_for_exact_views_of_x_h():
     assert _joined(big[:, :3], big[:, 3:8]) is None           # base holds more than [x, h]
     wide = torch.cat([xh, xh], 0)
     assert _joined(wide[:2, :3], wide[:2, 3:]) is None        # base has another batch
+
+
+@pytest.mark.parametrize("mode", ["distill", "bank_read"])
+def test_tmu_trains_under_bf16_autocast(mode):
+    """`train.precision: bf16-mixed` runs the model under autocast: the TMU must then take the
+    per-op path (the fused node computes in one dtype) and still train its distillers."""
+    model, bank = build(mode=mode)
+    x = clip()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aux = model(x, bank=bank(x), return_aux=True)
+        loss = (out.float() - x[:, 1:]).square().mean() + aux["distill_loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    distiller = model.transfer["0"].distill[0].weight.grad
+    assert distiller is not None and distiller.abs().max() > 0

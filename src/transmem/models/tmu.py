@@ -327,7 +327,10 @@ class TMUModel(nn.Module):
             l: bank[0][l] if len(bank) == 1 else torch.cat([src[l] for src in bank], 2)
             for l in self.layers}
 
-        fast = {l: not read and self.transfer[str(l)].fast for l in self.layers}
+        # the fused node computes in one dtype: under autocast the per-op path lets autocast
+        # pick each operation's precision
+        mixed = torch.is_autocast_enabled(frames.device.type)
+        fast = {l: not read and not mixed and self.transfer[str(l)].fast for l in self.layers}
         # per layer, once per call: the folded [distiller | projection] weights on the fast path,
         # the fused projection otherwise
         prep = {l: self.transfer[str(l)].folded() if fast[l] else self.transfer[str(l)].fused_projection()
