@@ -103,6 +103,20 @@ def test_a_value_outside_a_settings_choices_is_refused_before_the_run_folder(tmp
     assert not out.exists()
 
 
+def test_config_choices_are_the_values_their_owners_accept():
+    """config.py checks choices without importing torch: its lists must stay those of the code."""
+    from transmem.config import _CHOICES
+    from transmem.models.tmu import TMU_MODES, TMU_WEIGHTINGS
+    from transmem.training.module import DISTILL_DECAYS, DISTILL_SPANS
+    from transmem.training.schedules import SCHEDULE_KINDS
+    from transmem.transfer.bank import TEACHER_INPUTS
+    owners = {"train.schedule": SCHEDULE_KINDS, "transfer.distill_decay": DISTILL_DECAYS,
+              "transfer.distill_span": DISTILL_SPANS, "transfer.mode": TMU_MODES,
+              "transfer.weighting": TMU_WEIGHTINGS, "transfer.teacher_inputs": TEACHER_INPUTS}
+    for key, values in owners.items():
+        assert set(_CHOICES[key]) == set(values), key
+
+
 def test_bad_data_file_gives_one_line_error_and_nonzero_exit(tmp_path, cfg):
     bad = tmp_path / "clips.npy"
     np.save(bad, np.zeros((4, 16, 16), dtype=np.float64) + 7)  # wrong ndim and range

@@ -115,7 +115,9 @@ def _coerce(value: Any, like: Any, key: str) -> Any:
     return value
 
 
-# settings with a fixed set of values, checked when the config is read (before any run folder)
+# settings with a fixed set of values, checked when the config is read (before any run folder).
+# The owners (schedules, ForecastModule, TMUModel, MemoryBank) check them too, for API users; they
+# are not imported here so that reading a config needs no torch (tests/test_cli.py keeps the two equal)
 _CHOICES = {
     "train.schedule": ("linear", "reverse", "none"),
     "transfer.distill_decay": ("none", "linear", "cosine"),

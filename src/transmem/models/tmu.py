@@ -26,6 +26,9 @@ from torch import nn
 from .base import make_norm, pointwise_conv
 from .registry import create_model, register_model
 
+TMU_MODES = ("distill", "bank_read")
+TMU_WEIGHTINGS = ("none", "softmax")
+
 
 @dataclass
 class TMUConfig:
@@ -285,9 +288,9 @@ class TMUModel(nn.Module):
 
     def __init__(self, config: TMUConfig):
         super().__init__()
-        if config.mode not in ("distill", "bank_read"):
+        if config.mode not in TMU_MODES:
             raise ValueError(f"TMU mode must be 'distill' or 'bank_read', got '{config.mode}'")
-        if config.weighting not in ("none", "softmax"):
+        if config.weighting not in TMU_WEIGHTINGS:
             raise ValueError(f"TMU weighting must be 'none' or 'softmax', got '{config.weighting}'")
         if len(config.source_names) != len(config.source_channels) or not config.source_names:
             raise ValueError("TMU needs one source name and one channel count per teacher")

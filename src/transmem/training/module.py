@@ -15,6 +15,9 @@ from torchmetrics import Metric
 
 from .schedules import SamplingSchedule, reverse_time
 
+DISTILL_DECAYS = ("none", "linear", "cosine")  # how lambda falls over training
+DISTILL_SPANS = ("all", "input")                # which steps add distillation terms
+
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     if valid is None:
@@ -63,12 +66,12 @@ class ForecastModule(L.LightningModule):
         self.schedule = schedule
         self.lr = lr
         self.distill_weight = distill_weight
-        if distill_decay not in ("none", "linear", "cosine"):
+        if distill_decay not in DISTILL_DECAYS:
             raise ValueError(f"distill_decay must be 'none', 'linear' or 'cosine', got '{distill_decay}'")
         if distill_decay != "none" and total_steps <= 0:
             raise ValueError("a decaying distillation weight needs the number of training steps")
         self.distill_decay = distill_decay
-        if distill_span not in ("all", "input"):
+        if distill_span not in DISTILL_SPANS:
             raise ValueError(f"distill_span must be 'all' or 'input', got '{distill_span}'")
         # "input": only the steps that read input frames (t < T_in), where a ground_truth teacher
         # knows nothing the target could not know; later teacher states have seen true frames

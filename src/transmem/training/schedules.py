@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 
+SCHEDULE_KINDS = ("linear", "reverse", "none")
+
+
 @dataclass
 class SamplingSchedule:
     kind: str = "linear"       # "linear" | "reverse" | "none"
@@ -29,7 +32,7 @@ class SamplingSchedule:
     exp_alpha: float | None = None  # reverse only: exponential rise of the input part
 
     def __post_init__(self):
-        if self.kind not in ("linear", "reverse", "none"):
+        if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"sampling schedule must be linear, reverse or none, got '{self.kind}'")
         if not 1 <= self.t_in < self.frames:
             raise ValueError(f"t_in={self.t_in} must be in [1, frames={self.frames})")

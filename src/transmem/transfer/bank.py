@@ -20,6 +20,8 @@ from torch import nn
 
 from ..models.base import PredictiveRNN
 
+TEACHER_INPUTS = ("ground_truth", "own")  # what the teachers read after T_in
+
 
 class TeacherMismatch(ValueError):
     """A teacher that cannot be adapted to the target (one-line message)."""
@@ -63,7 +65,7 @@ class MemoryBank(nn.Module):
     def __init__(self, teachers: list[PredictiveRNN], names: list[str], target: nn.Module,
                  layers: list[int], teacher_inputs: str = "ground_truth", frame_channels: int = 1):
         super().__init__()
-        if teacher_inputs not in ("own", "ground_truth"):
+        if teacher_inputs not in TEACHER_INPUTS:
             raise ValueError(f"teacher_inputs must be 'own' or 'ground_truth', got '{teacher_inputs}'")
         self.names = list(names)
         self.teacher_inputs = teacher_inputs
