@@ -5,7 +5,7 @@ max and in how many runs it was met.
 
     python benchmarks/speed_spread.py                  # 3 runs of: peak, table/2x32, table/4x64/train
     python benchmarks/speed_spread.py --runs 5         # 5 runs (finished runs are kept)
-    python benchmarks/speed_spread.py --parts peak table/2x32 --dir results/spread_2x32
+    python benchmarks/speed_spread.py --parts peak table/2x32 --dir benchmarks/results/spread_2x32
 
 Why: on a virtual machine absolute step times drift by 5-10 % between runs, so one run cannot
 tell whether a ratio near its limit is met. Each run is ``results/speed_spread/run<i>.json``
@@ -88,7 +88,11 @@ def main(argv=None) -> int:
             cmd = [sys.executable, str(HERE / "speed.py"), "--json", str(path), "--parts", *missing]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+            if code:  # speed.py has printed why (e.g. an unknown part) on stderr
+                print(f"speed_spread: speed.py failed on run {i} (exit code {code}); "
+                      f"finished runs are kept in {run_dir}", file=sys.stderr)
+                return 1
             have = json.loads(path.read_text())
         runs.append({"file": str(path.relative_to(HERE) if path.is_relative_to(HERE) else path),
                      "commit": have.get("machine", {}).get("commit"),
