@@ -282,17 +282,18 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
 def write_bench_report(p: dict, root: Path, out_json: Path, result: dict) -> None:
     """report.md / report.html with plots, GIFs of seed-0 forecasts and TMU transfer maps."""
     from transmem.data import build_datasets
-    from transmem.reporting import method_report
+    from transmem.api import load_for_inference
+    from transmem.run_report import method_report
     seed = p["seeds"][0]
     dirs = {m: run_dir(root, m, seed) / "run" / "model" for m in result["methods"]}
-    dirs = {m: d for m, d in dirs.items() if (d / "card.json").is_file()}
+    forecasters = {m: load_for_inference(d)[0] for m, d in dirs.items() if (d / "card.json").is_file()}
     exp = experiment(p, {"name": "flying_digits", "num_digits": 3}, p["target_steps"], seed)
     test = build_datasets(exp.data)["test"]
     table = {m: {"mse": v["mse_mean"], "ssim": v["ssim_mean"], "psnr": v["psnr_mean"], "mae": v["mae_mean"],
                  "mse_per_frame": v["mse_per_frame"], "seeds": v["seeds_done"]}
              for m, v in result["methods"].items()}
     method_report(out_json.parent / (out_json.stem + "_report"), "transmem benchmark: transfer to 3-digit flying digits",
-                  table, dirs, test, p["t_in"], examples=1, settings={k: result[k] for k in ("commit", "command", "machine")},
+                  table, forecasters, test, p["t_in"], examples=1, settings={k: result[k] for k in ("commit", "command", "machine")},
                   notes=["Means over seeds; forecasts and transfer maps are from the seed-0 models."])
 
 

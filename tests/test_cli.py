@@ -104,17 +104,18 @@ def test_a_value_outside_a_settings_choices_is_refused_before_the_run_folder(tmp
 
 
 def test_config_choices_are_the_values_their_owners_accept():
-    """config.py checks choices without importing torch: its lists must stay those of the code."""
-    from transmem.config import _CHOICES
-    from transmem.models.tmu import TMU_MODES, TMU_WEIGHTINGS
-    from transmem.training.module import DISTILL_DECAYS, DISTILL_SPANS
-    from transmem.training.schedules import SCHEDULE_KINDS
-    from transmem.transfer.bank import TEACHER_INPUTS
-    owners = {"train.schedule": SCHEDULE_KINDS, "transfer.distill_decay": DISTILL_DECAYS,
-              "transfer.distill_span": DISTILL_SPANS, "transfer.mode": TMU_MODES,
-              "transfer.weighting": TMU_WEIGHTINGS, "transfer.teacher_inputs": TEACHER_INPUTS}
+    """Each choice list is named once (transmem.choices); config and every owner use that tuple."""
+    from transmem import choices
+    from transmem.config import CONFIG_CHOICES
+    from transmem.models import tmu
+    from transmem.training import module, schedules
+    from transmem.transfer import bank
+    owners = {"train.schedule": schedules.SCHEDULE_KINDS, "transfer.distill_decay": module.DISTILL_DECAYS,
+              "transfer.distill_span": module.DISTILL_SPANS, "transfer.mode": tmu.TMU_MODES,
+              "transfer.weighting": tmu.TMU_WEIGHTINGS, "transfer.teacher_inputs": bank.TEACHER_INPUTS}
     for key, values in owners.items():
-        assert set(_CHOICES[key]) == set(values), key
+        assert CONFIG_CHOICES[key] is values, key
+    assert CONFIG_CHOICES is choices.CONFIG_CHOICES
 
 
 def test_bad_data_file_gives_one_line_error_and_nonzero_exit(tmp_path, cfg):

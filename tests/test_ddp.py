@@ -147,7 +147,7 @@ SYNC_SCRIPT = textwrap.dedent('''
     import torch.distributed as dist
     import torch.multiprocessing as mp
     from transmem.metrics import FrameMetrics
-    from transmem.training.loop import ShardSampler
+    from transmem.training.samplers import ShardSampler
 
     def data():
         g = torch.Generator().manual_seed(0)

@@ -59,7 +59,7 @@ def test_softmax_source_weights_sum_to_one():
     from transmem.api import load_for_inference  # noqa: F401
     from transmem.data import DataConfig, build_datasets
     from transmem.models import create_model
-    from transmem.reporting import transfer_maps
+    from transmem.run_report import transfer_maps
     from transmem.training import ForecastModule, SamplingSchedule
     model = create_model("tmu", backbone="convlstm",
                          backbone_config=dict(num_layers=2, hidden=4, filter_size=3, patch_size=4),

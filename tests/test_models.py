@@ -1,9 +1,14 @@
-"""Backbone protocol: shapes, memories, patching, sampling masks, registry."""
+"""Backbone protocol: shapes, memories, patching, sampling masks, registry; the cell equations
+on the fused-kernel and the plain path (the kernels' switch)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from transmem.models import create_model, list_models, patchify, unpatchify
-from transmem.models.base import teacher_forcing_mask
+from transmem.models import create_model, get_model_class, kernels, list_models, patchify, unpatchify
+from transmem.models.base import conv1x1, gated_tanh, lstm_memory, teacher_forcing_mask
 
 BACKBONES = ["convlstm", "predrnn"]
 
@@ -16,6 +21,14 @@ def small(name, **kw):
 
 def test_registry_lists_backbones_and_tmu():
     assert {"convlstm", "predrnn", "tmu"} <= set(list_models())
+    backbones, transfer = list_models(kind="backbone"), list_models(kind="transfer")
+    assert {"convlstm", "predrnn"} <= set(backbones) and "tmu" not in backbones
+    assert "tmu" in transfer and not {"convlstm", "predrnn"} & set(transfer)
+    assert sorted(backbones + transfer) == list_models()  # every model has exactly one kind
+    assert get_model_class("tmu").model_kind == "transfer"
+    assert get_model_class("predrnn").model_kind == "backbone"
+    with pytest.raises(ValueError, match="unknown model kind"):
+        list_models(kind="teacher")
     with pytest.raises(KeyError, match="unknown model"):
         create_model("nope")
     with pytest.raises(ValueError, match="unknown convlstm config keys"):
@@ -90,7 +103,7 @@ def test_memory_hook_changes_the_carried_memory(name):
     x = torch.rand(1, 5, 1, 16, 16)
     calls = []
 
-    def hook(layer, t, mem, x_in, h_prev):
+    def hook(layer, t, mem, x_in, h_prev, xh=None):
         calls.append((layer, t, tuple(mem.shape), x_in.shape[1], h_prev.shape[1]))
         return mem * 0 if layer == 1 else mem
 
@@ -113,41 +126,106 @@ def test_gradients_reach_every_parameter(name):
         assert p.grad is not None and p.grad.abs().sum() > 0, n
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_a_backbone_needs_no_teachers_at_inference(name):
+    assert small(name).needs_teachers_at_inference is False
+
+
+def test_kernel_switch_default_setter_context_and_env_var():
+    assert kernels.enabled()  # on by default (the test run does not set TRANSMEM_FUSED)
+    with kernels.use_fused(False):
+        assert not kernels.enabled()
+        with kernels.use_fused(True):
+            assert kernels.enabled()
+        assert not kernels.enabled()
+    assert kernels.enabled()
+    with pytest.raises(RuntimeError):
+        with kernels.use_fused(False):
+            raise RuntimeError("restored even on an error")
+    assert kernels.enabled()
+    assert kernels.set_enabled(False) is True and kernels.set_enabled(True) is False
+    assert [kernels._from_env(v) for v in (None, "1", "0", "false", "OFF", "no", "yes")] == \
+        [True, True, False, False, False, False, True]
+    env = {**os.environ, "TRANSMEM_FUSED": "0"}
+    out = subprocess.run([sys.executable, "-c", "from transmem.models import kernels; print(kernels.enabled())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_fused_and_plain_paths_agree(name, monkeypatch):
+    """The same rollout with the kernels' switch on and off: the same predictions and gradients
+    (up to float rounding), and the switch decides which path runs."""
+    torch.manual_seed(0)
+    m = small(name)
+    x = torch.rand(2, 5, 1, 16, 16)
+    calls = []
+    for fn in ("lstm_memory", "gated_tanh", "pointwise_conv"):
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _f=real, _n=fn: calls.append(_n) or _f(*a))
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        y = m(x, t_in=3)
+        ((y - x[:, 1:]) ** 2).mean().backward()
+        return y.detach(), [p.grad.clone() for p in m.parameters()]
+
+    with kernels.use_fused(True):
+        fused = run()
+    assert {"lstm_memory", "gated_tanh", "pointwise_conv"} <= set(calls)
+    calls.clear()
+    with kernels.use_fused(False):
+        plain = run()
+    assert calls == []
+    assert torch.allclose(fused[0], plain[0], atol=1e-6)
+    for a, b in zip(fused[1], plain[1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("with_o", [True, False])
 @pytest.mark.parametrize("first", [True, False])
-def test_fused_lstm_memory_matches_its_formula_and_passes_gradcheck(with_o, first):
-    from transmem.models.base import lstm_memory
+def test_lstm_memory_matches_its_formula_and_passes_gradcheck(with_o, first, fused):
     torch.manual_seed(0)
     hd = 3
     pre = torch.randn(2, (4 if with_o else 3) * hd, 4, 5, dtype=torch.double, requires_grad=True)
     c_prev = None if first else torch.randn(2, hd, 4, 5, dtype=torch.double, requires_grad=True)
-    out = lstm_memory(pre, c_prev, with_o)
-    c = out[0] if with_o else out
-    want = torch.sigmoid(pre[:, :hd]) * torch.tanh(pre[:, 2 * hd: 3 * hd])
-    if not first:
-        want = want + torch.sigmoid(pre[:, hd: 2 * hd]) * c_prev
-    assert torch.allclose(c, want, atol=1e-12)
-    if with_o:
-        assert torch.allclose(out[1], torch.sigmoid(pre[:, 3 * hd:]))
     inputs = (pre,) if first else (pre, c_prev)
     fn = (lambda *a: lstm_memory(a[0], None if first else a[1], with_o))
-    assert torch.autograd.gradcheck(fn, inputs)
-    if first:  # the forget gate reads a zero memory: its pre-activation gets no gradient
-        out_c = lstm_memory(pre, None, with_o)
-        (out_c[0] if with_o else out_c).sum().backward()
-        assert pre.grad[:, hd: 2 * hd].abs().max() == 0
-        assert pre.grad[:, :hd].abs().max() > 0
+    with kernels.use_fused(fused):
+        out = lstm_memory(pre, c_prev, with_o)
+        c = out[0] if with_o else out
+        # the switch selects the path: one fused node, or plain autograd ops
+        assert (type(c.grad_fn).__name__ == "LSTMMemoryFnBackward") == fused
+        want = torch.sigmoid(pre[:, :hd]) * torch.tanh(pre[:, 2 * hd: 3 * hd])
+        if not first:
+            want = want + torch.sigmoid(pre[:, hd: 2 * hd]) * c_prev
+        assert torch.allclose(c, want, atol=1e-12)
+        if with_o:
+            assert torch.allclose(out[1], torch.sigmoid(pre[:, 3 * hd:]))
+        assert torch.autograd.gradcheck(fn, inputs)
+        if first:  # the forget gate reads a zero memory: its pre-activation gets no gradient
+            out_c = lstm_memory(pre, None, with_o)
+            (out_c[0] if with_o else out_c).sum().backward()
+            assert pre.grad[:, hd: 2 * hd].abs().max() == 0
+            assert pre.grad[:, :hd].abs().max() > 0
 
 
-def test_gated_tanh_and_pointwise_conv_match_torch():
-    from transmem.models.base import gated_tanh, pointwise_conv
+@pytest.mark.parametrize("fused", [True, False])
+def test_gated_tanh_and_conv1x1_match_torch(fused):
     torch.manual_seed(0)
     o = torch.rand(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
     c = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
-    assert torch.allclose(gated_tanh(o, c), o * torch.tanh(c))
-    assert torch.autograd.gradcheck(gated_tanh, (o, c))
     x = torch.randn(2, 5, 3, 4, dtype=torch.double, requires_grad=True)
     w = torch.randn(6, 5, 1, 1, dtype=torch.double, requires_grad=True)
     b = torch.randn(6, dtype=torch.double, requires_grad=True)
-    assert torch.allclose(pointwise_conv(x, w, b), torch.nn.functional.conv2d(x, w, b))
-    assert torch.autograd.gradcheck(pointwise_conv, (x, w, b))
+    with kernels.use_fused(fused):
+        assert torch.allclose(gated_tanh(o, c), o * torch.tanh(c))
+        assert torch.autograd.gradcheck(gated_tanh, (o, c))
+        assert torch.allclose(conv1x1(x, w, b), torch.nn.functional.conv2d(x, w, b))
+        assert torch.autograd.gradcheck(conv1x1, (x, w, b))
+    # the kernels themselves, whatever the switch says
+    assert torch.allclose(kernels.gated_tanh(o, c), o * torch.tanh(c))
+    assert torch.autograd.gradcheck(kernels.gated_tanh, (o, c))
+    assert torch.allclose(kernels.pointwise_conv(x, w, b), torch.nn.functional.conv2d(x, w, b))
+    assert torch.autograd.gradcheck(kernels.pointwise_conv, (x, w, b))

@@ -8,9 +8,11 @@ before the CLI runs)."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -26,8 +28,9 @@ from transmem.cli import main
 from transmem.config import load_experiment
 from transmem.data import build_datasets
 from transmem.models import create_model
-from transmem.training import ForecastModule, SamplingSchedule, fit
-from transmem.training import loop
+from transmem.training import ForecastModule, SamplingSchedule, evaluate, fit
+from transmem.training import checkpoints, samplers
+from transmem.training.progress import LineProgress, progress_lines, train_progress
 
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
@@ -244,8 +247,8 @@ def _sampled(n, batch, seed, step, world=1, rank=0, monkeypatch=None):
         global_step = step
 
     if monkeypatch is not None:
-        monkeypatch.setattr(loop, "dist_info", lambda: (world, rank))
-    s = loop.StepSampler(n, batch, seed=seed)
+        monkeypatch.setattr(samplers, "dist_info", lambda: (world, rank))
+    s = samplers.StepSampler(n, batch, seed=seed)
     s.step_source = Trainer()
     return list(s)
 
@@ -263,8 +266,8 @@ def test_sampler_continues_mid_epoch_and_splits_global_batches(monkeypatch):
         r1 = _sampled(10, 1, 3, step, 2, 1, monkeypatch)
         assert sorted([r0[0], r1[0]]) == sorted(stream[2 * step:2 * step + 2])
     # an incomplete global batch at the end of an epoch is dropped on every process alike
-    monkeypatch.setattr(loop, "dist_info", lambda: (1, 0))
-    assert len(loop.StepSampler(11, 2)) == 10 and len(_sampled(11, 2, 0, 0)) == 10
+    monkeypatch.setattr(samplers, "dist_info", lambda: (1, 0))
+    assert len(samplers.StepSampler(11, 2)) == 10 and len(_sampled(11, 2, 0, 0)) == 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +367,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, reference, capsys, mo
     assert len(err) == 1 and "refused to load" in err[0] and "last.ckpt" in err[0]
     assert not marker.exists()
     # 2. Lightning's own load (trainer.fit(ckpt_path, weights_only=True)) refuses it as well
-    monkeypatch.setattr(loop, "load_checkpoint_safely", lambda *a, **k: {"global_step": 10})
+    monkeypatch.setattr(checkpoints, "load_checkpoint_safely", lambda *a, **k: {"global_step": 10})
     assert _cli("pretrain", "--config", cfg, "--out", out, "--resume") == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()
@@ -450,3 +453,77 @@ def test_full_disk_fails_early(tmp_path, monkeypatch, capsys):
 def test_resume_without_an_earlier_run_is_refused(tmp_path):
     with pytest.raises(api.RunFolderError, match="no earlier run here"):
         api.prepare_run_dir(tmp_path / "nothing", resume=True)
+
+
+# --------------------------------------------------------------------------------------------
+# progress output that is not a terminal (`transmem demo > log`)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _progress_fit(tmp_path, progress: bool, steps: int = 100):
+    cfg = _cfg(tmp_path, steps=steps, val_every=10, ckpt_every=50, progress=progress, reverse_time_prob=0.0)
+    d = yaml.safe_load(cfg.read_text())
+    d["data"]["train_clips"] = 40  # 10 steps per epoch, a validation every 10 steps
+    cfg.write_text(yaml.safe_dump(d))
+    exp = load_experiment(cfg)
+    datasets = build_datasets(exp.data)
+    torch.manual_seed(0)
+    model = create_model("convlstm", num_layers=1, hidden=4, filter_size=3, patch_size=4)
+    module = ForecastModule(model, SamplingSchedule(t_in=3, frames=6, stop_step=steps), seed=0)
+    fit(module, datasets["train"], datasets["val"], exp.train, tmp_path / f"run-{progress}")
+    return module
+
+
+def test_progress_to_a_file_is_a_few_plain_lines_and_changes_no_result(tmp_path, monkeypatch):
+    """100 steps with progress on and standard output redirected: about one line per 10 % of the
+    steps (no bar refreshes), with the step counts, the loss and the latest validation MSE; the
+    trained weights are those of the same fit without progress output."""
+    out = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stdout", out)
+    with_lines = _progress_fit(tmp_path, progress=True)
+    monkeypatch.undo()
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= 15 and "\r" not in text, text[-2000:]
+    assert [int(re.match(r"train step (\d+)/100 ", ln).group(1)) for ln in lines] == list(range(10, 101, 10))
+    assert all(re.fullmatch(r"train step \d+/100 loss \S+ .*\d+\.\d s", ln) for ln in lines), lines
+    # a step's line comes after that step's validation: every line shows a validation MSE
+    assert all(" val/mse " in ln for ln in lines), lines
+    without = _progress_fit(tmp_path, progress=False)
+    _assert_same_weights(with_lines.state_dict(), without.state_dict())
+
+
+def test_progress_bars_stay_on_a_terminal():
+    assert train_progress(False, io.StringIO()) == (False, [])
+    assert train_progress(False, _Terminal()) == (False, [])
+    assert train_progress(True, _Terminal()) == (True, [])  # Lightning's own bar
+    bar, callbacks = train_progress(True, io.StringIO())
+    assert bar and len(callbacks) == 1 and isinstance(callbacks[0], LineProgress)
+
+
+def test_evaluate_progress_to_a_file_is_a_few_plain_lines(tmp_path, monkeypatch):
+    s = io.StringIO()
+    assert list(progress_lines(range(100), 100, "evaluate", stream=s)) == list(range(100))
+    lines = s.getvalue().splitlines()
+    assert [ln.split()[2] for ln in lines] == [f"{k}/100" for k in range(10, 101, 10)]
+    assert all(re.fullmatch(r"evaluate batch \d+/100 \d+\.\d s", ln) for ln in lines), lines
+    s = io.StringIO()
+    assert list(progress_lines(iter(range(7)), None, "evaluate", stream=s)) == list(range(7))
+    assert s.getvalue().splitlines()[-1].startswith("evaluate batch 7 ")  # unknown total: a final line
+    # evaluate(progress=True) with standard error redirected: lines, not tqdm refreshes
+    exp = load_experiment(_cfg(tmp_path))
+    test = build_datasets(exp.data)["test"]
+    model = create_model("convlstm", num_layers=1, hidden=4, filter_size=3, patch_size=4)
+    module = ForecastModule(model, SamplingSchedule(t_in=3, frames=6), seed=0)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    quiet = evaluate(module, test, batch_size=1)
+    shown = evaluate(module, test, batch_size=1, progress=True)
+    monkeypatch.undo()
+    assert shown == quiet
+    lines = err.getvalue().splitlines()
+    assert "\r" not in err.getvalue() and [ln.split()[2] for ln in lines] == [f"{k}/8" for k in range(1, 9)]

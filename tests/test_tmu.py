@@ -1,12 +1,13 @@
 """The TMU and the memory bank: distillation gradients, teachers frozen, N = 1..3 teachers,
 bottom/all layers, both backbones, heterogeneous teachers, distill-mode independence from the
-teachers, cache equivalence, clear errors."""
+teachers, cache equivalence, clear errors; the fused TMU kernel against the plain path (the
+kernels' switch) and the [x, h] the backbone hands to the TMU."""
 import copy
 
 import pytest
 import torch
 
-from transmem.models import create_model
+from transmem.models import create_model, kernels
 from transmem.training import ForecastModule, SamplingSchedule
 from transmem.transfer import BankCache, MemoryBank, TeacherMismatch
 
@@ -292,7 +293,8 @@ def test_cache_refuses_own_mode_and_reversal():
     with pytest.raises(ValueError, match="ground_truth"):
         ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, bank_cache=BankCache(4))
     model, bank = build()
-    with pytest.raises(ValueError, match="reversal"):
+    # time reversal is an augmentation: training/module.py now says "augmentation"
+    with pytest.raises(ValueError, match="augmentation"):
         ForecastModule(model, SamplingSchedule(t_in=3, frames=T), bank=bank, bank_cache=BankCache(4),
                        reverse_prob=0.5)
 
@@ -314,19 +316,17 @@ def test_bank_read_with_ground_truth_teachers_is_flagged():
     assert "teacher_inputs own" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("backbone,layers,kernel,n", [
-    ("convlstm", "bottom", 1, 2), ("convlstm", "all", 3, 1), ("predrnn", "bottom", 1, 3),
-    ("predrnn", "all", 3, 2)])
-def test_fused_fast_path_matches_plain_autograd(backbone, layers, kernel, n, monkeypatch):
-    """The default configuration runs one fused autograd node per step (folded projection,
-    1x1 convolutions as matmuls, [x, h] shared with the backbone). Outputs, the distillation
-    loss and every gradient must equal those of the plain per-op path."""
-    from transmem.models import tmu as tmu_mod
+def test_only_bank_read_needs_teachers_at_inference():
+    assert build(mode="bank_read")[0].needs_teachers_at_inference is True
+    assert build(mode="distill")[0].needs_teachers_at_inference is False
+
+
+def _random_tmu(backbone, layers, kernel, n, **kw):
     torch.manual_seed(0)
     cfg = dict(num_layers=2, hidden=6, filter_size=3, patch_size=4)
     model = create_model("tmu", backbone=backbone, backbone_config=cfg,
                          source_names=[f"s{i}" for i in range(n)], source_channels=[6, 4, 5][:n],
-                         tmu_layers=layers, distiller_kernel=kernel, gate_kernel=kernel)
+                         tmu_layers=layers, distiller_kernel=kernel, gate_kernel=kernel, **kw)
     for p in model.parameters():  # random projections: the transfer path must matter
         torch.nn.init.normal_(p, std=0.3)
     lay = [0] if layers == "bottom" else [0, 1]
@@ -334,27 +334,76 @@ def test_fused_fast_path_matches_plain_autograd(backbone, layers, kernel, n, mon
     x = torch.rand(2, T, 1, SIZE, SIZE, generator=g)
     mask = (torch.rand(2, T - 1, generator=g) > 0.5).float()
     bank = [{l: torch.randn(2, T - 1, c, 4, 4, generator=g) for l in lay} for c in [6, 4, 5][:n]]
+    return model, lay, x, mask, bank
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        out, aux = model(x, mask, bank=bank, return_aux=True)
-        (out.square().mean() + aux["distill_loss"]).backward()
-        return out.detach(), aux["distill_loss"].detach(), [p.grad.clone() for p in model.parameters()]
 
-    assert all(model.transfer[str(l)].fast for l in lay)
-    fast = run()
-    monkeypatch.setattr(tmu_mod._LayerTransfer, "fast", property(lambda self: False))
-    plain = run()
-    assert torch.allclose(fast[0], plain[0], atol=1e-5)
-    assert torch.allclose(fast[1], plain[1], rtol=1e-5)
-    for a, b in zip(fast[2], plain[2]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, b.abs().max().item()))
+def _forward_backward(model, x, mask, bank):
+    """Outputs, distillation loss and every parameter's gradient of one training step."""
+    model.zero_grad(set_to_none=True)
+    out, aux = model(x, mask, bank=bank, return_aux=True)
+    (out.square().mean() + aux["distill_loss"]).backward()
+    return out.detach(), aux["distill_loss"].detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_step(a, b):
+    assert torch.allclose(a[0], b[0], atol=1e-5)
+    assert torch.allclose(a[1], b[1], rtol=1e-5)
+    for ga, gb in zip(a[2], b[2]):
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6 * max(1.0, gb.abs().max().item()))
+
+
+@pytest.mark.parametrize("backbone,layers,kernel,n", [
+    ("convlstm", "bottom", 1, 2), ("convlstm", "all", 3, 1), ("predrnn", "bottom", 1, 3),
+    ("predrnn", "all", 3, 2)])
+def test_fused_fast_path_matches_plain_autograd(backbone, layers, kernel, n, monkeypatch):
+    """The default configuration runs one fused autograd node per step (folded projection,
+    1x1 convolutions as matmuls, [x, h] shared with the backbone) while the kernels' switch is
+    on. Outputs, the distillation loss and every gradient must equal those of the plain per-op
+    path (switch off), and the switch must decide which one runs."""
+    model, lay, x, mask, bank = _random_tmu(backbone, layers, kernel, n)
+    calls = []
+    real = kernels.distill_step
+    monkeypatch.setattr(kernels, "distill_step", lambda *a: calls.append(1) or real(*a))
+    assert all(model.transfer[str(l)].fusable for l in lay)
+    with kernels.use_fused(True):
+        fast = _forward_backward(model, x, mask, bank)
+    assert len(calls) == len(lay) * (T - 1)
+    calls.clear()
+    with kernels.use_fused(False):
+        plain = _forward_backward(model, x, mask, bank)
+    assert calls == []
+    _assert_same_step(fast, plain)
     assert fast[2][0].abs().max() > 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
+def test_tmu_model_passes_gradcheck_on_both_paths(backbone, fused):
+    """The whole TMU model in double, gradient with respect to the frames and to the distiller,
+    gate and projection weights, on the fused and on the plain path."""
+    model, lay, x, mask, bank = _random_tmu(backbone, "bottom", 1, 2)
+    model = model.double()
+    x = x[:1, :4, :, :8, :8].double().requires_grad_()
+    mask = mask[:1, :3].double()
+    bank = [{l: s[:1, :3, :, :2, :2].double() for l, s in src.items()} for src in bank]
+    tr = model.transfer["0"]
+    names = ["transfer.0.distill.0.weight", "transfer.0.gate.weight", "transfer.0.project.1.weight"]
+    params = dict(model.named_parameters())
+
+    def fn(frames, *weights):
+        out, aux = torch.func.functional_call(model, {**params, **dict(zip(names, weights))},
+                                              (frames, mask), dict(bank=bank, return_aux=True))
+        return out, aux["distill_loss"]
+
+    weights = [params[k].detach().clone().requires_grad_() for k in names]
+    with kernels.use_fused(fused):
+        assert tr.fusable
+        assert torch.autograd.gradcheck(fn, (x, *weights), fast_mode=True)
 
 
 @pytest.mark.parametrize("joined", [True, False])
 def test_distill_mix_node_passes_gradcheck(joined):
-    from transmem.models.tmu import _DistillMixFn
+    from transmem.models.kernels import DistillMixFn
     torch.manual_seed(0)
     dd = dict(dtype=torch.double, requires_grad=True)
     hidden, src = 3, (3, 2)
@@ -364,25 +413,51 @@ def test_distill_mix_node_passes_gradcheck(joined):
     targets = [torch.randn(2, c, 3, 3, dtype=torch.double) for c in src]
     conf = (2, hidden, src, 0, 0)
     if joined:
-        fn = lambda m, xh, *p: _DistillMixFn.apply(m, xh, None, None, *p, conf, *targets)
+        fn = lambda m, xh, *p: DistillMixFn.apply(m, xh, None, None, *p, conf, *targets)
         args = (mem, torch.cat([x, h], 1).detach().requires_grad_(), w, b, wg, bg)
     else:
-        fn = lambda m, xi, hp, *p: _DistillMixFn.apply(m, None, xi, hp, *p, conf, *targets)
+        fn = lambda m, xi, hp, *p: DistillMixFn.apply(m, None, xi, hp, *p, conf, *targets)
         args = (mem, x, h, w, b, wg, bg)
     assert torch.autograd.gradcheck(fn, args)
 
 
-def test_joined_input_is_recognised_only_for_exact_views_of_x_h():
-    from transmem.models.tmu import _joined
-    x, h = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
-    xh = torch.cat([x, h], 1)
-    assert _joined(xh[:, :3], xh[:, 3:]) is xh
-    assert _joined(x, h) is None                              # separate tensors
-    assert _joined(xh[:, 3:6], xh[:, :3]) is None             # wrong order
-    big = torch.cat([x, h, h], 1)
-    assert _joined(big[:, :3], big[:, 3:8]) is None           # base holds more than [x, h]
-    wide = torch.cat([xh, xh], 0)
-    assert _joined(wide[:2, :3], wide[:2, 3:]) is None        # base has another batch
+def test_convlstm_hands_x_h_to_the_hook_and_the_tmu_gives_the_same_without_it():
+    """ConvLSTM passes the [x, h] it built for its gates as ``xh`` (not at t = 0, where it builds
+    none); PredRNN passes nothing. The TMU reads xh when given: outputs, loss and gradients are
+    the same as when it builds [x, h] itself, on the fused and on the plain path."""
+    seen = {}
+    for name in ("convlstm", "predrnn"):
+        torch.manual_seed(0)
+        m = create_model(name, num_layers=2, hidden=8, filter_size=3, patch_size=4)
+
+        def hook(layer, t, mem, x_in, h_prev, xh=None, name=name):
+            seen.setdefault(name, []).append((t, x_in, h_prev, xh))
+            return mem
+
+        m(clip(), t_in=3, memory_hook=hook)
+    assert len(seen["convlstm"]) == 2 * (T - 1)
+    for t, x_in, h_prev, xh in seen["convlstm"]:
+        if t == 0:
+            assert xh is None
+        else:
+            assert torch.equal(xh, torch.cat([x_in, h_prev], 1))
+    assert all(xh is None for *_, xh in seen["predrnn"])
+
+    model, lay, x, mask, bank = _random_tmu("convlstm", "all", 1, 2)
+    inner = model.backbone.forward
+
+    def without_xh(*a, memory_hook=None, **k):  # the same backbone, hiding xh from the TMU
+        return inner(*a, memory_hook=lambda l, t, mem, xi, hp, xh=None: memory_hook(l, t, mem, xi, hp), **k)
+
+    for fused in (True, False):
+        with kernels.use_fused(fused):
+            with_xh = _forward_backward(model, x, mask, bank)
+            model.backbone.forward = without_xh
+            try:
+                alone = _forward_backward(model, x, mask, bank)
+            finally:
+                del model.backbone.forward
+        _assert_same_step(with_xh, alone)
 
 
 @pytest.mark.parametrize("mode", ["distill", "bank_read"])

@@ -1,4 +1,4 @@
-"""Tests of transmem.viz (GIFs, grids, plots) and transmem.report (Markdown + self-contained HTML)."""
+"""Tests of transmem.viz (GIFs, grids, plots) and transmem.report_page (Markdown + self-contained HTML)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transmem.report import build_table, summarize_transfer, write_report
+from transmem.report_page import build_table, summarize_transfer, write_report
 from transmem.viz import plot_per_frame, plot_transfer_maps, save_gif, save_grid, to_uint8_frames
 
 
@@ -20,7 +20,7 @@ def _seq(t, c=1, h=8, w=8, seed=0):
 
 
 def _no_temp_files(folder):
-    return not any(p.name.startswith(".") and ".tmp-" in p.name for p in folder.iterdir())
+    return not any(p.name.startswith(".") and p.name.endswith(".tmp") for p in folder.iterdir())
 
 
 # --------------------------------------------------------------------------- frames

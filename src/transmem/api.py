@@ -6,7 +6,7 @@ entry) and ``metrics.json``. A run folder that already holds results is never ov
 """
 from __future__ import annotations
 
-import json
+import copy
 import os
 import shutil
 import time
@@ -18,10 +18,12 @@ import torch
 
 from . import zoo
 from .config import ConfigError, Experiment
-from .data import build_datasets
+from .data import build_datasets, physical_units
+from .files import write_json
 from .models import create_model
-from .training import ForecastModule, SamplingSchedule, evaluate, fit
-from .transfer import BankCache, MemoryBank
+from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
+from .baselines import create_baseline
+from .transfer import BankCache, MemoryBank, build_tmu
 
 
 class RunFolderError(ValueError):
@@ -77,7 +79,6 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
     Resuming needs the folder of an earlier run (its ``config.yaml``); a run stopped before its
     first checkpoint resumes from step 0. In a distributed launch only global rank 0 checks the
     folder; the other processes wait for it (see docs/reliability.md)."""
-    from .training.loop import is_launch_rank_zero
     out = Path(out)
     if not is_launch_rank_zero():
         _wait_for_rank_zero(out)
@@ -99,20 +100,6 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
     return out
 
 
-def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON atomically: a temporary file beside ``path``, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2, allow_nan=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def schedule_for(exp: Experiment) -> SamplingSchedule:
     t = exp.train
     return SamplingSchedule(kind=t.schedule, t_in=t.t_in, frames=exp.data.frames,
@@ -122,14 +109,19 @@ def schedule_for(exp: Experiment) -> SamplingSchedule:
 
 def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
     t = exp.train
+    patch = getattr(model, "backbone", model).config.patch_size
+    if t.crop and (t.crop % patch or t.crop > exp.data.size):
+        raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
+                          f"most data.size={exp.data.size}")
     return ForecastModule(model, schedule_for(exp), lr=t.lr, bank=bank,
                           distill_weight=exp.transfer.distill_weight if bank is not None else 0.0,
                           bank_cache=cache, reverse_prob=t.reverse_time_prob, l1_weight=t.l1_weight,
-                          seed=t.seed, distill_decay=exp.transfer.distill_decay, total_steps=t.steps,
+                          seed=t.seed, augment=t.augment, crop=t.crop,
+                          distill_decay=exp.transfer.distill_decay, total_steps=t.steps,
                           distill_span=exp.transfer.distill_span)
 
 
-def _card(exp: Experiment, model, metrics: dict, wall_s: float, kind: str, extra=None) -> dict:
+def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None) -> dict:
     d = exp.data
     return {
         "kind": kind,
@@ -146,22 +138,24 @@ def _card(exp: Experiment, model, metrics: dict, wall_s: float, kind: str, extra
     }
 
 
-def _evaluate(exp: Experiment, module: ForecastModule, datasets) -> dict:
-    from .predict import physical_transform
+def evaluate_forecaster(exp: Experiment, module, datasets) -> dict:
+    """Per-frame metrics of any forecaster (a trained module or a baseline) on ``exp``'s eval
+    split, with CSI/POD/FAR in physical units where the data declares them."""
     split = datasets.get(exp.eval.split)
     if split is None or len(split) == 0:
         raise ConfigError(f"eval.split '{exp.eval.split}' has no clips to evaluate on")
+    units = physical_units(exp.data)
     return evaluate(module, split, exp.eval.batch_size, thresholds=exp.eval.thresholds or None,
-                    to_physical=physical_transform(exp.data.to_dict()), progress=exp.train.progress)
+                    to_physical=None if units is None else units.to_physical, progress=exp.train.progress)
 
 
 def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind: str, extra=None,
             zoo_name: str | None = None, zoo_root=None) -> dict:
-    metrics = _evaluate(exp, module, datasets)
+    metrics = evaluate_forecaster(exp, module, datasets)
     metrics["train_wall_s"] = round(wall, 2)
     metrics["train_steps"] = exp.train.steps
     write_json(out / "metrics.json", metrics)
-    card = _card(exp, module.model, metrics, wall, kind, extra)
+    card = _card(exp, metrics, wall, kind, extra)
     zoo.save_entry(module.model, out / "model", card, overwrite=True)
     if zoo_name:
         zoo.save_entry(module.model, Path(zoo_root or zoo.default_root()) / zoo_name, card)
@@ -176,7 +170,9 @@ def _check_data(exp: Experiment):
 
 def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None, zoo_root=None,
               datasets=None, kind: str | None = None) -> dict:
-    """Pretrain (a zoo model), train from scratch, or finetune (``init_from`` a zoo entry)."""
+    """Pretrain (a zoo model), train from scratch, or finetune (``init_from`` a zoo entry).
+    ``exp`` is not changed: the run works on its own copy."""
+    exp = copy.deepcopy(exp)
     out = prepare_run_dir(out, resume)
     datasets = datasets or _check_data(exp)
     extra = {}
@@ -207,25 +203,21 @@ def build_transfer(exp: Experiment, teachers: list | None = None):
         raise ConfigError("transfer needs at least one teacher (--teachers ZOO_A [ZOO_B ...])")
     loaded = [zoo.load_entry(r) for r in refs]
     names = [c.get("name", Path(str(r)).name) for r, (_, c) in zip(refs, loaded)]
+    init_state = None
     if tr.init_from:
         init_model, init_card = zoo.load_entry(tr.init_from)
         backbone_name, backbone_cfg = init_card["model"], dict(init_card["config"])
+        init_state = init_model.state_dict()
     else:
         cfg = dict(exp.model)
         backbone_name = cfg.pop("name")
         backbone_cfg = asdict(create_model(backbone_name, cfg).config)
-    from .models.tmu import resolve_layers
-    probe = create_model(backbone_name, backbone_cfg)
-    layers = resolve_layers(tr.tmu_layers, probe.num_layers)
-    bank = MemoryBank([m for m, _ in loaded], names, probe, layers, tr.teacher_inputs,
-                      frame_channels=exp.data.channels)
-    torch.manual_seed(exp.train.seed)  # initial weights are a function of the seed
-    model = create_model("tmu", backbone=backbone_name, backbone_config=backbone_cfg,
-                         source_names=names, source_channels=bank.source_channels(),
-                         tmu_layers=layers, mode=tr.mode, gates=tr.gates, weighting=tr.weighting,
-                         distiller_kernel=tr.distiller_kernel, gate_kernel=tr.gate_kernel)
-    if tr.init_from:
-        model.backbone.load_state_dict(init_model.state_dict())
+    model, bank = build_tmu(backbone_name, backbone_cfg, [m for m, _ in loaded], names,
+                            frame_channels=exp.data.channels, tmu_layers=tr.tmu_layers, mode=tr.mode,
+                            gates=tr.gates, weighting=tr.weighting, distiller_kernel=tr.distiller_kernel,
+                            gate_kernel=tr.gate_kernel, teacher_inputs=tr.teacher_inputs,
+                            seed=exp.train.seed,  # initial weights are a function of the seed
+                            backbone_state=init_state)
     teachers_card = [{"name": n, "entry": str(r), "sha256": c["sha256"], "model": c["model"]}
                      for n, r, (_, c) in zip(names, refs, loaded)]
     return model, bank, teachers_card
@@ -243,6 +235,8 @@ def transfer_caveats(tr) -> list[str]:
 
 def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=None, zoo_root=None,
                  datasets=None) -> dict:
+    """Train a TMU target that draws on zoo teachers. ``exp`` is not changed (see run_train)."""
+    exp = copy.deepcopy(exp)
     out = prepare_run_dir(out, resume)
     for msg in transfer_caveats(exp.transfer):
         warnings.warn(msg, stacklevel=2)
@@ -253,7 +247,8 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     exp.save(out / "config.yaml")
     tr = exp.transfer
     cache = None
-    if tr.cache_bank != "none" and tr.teacher_inputs == "ground_truth" and exp.train.reverse_time_prob == 0:
+    augmented = exp.train.reverse_time_prob > 0 or exp.train.augment or exp.train.crop
+    if tr.cache_bank != "none" and tr.teacher_inputs == "ground_truth" and not augmented:
         cache = BankCache(len(datasets["train"]),
                           directory=(out / "bank_cache") if tr.cache_bank == "disk" else None)
     module = _module(exp, model, bank, cache)
@@ -263,12 +258,12 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     return _finish(exp, out, module, datasets, time.time() - t0, "transfer", extra, zoo_name, zoo_root)
 
 
-def load_for_inference(ref, exp: Experiment | None = None) -> tuple[ForecastModule, dict]:
-    """A zoo entry wrapped for rollout. TMU targets in distill mode run alone; bank_read ones load
-    the teachers listed on their card."""
+def load_for_inference(ref) -> tuple[ForecastModule, dict]:
+    """A zoo entry wrapped for rollout. A model that needs its teachers at inference (a TMU in
+    bank_read mode) gets those listed on its card; any other runs alone."""
     model, card = zoo.load_entry(ref)
     bank = None
-    if card["model"] == "tmu" and card["config"]["mode"] == "bank_read":
+    if model.needs_teachers_at_inference:
         teachers = [zoo.load_entry(t["entry"])[0] for t in card["teachers"]]
         bank = MemoryBank(teachers, [t["name"] for t in card["teachers"]], model,
                           model.layers, "own", frame_channels=model.backbone.config.in_channels)
@@ -279,21 +274,33 @@ def load_for_inference(ref, exp: Experiment | None = None) -> tuple[ForecastModu
     return module, card
 
 
-def run_evaluate(ref, exp: Experiment, out, datasets=None) -> dict:
+def load_baseline(name: str, exp: Experiment):
+    """A baseline forecaster (persistence, extrapolation) for ``exp``'s data: it works in the
+    physical units the data's reader declares (mm/h for radar), else on the [0, 1] values."""
+    units = physical_units(exp.data)
+    return create_baseline(name, exp.train.t_in, None if units is None else units.to_physical,
+                           None if units is None else units.from_physical)
+
+
+def eval_datasets(exp: Experiment, out) -> dict:
+    """Check ``out`` (no earlier metrics.json) and build the data, before anything is written."""
     out = Path(out)
     if (out / "metrics.json").exists():
         raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
+    return _check_data(exp)
+
+
+def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | None = None) -> dict:
+    """Per-frame metrics of a loaded forecaster (a zoo model from :func:`load_for_inference` or a
+    baseline from :func:`load_baseline`) on ``exp``'s eval split, written to ``out/metrics.json``."""
+    datasets = datasets or eval_datasets(exp, out)
+    out = Path(out)
+    if (out / "metrics.json").exists():
+        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
+    forecaster.t_in = exp.train.t_in
+    metrics = evaluate_forecaster(exp, forecaster, datasets)
+    if label:
+        metrics["model"] = label
     out.mkdir(parents=True, exist_ok=True)
-    module, card = load_for_inference(ref)
-    if exp.train.t_in != module.t_in:
-        module.t_in = exp.train.t_in
-    datasets = datasets or _check_data(exp)
-    metrics = _evaluate(exp, module, datasets)
-    metrics["model"] = str(ref)
     write_json(out / "metrics.json", metrics)
-    from .reporting import method_report
-    name = card.get("name") or Path(str(ref)).name
-    method_report(out, f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
-                  {name: metrics}, {name: zoo.resolve(ref)}, datasets[exp.eval.split], module.t_in,
-                  examples=exp.eval.examples, settings={"model": str(ref), "data": exp.data.to_dict()})
     return metrics

@@ -29,11 +29,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
-from .models import create_model
-from .training.schedules import SamplingSchedule
+from .models import create_model, list_models
+from .training import ForecastModule, SamplingSchedule, forecast_loss, quiet_lightning
+from .transfer import BankCache, build_tmu
 
 REQUIRED_KEYS = ("train_ms", "infer_ms", "seq_per_s", "peak_rss_mb", "params", "gflops", "peak_gflops")
 
@@ -41,7 +45,7 @@ REQUIRED_KEYS = ("train_ms", "infer_ms", "seq_per_s", "peak_rss_mb", "params", "
 @dataclass
 class BenchSpec:
     """One benchmark configuration (the CLI's flags, plus a few knobs for scripts)."""
-    model: str = "convlstm"        # convlstm | predrnn | tmu
+    model: str = "convlstm"        # a registered backbone, or tmu
     backbone: str = "convlstm"     # TMU target backbone
     layers: int = 2
     hidden: int = 32
@@ -57,6 +61,8 @@ class BenchSpec:
     distill_weight: float = 0.1
     lr: float = 1e-3
     seed: int = 0
+    device: str = "cpu"            # "cuda" on a GPU
+    precision: str = "32-true"     # "32-true" | "bf16-mixed" (autocast)
 
     @classmethod
     def from_args(cls, args) -> "BenchSpec":
@@ -84,8 +90,6 @@ class Workload:
     and ``teacher_infer_step`` (N full teacher rollouts) are the things that can be timed."""
 
     def __init__(self, spec: BenchSpec):
-        from .transfer import BankCache, MemoryBank
-
         if spec.frames < 3:
             raise ValueError("bench needs at least 3 frames")
         if spec.size % spec.patch:
@@ -94,33 +98,31 @@ class Workload:
         torch.manual_seed(spec.seed)
         g = torch.Generator().manual_seed(spec.seed)
         b, T = spec.batch, spec.frames
-        self.frames = torch.rand(b, T, 1, spec.size, spec.size, generator=g)
-        self.target = self.frames[:, 1:]
+        if spec.precision not in ("32-true", "bf16-mixed"):
+            raise ValueError(f"bench precision must be 32-true or bf16-mixed, got '{spec.precision}'")
+        self.device = torch.device(spec.device)
+        self.autocast = spec.precision == "bf16-mixed"
+        self.frames = torch.rand(b, T, 1, spec.size, spec.size, generator=g).to(self.device)
         # a scheduled-sampling mask half way through the decay: random 0/1 in the forecast part
         self.schedule = SamplingSchedule(kind="linear", t_in=spec.t_in, frames=T, stop_step=2)
-        self.mask = self.schedule.mask(1, b, generator=g)
+        self.mask = self.schedule.mask(1, b, generator=g).to(self.device)
         self.index = torch.arange(b)
         self.bank = self.cache = None
         self.teachers: list = []
         cfg = _backbone_config(spec)
         if spec.model == "tmu":
-            self.teachers = [create_model("convlstm", cfg) for _ in range(spec.teachers)]
+            self.teachers = [create_model("convlstm", cfg).to(self.device) for _ in range(spec.teachers)]
             names = [f"teacher{i}" for i in range(spec.teachers)]
-            probe = create_model(spec.backbone, cfg)
-            from .models.tmu import resolve_layers
-            layers = resolve_layers(spec.tmu_layers, probe.num_layers)
-            self.bank = MemoryBank(self.teachers, names, probe, layers, "ground_truth", frame_channels=1)
-            self.model = create_model("tmu", backbone=spec.backbone, backbone_config=cfg,
-                                      source_names=names, source_channels=self.bank.source_channels(),
-                                      tmu_layers=layers, mode=spec.tmu_mode)
+            self.model, self.bank = build_tmu(spec.backbone, cfg, self.teachers, names,
+                                              tmu_layers=spec.tmu_layers, mode=spec.tmu_mode)
             if spec.cached_bank:
                 self.cache = BankCache(b)
                 self.cache.put(self.index, self.bank(self.frames, self.mask, spec.t_in))
-        elif spec.model in ("convlstm", "predrnn"):
+        elif spec.model in list_models(kind="backbone"):
             self.model = create_model(spec.model, cfg)
         else:
             raise ValueError(f"unknown bench model '{spec.model}'")
-        self.model.train()
+        self.model.to(self.device).train()
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr)
 
     @property
@@ -135,52 +137,47 @@ class Workload:
         if self.bank is None:
             return None
         if self.cache is not None:
-            return self.cache.get(self.index)
+            return [{l: s.to(self.device) for l, s in src.items()} for src in self.cache.get(self.index)]
         return self.bank(self.frames, self.mask, self.spec.t_in)
 
     def loss(self):
-        if self.is_tmu:
-            preds, aux = self.model(self.frames, self.mask, bank=self.get_bank(), return_aux=True)
-            loss = F.mse_loss(preds, self.target)
-            if aux["distill_loss"] is not None and self.spec.distill_weight > 0:
-                loss = loss + self.spec.distill_weight * aux["distill_loss"]
-            return loss
-        return F.mse_loss(self.model(self.frames, self.mask), self.target)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return forecast_loss(self.model, self.frames, self.mask, bank=self.get_bank(),
+                                 distill_weight=self.spec.distill_weight if self.is_tmu else 0.0)[0]
+
+    def _wait(self) -> None:
+        """On a GPU, wait for the queued kernels, so that a timed call includes them."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def train_step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         self.loss().backward()
         self.opt.step()
-
-    def _own_bank(self):
-        mode = self.bank.teacher_inputs
-        self.bank.teacher_inputs = "own"
-        try:
-            mask = torch.zeros(self.spec.batch, self.spec.frames - 1)
-            mask[:, : self.spec.t_in - 1] = 1
-            return self.bank(self.frames, mask, self.spec.t_in)
-        finally:
-            self.bank.teacher_inputs = mode
+        self._wait()
 
     def infer_step(self) -> None:
-        with torch.inference_mode():
-            if self.is_tmu and self.spec.tmu_mode == "bank_read":
-                self.model(self.frames, t_in=self.spec.t_in, bank=self._own_bank())
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.autocast):
+            if self.model.needs_teachers_at_inference:
+                self.model(self.frames, t_in=self.spec.t_in, bank=self.bank.rollout(self.frames, self.spec.t_in))
             else:
                 self.model(self.frames, t_in=self.spec.t_in)
+        self._wait()
 
     def bank_step(self) -> None:
         """The teachers' part of an uncached TMU training step (the memory bank's forward)."""
         self.bank(self.frames, self.mask, self.spec.t_in)
+        self._wait()
 
     def teacher_infer_step(self) -> None:
         """N full teacher inference rollouts (what a bank that runs whole teachers would cost)."""
         with torch.inference_mode():
             for t in self.teachers:
                 t(self.frames, t_in=self.spec.t_in)
+        self._wait()
 
     def count_flops(self, which: str) -> int:
-        from torch.utils.flop_counter import FlopCounterMode
         fn = {"train": self._flop_train, "infer": self.infer_step, "bank": self.bank_step}[which]
         with FlopCounterMode(display=False) as fc:
             fn()
@@ -323,12 +320,6 @@ def lightning_overhead(w: Workload, steps: int, warmup: int, blocks: int = 1) ->
     workload (same spec, same weights). A Lightning step is the time from one batch start to the
     next minus that bare step, so it includes Lightning's loop, hooks, logging and loader.
     ``fixed_ms`` = median Lightning step - median bare step. ``blocks`` fits are run in a row."""
-    import lightning as L
-    from torch.utils.data import Dataset
-
-    from .training.loop import quiet_lightning
-    from .training.module import ForecastModule
-
     quiet_lightning()
     twin = Workload(w.spec)
     batch = {"frames": w.frames, "index": w.index}

@@ -1,4 +1,4 @@
-"""`transmem ...`: demo, data, pretrain, finetune, transfer, evaluate, predict, zoo, bench.
+"""`transmem ...`: demo, data, models, pretrain, finetune, transfer, evaluate, predict, zoo, bench.
 
 Every training command takes ``--config FILE.yaml`` plus ``--section.key value`` overrides
 (e.g. ``--train.steps 500 --data.num_digits 3``); unknown keys are errors. Bad input ends with a
@@ -7,8 +7,27 @@ one-line ``transmem: error: ...`` and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import api
+from .baselines import BASELINES, BaselineUnavailable
+from .bench import run_bench
+from .choices import TMU_MODES
+from .config import ConfigError, load_experiment
+from .data import DataError, build_datasets, list_datasets
+from .demo import run_demo
+from .files import atomic_write
+from .models import list_models
+from .predict import run_predict
+from .run_report import method_report
+from .training import CheckpointError
+from .transfer import TeacherMismatch
+from .zoo import ZooError, list_entries, read_card, resolve
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -55,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="export: the .npy file to write (N, T, C, H, W) uint8")
 
+    p = sub.add_parser("models", help="list the registered models (backbones and transfer models)")
+    p.add_argument("--kind", help="only this kind (backbone, transfer)")
+
     p = sub.add_parser("pretrain", help="train a backbone without labels; also trains from scratch on a target")
     _common(p)
     p = sub.add_parser("finetune", help="train starting from a zoo entry")
@@ -64,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--teachers", nargs="+", help="zoo entries (folders or names in the zoo root)")
     p.add_argument("--distill-weight", type=float, help="lambda of L_distill (config transfer.distill_weight)")
-    p.add_argument("--mode", choices=["distill", "bank_read"], help="config transfer.mode")
+    p.add_argument("--mode", choices=TMU_MODES, help="config transfer.mode")
     p.add_argument("--init-from", help="zoo entry to initialise the target backbone (finetune init)")
 
-    p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model on a dataset")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model or a baseline on a dataset")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", help="zoo entry to evaluate")
+    who.add_argument("--baseline", choices=BASELINES, help="a baseline forecaster instead of a model")
     p.add_argument("--config")
     p.add_argument("--out", required=True)
 
@@ -83,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root")
 
     p = sub.add_parser("bench", help="time training steps and inference rollouts")
-    p.add_argument("--model", default="convlstm", choices=["convlstm", "predrnn", "tmu"])
+    p.add_argument("--model", default="convlstm", choices=list_models())
     p.add_argument("--backbone", default="convlstm", help="TMU target backbone")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=32)
@@ -119,53 +143,47 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from .api import RunFolderError
-    from .config import ConfigError
-    from .data import DataError
-    from .training.loop import CheckpointError
-    from .transfer import TeacherMismatch
-    from .zoo import ZooError
-    return isinstance(e, (RunFolderError, ConfigError, DataError, TeacherMismatch, ZooError,
-                          CheckpointError, FileNotFoundError, PermissionError, FloatingPointError))
+    return isinstance(e, (api.RunFolderError, ConfigError, DataError, TeacherMismatch, ZooError,
+                          CheckpointError, BaselineUnavailable, FileNotFoundError, PermissionError,
+                          FloatingPointError))
 
 
 def _dispatch(args, rest, ap) -> int:
-    if args.cmd in ("demo", "zoo", "predict", "bench") and rest:
+    if args.cmd in ("demo", "zoo", "predict", "bench", "models") and rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     overrides = _split_overrides(rest, ap)
 
     if args.cmd == "demo":
-        from .demo import run_demo
         run_demo(args.out, quick=args.quick, mnist_dir=args.mnist, bank_read=not args.no_bank_read)
         return 0
 
+    if args.cmd == "models":
+        names = list_models(kind=args.kind)
+        if not names:
+            raise ConfigError(f"--kind {args.kind}: no models of this kind; kinds: backbone, transfer")
+        print("\n".join(names))
+        return 0
+
     if args.cmd == "zoo":
-        from .zoo import list_entries, read_card, resolve
         if args.action == "list":
             print(format_zoo_table(list_entries(args.root)))
         else:
             if not args.name:
                 ap.error("zoo show needs a NAME")
-            import json
             print(json.dumps(read_card(resolve(args.name, args.root)), indent=2))
         return 0
 
     if args.cmd == "bench":
-        from .bench import run_bench
         run_bench(args)
         return 0
 
     if args.cmd == "predict":
-        from .predict import run_predict
         run_predict(args.model, args.input, args.out)
         return 0
 
-    from .config import load_experiment
     exp = load_experiment(args.config, overrides)
-    from . import api
 
     if args.cmd == "data":
-        from .data import list_datasets
         if args.action == "list":
             print("\n".join(list_datasets()))
             return 0
@@ -187,7 +205,7 @@ def _dispatch(args, rest, ap) -> int:
         m = api.run_transfer(exp, args.out, args.resume, teachers=args.teachers,
                              zoo_name=args.zoo_name, zoo_root=args.zoo_root)
     elif args.cmd == "evaluate":
-        m = api.run_evaluate(args.model, exp, args.out)
+        m = _evaluate(args, exp)
     else:  # pragma: no cover - argparse guards the choices
         ap.error(f"unknown command {args.cmd}")
     print(_summary_line(m))
@@ -199,16 +217,31 @@ def _summary_line(m: dict) -> str:
     return "test: " + " ".join(parts)
 
 
+def _evaluate(args, exp) -> dict:
+    """``evaluate``: metrics.json and the report (plots, forecast GIFs, TMU maps) in --out."""
+    datasets = api.eval_datasets(exp, args.out)  # checked before anything is loaded or written
+    if args.baseline:
+        forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
+    else:
+        forecaster, card = api.load_for_inference(args.model)
+        name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
+    metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label)
+    method_report(Path(args.out), f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
+                  {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
+                  examples=exp.eval.examples, settings={"model": label, "data": exp.data.to_dict()})
+    return metrics
+
+
 def _export(exp, split: str, out: str) -> int:
-    import numpy as np
-    from .data import build_datasets
     if os.path.exists(out):
         raise FileExistsError(f"{out}: exists; not overwriting")
     ds = build_datasets(exp.data)[split]
     arr = np.stack([(ds[i]["frames"].numpy() * 255).round().astype(np.uint8) for i in range(len(ds))])
-    tmp = out + ".tmp.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, out)
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    atomic_write(out, save)
     print(f"wrote {out}: {arr.shape} uint8")
     return 0
 

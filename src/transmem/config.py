@@ -12,7 +12,9 @@ from typing import Any
 
 import yaml
 
+from .choices import CONFIG_CHOICES
 from .data.registry import DataConfig
+from .models import build_config
 
 
 class ConfigError(ValueError):
@@ -29,6 +31,8 @@ class TrainConfig:
     sampling_stop: float = 0.5        # fraction of the steps over which sampling decays
     sampling_start: float = 0.0       # reverse schedule: fraction where the change starts
     reverse_time_prob: float = 0.0    # time-reversed clips as augmentation
+    augment: list = field(default_factory=list)  # spatial augmentation: [flip, rot90]
+    crop: int = 0                     # train on random crop x crop windows (0: whole frames)
     l1_weight: float = 0.0
     val_every: int = 0                # validate every N steps (0: once, at the end)
     val_batches: int = 0              # limit validation batches (0: all)
@@ -115,18 +119,6 @@ def _coerce(value: Any, like: Any, key: str) -> Any:
     return value
 
 
-# settings with a fixed set of values, checked when the config is read (before any run folder).
-# The owners (schedules, ForecastModule, TMUModel, MemoryBank) check them too, for API users; they
-# are not imported here so that reading a config needs no torch (tests/test_cli.py keeps the two equal)
-_CHOICES = {
-    "train.schedule": ("linear", "reverse", "none"),
-    "transfer.distill_decay": ("none", "linear", "cosine"),
-    "transfer.distill_span": ("all", "input"),
-    "transfer.mode": ("distill", "bank_read"),
-    "transfer.weighting": ("none", "softmax"),
-    "transfer.teacher_inputs": ("ground_truth", "own"),
-    "transfer.cache_bank": ("memory", "disk", "none"),
-}
 
 
 def _section(cls, data: dict, name: str):
@@ -137,9 +129,10 @@ def _section(cls, data: dict, name: str):
     default = cls()
     kw = {k: _coerce(v, getattr(default, k), f"{name}.{k}") for k, v in data.items()}
     for k, v in kw.items():
-        allowed = _CHOICES.get(f"{name}.{k}")
-        if allowed and v not in allowed:
-            raise ConfigError(f"{name}.{k}: expected one of {', '.join(allowed)}, got {v!r}")
+        allowed = CONFIG_CHOICES.get(f"{name}.{k}")
+        for item in (v if isinstance(v, list) else [v]) if allowed else []:
+            if item not in allowed:
+                raise ConfigError(f"{name}.{k}: expected one of {', '.join(allowed)}, got {item!r}")
     if cls is DataConfig and "split" in kw:
         kw["split"] = tuple(kw["split"])
     return cls(**kw)
@@ -178,7 +171,6 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
             setattr(exp, name, _section(cls, raw[name], name))
     if "model" in raw:
         model = {"name": "convlstm", **raw["model"]}
-        from .models import build_config
         name = model.pop("name")
         try:
             cfg = build_config(name, {k: v for k, v in model.items()})

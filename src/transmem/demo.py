@@ -16,8 +16,11 @@ from pathlib import Path
 import torch
 
 from . import api
+from .baselines import BASELINES, BaselineUnavailable
 from .config import Experiment, load_experiment
 from .data import build_datasets
+from .files import write_json
+from .run_report import demo_report
 
 # Sizes chosen so that the full demo stays under 10 minutes on 2 CPU cores, --quick under 2.
 FULL = dict(size=32, frames=10, t_in=5, pre_clips=2000, target_clips=1000, val_clips=100,
@@ -57,6 +60,7 @@ def run_demo(out, quick: bool = False, mnist_dir: str | None = None, bank_read: 
     datasets = build_datasets(target.data)
     methods: dict[str, dict] = {}
     runs = {}
+    baselines: dict = {}
 
     def record(name, run_dir, metrics):
         methods[name] = metrics
@@ -83,6 +87,17 @@ def run_demo(out, quick: bool = False, mnist_dir: str | None = None, bank_read: 
         print(f"[demo] target: {name}")
         run_dir = out / "runs" / name.replace(":", "-").replace("+", "-")
         record(name, run_dir, api.run_transfer(exp, run_dir, teachers=teachers, datasets=datasets))
+    # the baselines every row is compared with, on the same test clips
+    for name in BASELINES:
+        try:
+            forecaster = api.load_baseline(name, target)
+        except BaselineUnavailable as e:
+            print(f"[demo] baseline {name}: {e}")
+            methods[name] = {"note": "not installed: pip install 'transmem[nowcast]'"}
+            continue
+        print(f"[demo] baseline: {name}")
+        methods[name] = api.evaluate_forecaster(target, forecaster, datasets)
+        baselines[name] = forecaster
     wall = time.time() - t_start
     settings = {
         "data": f"flying digits ({'real MNIST' if mnist_dir else 'built-in glyph digits'}), "
@@ -93,14 +108,20 @@ def run_demo(out, quick: bool = False, mnist_dir: str | None = None, bank_read: 
         "model": ", ".join(f"{k}={v}" for k, v in s["model"].items()),
         "tmu": "distill_weight 0.1, bottom layer, gates on; distill rows: teachers read ground truth "
                "(cached bank); bank_read: teachers read what the target reads (own predictions)",
+        "baselines": "persistence (the last input frame repeated); extrapolation (pysteps: dense "
+                     "Lucas-Kanade motion on the last 3 input frames, semi-Lagrangian advection of the "
+                     "last one, on the [0, 1] intensities)",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "wall_s": round(wall, 1),
     }
     result = {"methods": methods, "settings": settings, "wall_s": round(wall, 1), "quick": quick}
-    api.write_json(out / "metrics.json", result)
-    from .reporting import demo_report
-    demo_report(out, result, runs, datasets["test"], target.train.t_in)
+    write_json(out / "metrics.json", result)
+    forecasters = {m: api.load_for_inference(Path(d) / "model")[0] for m, d in runs.items()} | baselines
+    demo_report(out, result, forecasters, datasets["test"], target.train.t_in)
     print(f"[demo] done in {wall:.0f} s: {out / 'report.md'}")
     for name, m in methods.items():
+        if "mse" not in m:
+            print(f"  {name:32s} {m['note']}")
+            continue
         print(f"  {name:32s} MSE/frame {m['mse']:8.2f}  SSIM {m['ssim']:.3f}  PSNR {m['psnr']:.2f}")
     return result

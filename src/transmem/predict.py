@@ -7,9 +7,6 @@ mm/h. Everything is written to a temporary folder first, so a failure leaves not
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +14,10 @@ import torch
 from PIL import Image
 
 from .api import RunFolderError, load_for_inference
-from .data import DataError
+from .data import DataError, physical_units
 from .data.inputs import read_input_frames
-
-RADAR = ("radar_fmi", "radar_mch", "hdf5")
-
-
-def physical_transform(data: dict):
-    """Map model values in [0, 1] to physical units for radar data (mm/h), else None."""
-    if data.get("name") not in RADAR:
-        return None
-    from .data.radar import unit_to_rain
-    r_max = float((data.get("extra") or {}).get("r_max", 100.0))
-
-    def to_mmh(x):
-        if isinstance(x, torch.Tensor):
-            return torch.pow(10.0, x.clamp(0, 1) * np.log10(1.0 + r_max)) - 1.0
-        return unit_to_rain(x, r_max)
-    return to_mmh
+from .files import atomic_folder
+from .viz import save_gif
 
 
 def run_predict(model_ref, input_path, out_dir) -> Path:
@@ -46,9 +29,8 @@ def run_predict(model_ref, input_path, out_dir) -> Path:
     size = int(card["frame_size"][0])
     channels = int(card.get("channels", 1))
     data = card.get("data", {})
-    opts = {}
-    if data.get("name") in RADAR:
-        opts["r_max"] = float((data.get("extra") or {}).get("r_max", 100.0))
+    extra = data.get("extra") or {}
+    opts = {"r_max": float(extra["r_max"])} if "r_max" in extra else {}
     frames = read_input_frames(input_path, channels=channels, size=size, **opts)
     if frames.shape[0] < t_in:
         raise DataError(input_path, f"has {frames.shape[0]} frames; the model needs at least T_in={t_in}")
@@ -56,23 +38,15 @@ def run_predict(model_ref, input_path, out_dir) -> Path:
     clip = torch.cat([past, past.new_zeros(1, t_out, *past.shape[2:])], 1)
     with torch.inference_mode():
         pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    units = physical_units(data) if data.get("name") else None
+    with atomic_folder(out) as tmp:
         np.save(tmp / "prediction.npy", pred.astype(np.float32))
-        to_phys = physical_transform(data)
-        if to_phys is not None:
-            np.save(tmp / "prediction_mmh.npy", to_phys(pred).astype(np.float32))
+        if units is not None:
+            np.save(tmp / f"prediction_{units.name.replace('/', '')}.npy",
+                    np.asarray(units.to_physical(pred), dtype=np.float32))
         for k, f in enumerate(pred, 1):
             img = (f.transpose(1, 2, 0) * 255).round().astype(np.uint8)
             Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp / f"frame_{k:02d}.png")
-        from .viz import save_gif
         save_gif(tmp / "prediction.gif", [past[0].numpy(), pred], ["input", "prediction"])
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {t_out} predicted frames to {out} (frames, prediction.npy, prediction.gif)")
     return out

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from transmem.viz import _atomic_write
+from .files import write_text
 
 __all__ = ["write_report", "summarize_transfer", "build_table"]
 
@@ -253,8 +253,8 @@ def write_report(
     notes_l = _notes_list(notes)
     md = _md(title, headers, cells, bold, images, notes_l, settings)
     page = _html(title, headers, cells, bold, images, out, notes_l, settings)
-    md_path = _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(md, encoding="utf-8"))
-    html_path = _atomic_write(out / "report.html", lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    md_path = write_text(out / "report.md", md)
+    html_path = write_text(out / "report.html", page)
     return md_path, html_path
 
 

@@ -1,5 +1,7 @@
-"""Run reports: per-frame metric plots, GIFs and grids of forecasts, TMU transfer maps, and
-report.md / report.html. Used by ``demo``, ``evaluate`` and the benchmarks."""
+"""The report of a run: per-frame metric plots, GIFs and grids of forecasts, TMU transfer maps, and
+the page (report.md / report.html, written by :mod:`transmem.report_page`). It takes forecasters
+already loaded -- anything with ``rollout(frames)`` and ``t_in`` -- and draws; it loads nothing.
+Used by ``demo``, ``evaluate`` and the benchmarks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .report import summarize_transfer, write_report
+from .report_page import summarize_transfer, write_report
+from .training import make_loader, predict_batches
 from .viz import plot_per_frame, plot_transfer_maps, save_gif, save_grid
 
 
@@ -19,18 +22,14 @@ def transfer_maps(module, dataset, batch_size: int = 16, max_clips: int = 64) ->
     "transfer": (N, T-1, h, w)}} where ``gate`` is the transfer gate averaged over channels,
     ``weight`` the softmax weight across sources (sums to 1 over N at each position and step) and
     ``transfer`` their product, the share of each source that enters the memory."""
-    from .training.loop import make_loader
-    from .training.module import _own_rollout_bank
     model = module.model
     sums: dict = {}
     seen = 0
     for batch in make_loader(dataset, batch_size, False):
         frames = batch["frames"]
         bank = None
-        if model.config.mode == "bank_read":
-            mask = torch.zeros(frames.shape[0], frames.shape[1] - 1)
-            mask[:, : module.t_in - 1] = 1
-            bank = _own_rollout_bank(module.bank, frames, mask, module.t_in)
+        if model.needs_teachers_at_inference:
+            bank = module.bank.rollout(frames, module.t_in)
         _, aux = model(frames, t_in=module.t_in, bank=bank, return_aux=True, record_maps=True)
         for layer, steps in aux["maps"].items():
             gate = torch.stack([s["gate"] for s in steps], 2).sum(0)  # (N, T-1, h, w)
@@ -53,7 +52,6 @@ def transfer_maps(module, dataset, batch_size: int = 16, max_clips: int = 64) ->
 
 def forecasts(module, dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(frames (n, T, C, H, W), forecast (n, T_out, C, H, W)) for the first n test clips."""
-    from .training.loop import predict_batches
     frames, preds = [], []
     for f, _, p in predict_batches(module, dataset, batch_size=n, limit=n):
         frames.append(f[:n])
@@ -62,11 +60,11 @@ def forecasts(module, dataset, n: int) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat(frames).numpy(), torch.cat(preds).numpy()
 
 
-def method_report(out: Path, title: str, methods: dict, model_dirs: dict, dataset, t_in: int,
+def method_report(out: Path, title: str, methods: dict, forecasters: dict, dataset, t_in: int,
                   examples: int = 3, settings: dict | None = None, notes=None) -> tuple[Path, Path]:
     """Plots, GIFs, grids, transfer maps and the report for a set of methods evaluated on one
-    dataset. ``model_dirs`` maps method -> zoo entry folder (for forecasts and TMU maps)."""
-    from .api import load_for_inference
+    dataset. ``methods`` maps method -> metrics; ``forecasters`` maps method -> a loaded
+    forecaster (a ForecastModule or a baseline) whose forecasts and TMU maps are drawn."""
     out = Path(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -80,13 +78,12 @@ def method_report(out: Path, title: str, methods: dict, model_dirs: dict, datase
     notes = list(notes or [])
     preds = {}
     frames = None
-    for name, mdir in model_dirs.items():
-        module, card = load_for_inference(mdir)
+    for name, module in forecasters.items():
         module.t_in = t_in
         frames, preds[name] = forecasts(module, dataset, examples)
-        if card["model"] == "tmu":
+        if hasattr(getattr(module, "model", None), "transfer"):  # a TMU: draw its transfer maps
             maps = transfer_maps(module, dataset)
-            names = card["config"]["source_names"]
+            names = module.model.config.source_names
             for layer, m in maps.items():
                 safe = name.replace(":", "-").replace("+", "-")
                 lead = m["transfer"][:, t_in - 1:]  # steps that produce the forecast: lead times 1..T_out
@@ -110,7 +107,7 @@ def method_report(out: Path, title: str, methods: dict, model_dirs: dict, datase
     return write_report(out, title, table, images, notes, settings)
 
 
-def demo_report(out: Path, result: dict, runs: dict, test_set, t_in: int) -> None:
+def demo_report(out: Path, result: dict, forecasters: dict, test_set, t_in: int) -> None:
     notes = [
         "MSE/frame is the squared error summed over the pixels of a frame (PredRNN convention), "
         "averaged over test clips and lead times; MSE/pixel is the per-pixel mean.",
@@ -118,5 +115,5 @@ def demo_report(out: Path, result: dict, runs: dict, test_set, t_in: int) -> Non
         "See benchmarks/ for the seeded comparison.",
     ]
     method_report(out, "transmem demo: transfer to 3-digit flying digits", result["methods"],
-                  {m: Path(d) / "model" for m, d in runs.items()}, test_set, t_in,
+                  forecasters, test_set, t_in,
                   settings=result["settings"], notes=notes)

@@ -6,8 +6,8 @@ Frame sequences are ``(T, C, H, W)`` arrays or tensors (``C`` = 1 or 3; ``(T, H,
 are drawn with Pillow (nearest-neighbour upscaling, so every pixel of a small frame stays a sharp
 block); plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch).
 
-Every file is written atomically: to a hidden temporary file in the destination folder, then
-``os.replace``-d onto the final name, so a reader never sees a half-written file. Each function
+Every file is written atomically (:func:`transmem.files.atomic_write`), so a reader never sees a
+half-written file. Each function
 returns the :class:`pathlib.Path` it wrote.
 """
 
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_write
 
 __all__ = ["save_gif", "save_grid", "plot_per_frame", "plot_transfer_maps", "to_uint8_frames"]
 
@@ -34,23 +35,6 @@ _COL_GAP = 10  # pixels between GIF panels
 
 
 # ----------------------------------------------------------------------------- helpers
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().float().cpu().numpy()
@@ -161,7 +145,7 @@ def save_gif(
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
                        duration=duration, loop=0, disposal=1)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- grid
@@ -213,7 +197,7 @@ def save_grid(
             else:
                 draw.rectangle((x0, y0, x0 + cw - 1, y0 + ch - 1), fill=_BLANK)
 
-    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- plots
@@ -254,7 +238,7 @@ def plot_per_frame(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_transfer_maps(
@@ -309,4 +293,4 @@ def plot_transfer_maps(
                 ax.set_ylabel(str(source_names[i]), fontsize="small")
     fig.suptitle(title)
     fig.colorbar(im, ax=[a for row in axes for a in row], shrink=0.8, label="weight")
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -11,14 +11,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_folder
 from .models import create_model
 
 CARD = "card.json"
@@ -52,10 +51,8 @@ def save_entry(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
     ``overwrite``; the replacement is atomic (the old entry stays intact until the rename)."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise ZooError(f"{path}: zoo entry already exists (pass overwrite=True / --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+        raise ZooError(f"{path}: zoo entry already exists (choose another name or folder; nothing was changed)")
+    with atomic_folder(path, replace=overwrite) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         full = {
@@ -68,18 +65,6 @@ def save_entry(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
             "sha256": sha256_file(tmp / WEIGHTS),
         }
         (tmp / CARD).write_text(json.dumps(full, indent=2, sort_keys=False))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -109,18 +94,17 @@ def read_card(path: str | os.PathLike) -> dict:
     return card
 
 
-def load_entry(ref: str | os.PathLike, root=None, verify: bool = True):
+def load_entry(ref: str | os.PathLike, root=None):
     """Return ``(model, card)``; the model is in eval mode. The weights' sha256 must match."""
     path = resolve(ref, root)
     card = read_card(path)
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ZooError(f"{weights}: missing weights")
-    if verify:
-        digest = sha256_file(weights)
-        if digest != card["sha256"]:
-            raise ZooError(f"{weights}: sha256 {digest[:12]}... does not match the card "
-                           f"({card['sha256'][:12]}...): file changed or tampered with; refusing to load")
+    digest = sha256_file(weights)
+    if digest != card["sha256"]:
+        raise ZooError(f"{weights}: sha256 {digest[:12]}... does not match the card "
+                       f"({card['sha256'][:12]}...): file changed or tampered with; refusing to load")
     try:
         model = create_model(card["model"], card["config"])
     except (KeyError, ValueError, TypeError) as e:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..files import atomic_folder
 from .errors import DataError
 from .registry import DataConfig
 
@@ -404,29 +405,20 @@ def _open_cache(folder: Path) -> Prepared | None:
 def _write_cache(root: Path, key: str, prep: Prepared, meta: dict) -> Prepared:
     """Write atomically: everything goes into a temporary folder that is renamed at the end."""
     final = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
-        np.save(tmp / "frames.npy", np.ascontiguousarray(prep.data))
-        if prep.mask is not None:
-            np.save(tmp / "mask.npy", np.ascontiguousarray(prep.mask))
-        info = dict(meta, names=prep.names, events=prep.events, offsets=prep.offsets,
-                    lengths=prep.lengths, has_mask=prep.mask is not None,
-                    dtype=str(prep.data.dtype), shape=list(prep.data.shape))
-        with open(tmp / "index.json", "w") as fh:
-            json.dump(info, fh, indent=1, default=str)
-        if final.exists():  # stale or broken copy: move it aside, then replace
-            trash = Path(tempfile.mkdtemp(prefix=f".{key}.old-", dir=root))
-            os.replace(final, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race; use its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        warnings.warn(f"{root}: cannot write the data cache ({e}); continuing without it")
-        return prep
+        with atomic_folder(final, replace=True) as tmp:  # a stale or broken copy is replaced
+            np.save(tmp / "frames.npy", np.ascontiguousarray(prep.data))
+            if prep.mask is not None:
+                np.save(tmp / "mask.npy", np.ascontiguousarray(prep.mask))
+            info = dict(meta, names=prep.names, events=prep.events, offsets=prep.offsets,
+                        lengths=prep.lengths, has_mask=prep.mask is not None,
+                        dtype=str(prep.data.dtype), shape=list(prep.data.shape))
+            with open(tmp / "index.json", "w") as fh:
+                json.dump(info, fh, indent=1, default=str)
+    except OSError as e:  # also when another process renamed its copy in at the same moment
+        if not (final / "index.json").is_file():
+            warnings.warn(f"{root}: cannot write the data cache ({e}); continuing without it")
+            return prep
     opened = _open_cache(final)
     return opened if opened is not None else prep
 

@@ -35,7 +35,7 @@ import numpy as np
 from .clips import (SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
                     parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
-from .radar import FMI_A, FMI_B, R_MAX, dbz_to_rainrate, prepare_rain_frames
+from .radar import FMI_A, FMI_B, R_MAX, dbz_to_rainrate, prepare_rain_frames, rain_units
 from .registry import DataConfig, register_dataset
 
 H5_EXTS = frozenset({".h5", ".hdf5", ".hdf", ".he5", ".nc", ".nc4", ".cdf"})
@@ -287,7 +287,7 @@ def _h5_specs(cfg: DataConfig) -> list[SequenceSpec]:
     return specs
 
 
-@register_dataset("hdf5")
+@register_dataset("hdf5", units=rain_units)
 def build_hdf5(cfg: DataConfig) -> dict:
     """Clips of log-scaled rain rate (+ mask) from HDF5 / NetCDF4 arrays."""
     specs = _h5_specs(cfg)

@@ -44,7 +44,7 @@ import numpy as np
 from .clips import (SequenceSpec, build_clip_datasets, fit_masked, fit_options, natural_key, opt, opt_float,
                     opt_int, require_path, split_at_gaps, why)
 from .errors import DataError
-from .registry import DataConfig, register_dataset
+from .registry import DataConfig, Units, register_dataset
 
 FMI_A, FMI_B = 223.0, 1.53
 R_MAX = 100.0
@@ -105,6 +105,18 @@ def unit_to_rain(x, r_max: float = R_MAX) -> np.ndarray:
     """Inverse of :func:`rain_to_unit` on [0, 1]: ``R = 10^(x·log10(1 + R_max)) − 1``."""
     x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
     return (np.power(10.0, x * np.log10(1.0 + r_max)) - 1.0).astype(np.float32)
+
+
+def rain_units(cfg: DataConfig) -> Units:
+    """The units every rain-rate reader declares: mm/h through the log scale above, with the
+    run's ``extra["r_max"]``. Works on numpy arrays and on torch tensors (for metrics)."""
+    r_max = float((cfg.extra or {}).get("r_max", R_MAX))
+
+    def to_mmh(x):
+        if hasattr(x, "clamp"):  # a torch tensor (metrics on the device), without importing torch
+            return 10.0 ** (x.clamp(0, 1) * np.log10(1.0 + r_max)) - 1.0
+        return unit_to_rain(x, r_max)
+    return Units("mm/h", to_mmh, lambda r: rain_to_unit(r, r_max))
 
 
 _MCH_LUT = mch_index_to_rainrate(np.arange(256))
@@ -372,13 +384,13 @@ def _radar_specs(cfg: DataConfig, src: _Source) -> list[SequenceSpec]:
     return specs
 
 
-@register_dataset("radar_fmi")
+@register_dataset("radar_fmi", units=rain_units)
 def build_radar_fmi(cfg: DataConfig) -> dict:
     """FMI reflectivity composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_fmi", _radar_specs(cfg, FMI), order="name", what="events")
 
 
-@register_dataset("radar_mch")
+@register_dataset("radar_mch", units=rain_units)
 def build_radar_mch(cfg: DataConfig) -> dict:
     """MeteoSwiss rain-rate composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_mch", _radar_specs(cfg, MCH), order="name", what="events")

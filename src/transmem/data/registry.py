@@ -3,6 +3,12 @@
 A builder takes a :class:`DataConfig` and returns ``{split: torch Dataset}``; every item of every
 dataset is a dict ``{"frames": float32 (T, C, H, W) in [0, 1]}`` plus, for sources with missing
 values (radar), ``"mask": bool (T, 1, H, W)`` that is True where the value is valid.
+
+A reader whose values stand for a physical quantity declares it when it registers
+(``units=``): a function of the data config that returns :class:`Units`, the unit's name and the
+maps between the model's [0, 1] values and physical values. Metrics in physical units (CSI at a
+rain rate), forecasts written in mm/h and the baselines that work in physical units all read it
+from here, through :func:`physical_units`.
 """
 from __future__ import annotations
 
@@ -12,11 +18,24 @@ from typing import Any, Callable
 from .errors import DataError
 
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
+_UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
+_NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
-def register_dataset(name: str):
+@dataclass(frozen=True)
+class Units:
+    """``name`` (e.g. "mm/h"); ``to_physical`` and ``from_physical`` map arrays or tensors between
+    the model's [0, 1] values and physical values, elementwise."""
+    name: str
+    to_physical: Callable[[Any], Any]
+    from_physical: Callable[[Any], Any]
+
+
+def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None):
     def deco(fn):
         _DATASETS[name] = fn
+        if units is not None:
+            _UNITS[name] = units
         return fn
     return deco
 
@@ -24,6 +43,15 @@ def register_dataset(name: str):
 def list_datasets() -> list[str]:
     _import_builtin_readers()
     return sorted(_DATASETS)
+
+
+def physical_units(cfg: "DataConfig | dict") -> Units | None:
+    """The physical units of a dataset's values (None: plain intensities in [0, 1])."""
+    _import_builtin_readers()
+    if isinstance(cfg, dict):
+        cfg = DataConfig.from_dict(cfg)
+    make = _UNITS.get(cfg.name)
+    return None if make is None else make(cfg)
 
 
 @dataclass
@@ -69,16 +97,27 @@ def build_datasets(cfg: DataConfig) -> dict:
     """Return ``{"train": Dataset, "val": Dataset, "test": Dataset}`` for ``cfg``."""
     _import_builtin_readers()
     if cfg.name not in _DATASETS:
-        raise DataError(cfg.path, f"unknown dataset '{cfg.name}'; known: {', '.join(sorted(_DATASETS))}")
+        missing = "".join(f"; reader module '{m}' not loaded ({why})" for m, why in _NOT_LOADED.items())
+        raise DataError(cfg.path, f"unknown dataset '{cfg.name}'; known: {', '.join(sorted(_DATASETS))}{missing}")
     return _DATASETS[cfg.name](cfg)
 
 
+#: optional dependency -> the extra that installs it
+_EXTRAS = {"av": "video", "h5py": "radar"}
+
+
 def _import_builtin_readers() -> None:
-    # Importing the reader modules registers them; optional ones may be missing a dependency.
+    """Importing the reader modules registers them. A reader whose optional dependency is missing
+    is recorded with the reason (named in the error when its dataset is asked for); any other
+    import failure is an error."""
     import importlib
     for mod in ("flying_digits", "arrays", "video", "frames", "radar", "hdf5"):
+        if mod in _NOT_LOADED:
+            continue
         try:
             importlib.import_module(f"transmem.data.{mod}")
-        except ModuleNotFoundError as e:  # a module not written yet, or an optional extra missing
-            if not (e.name or "").startswith(("transmem.data.", "av", "h5py")):
+        except ModuleNotFoundError as e:
+            dep = (e.name or "").split(".")[0]
+            if dep not in _EXTRAS:
                 raise
+            _NOT_LOADED[mod] = f"needs {dep}: pip install 'transmem[{_EXTRAS[dep]}]'"

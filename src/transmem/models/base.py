@@ -4,20 +4,38 @@ A backbone sees frames as ``(B, T, C, H, W)``; patching into a coarser grid with
 channels happens here, inside the model. Subclasses implement one recurrent step over the patched
 grid (:meth:`init_state`, :meth:`step`); the rollout, scheduled sampling and the optional memory
 output are shared. The *memory* of layer ``l`` is the recurrent cell state ``c`` that the layer
-carries to the next step. A ``memory_hook`` may rewrite it right after the cell computes it and
-before the hidden state is read from it: that is how the TMU plugs into any backbone without edits.
+carries to the next step. A ``memory_hook`` (:class:`MemoryHook`) may rewrite it right after the
+cell computes it and before the hidden state is read from it: that is how the TMU plugs into any
+backbone without edits.
+
+The cell equations (:func:`lstm_memory`, :func:`gated_tanh`, :func:`conv1x1`) are written here in
+plain torch ops; while the switch of :mod:`transmem.models.kernels` is on (the default) they run
+as fused kernels that compute the same thing faster on the CPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-# hook(layer, t, memory, x_in, h_prev) -> memory to carry. A backbone that has [x_in, h_prev]
-# concatenated at hand may pass the two as views of it (a hook can then read it without a copy).
-MemoryHook = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from . import kernels
+
+
+class MemoryHook(Protocol):
+    """``hook(layer, t, memory, x_in, h_prev, xh=None) -> memory to carry``.
+
+    Called by every backbone once per layer and step, right after the cell computes its memory
+    ``c`` and before ``h`` is read from it; ``x_in`` is the layer's input at step t and
+    ``h_prev`` its previous hidden state. A backbone that has the concatenation
+    ``[x_in, h_prev]`` (along channels) at hand passes it as ``xh``, so that a hook convolving
+    over [x, h] need not build it again (ConvLSTM does, except at t = 0; PredRNN passes
+    nothing). A hook must accept ``xh`` and may ignore it."""
+
+    def __call__(self, layer: int, t: int, memory: torch.Tensor, x_in: torch.Tensor,
+                 h_prev: torch.Tensor, xh: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -50,111 +68,40 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, t, c, h * p, w * p)
 
 
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """A 1x1 convolution as a batched matmul over positions. Why: oneDNN reorders the input and
-    output of a 1x1 convolution to its blocked layout and back at every call, which on the small
-    grids of these models costs several times the arithmetic."""
-    n, _, hh, ww = x.shape
-    w2 = weight.flatten(1).expand(n, -1, -1)
-    xf = x.flatten(2)
-    y = torch.bmm(w2, xf) if bias is None else torch.baddbmm(bias[None, :, None], w2, xf)
-    return y.view(n, weight.shape[0], hh, ww)
-
-
-def _tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh(x) outside autograd (inside the nodes below). On CPU computed as 2*sigmoid(2x) - 1:
-    this torch build's CPU tanh is several times slower than its sigmoid; the two agree to
-    ~2e-7 absolute."""
-    if x.device.type != "cpu":
-        return torch.tanh(x)
-    return torch.sigmoid(x * 2).mul_(2).sub_(1)
-
-
-class _LSTMMemoryFn(torch.autograd.Function):
-    """The LSTM memory update from gate pre-activations ``pre = [i, f, g(, o)]`` as one autograd
-    node: ``c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g)``, and ``sigmoid(o)`` when ``with_o``.
-    Why: built from slices and pointwise ops, autograd's backward makes a zero-filled gradient
-    of the whole of ``pre`` for every slice and adds them up; here the gradient of ``pre`` is
-    written once, block by block. ``c_prev=None`` means zeros (the first step)."""
-
-    @staticmethod
-    def math(pre, c_prev, with_o: bool):
-        """(sigmoid([i, f]), tanh(g), c, sigmoid(o) or None), without autograd."""
-        hd = pre.shape[1] // (4 if with_o else 3)
-        act = torch.sigmoid(pre[:, : 2 * hd])                # i, f
-        g = _tanh(pre[:, 2 * hd: 3 * hd])
-        c = act[:, :hd] * g
-        if c_prev is not None:
-            c.addcmul_(act[:, hd:], c_prev)
-        return act, g, c, (torch.sigmoid(pre[:, 3 * hd:]) if with_o else None)
-
-    @staticmethod
-    def forward(ctx, pre, c_prev, with_o: bool):
-        act, g, c, o = _LSTMMemoryFn.math(pre, c_prev, with_o)
-        ctx.save_for_backward(act, g, c_prev, o)
-        ctx.set_materialize_grads(False)
-        return (c, o) if with_o else c
-
-    @staticmethod
-    def backward(ctx, g_c, g_o=None):
-        act, g, c_prev, o = ctx.saved_tensors
-        hd = g.shape[1]
-        d = act.new_empty(act.shape[0], (4 if o is not None else 3) * hd, *act.shape[2:])
-        g_c_prev = None
-        if g_c is None:
-            d[:, : 3 * hd].zero_()
-        else:
-            torch.mul(g_c, g, out=d[:, :hd])                     # dL/d sigmoid(i)
-            if c_prev is None:
-                d[:, hd: 2 * hd].zero_()
-            else:
-                torch.mul(g_c, c_prev, out=d[:, hd: 2 * hd])     # dL/d sigmoid(f)
-                if ctx.needs_input_grad[1]:
-                    g_c_prev = g_c * act[:, hd:]
-            torch.mul(g_c, act[:, :hd], out=d[:, 2 * hd: 3 * hd])  # dL/d tanh(g)
-            ifg = d[:, : 2 * hd]
-            torch.ops.aten.sigmoid_backward.grad_input(ifg, act, grad_input=ifg)
-            gg = d[:, 2 * hd: 3 * hd]
-            torch.ops.aten.tanh_backward.grad_input(gg, g, grad_input=gg)
-        if o is not None:
-            if g_o is None:
-                d[:, 3 * hd:].zero_()
-            else:
-                torch.ops.aten.sigmoid_backward.grad_input(g_o, o, grad_input=d[:, 3 * hd:])
-        return d, g_c_prev, None
-
-
-class _GatedTanhFn(torch.autograd.Function):
-    """``h = o * tanh(c)`` as one autograd node (it keeps o and tanh(c), as autograd would)."""
-
-    @staticmethod
-    def forward(ctx, o, c):
-        tc = _tanh(c)
-        ctx.save_for_backward(o, tc)
-        return o * tc
-
-    @staticmethod
-    def backward(ctx, g_h):
-        o, tc = ctx.saved_tensors
-        g_o = g_h * tc if ctx.needs_input_grad[0] else None
-        g_c = torch.ops.aten.tanh_backward(g_h * o, tc) if ctx.needs_input_grad[1] else None
-        return g_o, g_c
+# --- the cell equations, in plain torch ops ------------------------------------------------
+# Each dispatches to its fused kernel (kernels.py: same equation, one autograd node, faster on
+# the CPU) while ``kernels.enabled()``; ``TRANSMEM_FUSED=0`` or ``kernels.use_fused(False)``
+# runs the plain ops below.
 
 
 def lstm_memory(pre: torch.Tensor, c_prev: torch.Tensor | None, with_o: bool = False):
     """``c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g)`` from ``pre = [i, f, g]`` (channel
-    blocks); with ``with_o``, ``pre = [i, f, g, o]`` and ``(c, sigmoid(o))`` is returned."""
-    if not (torch.is_grad_enabled() and (pre.requires_grad or (c_prev is not None and c_prev.requires_grad))):
-        _, _, c, o = _LSTMMemoryFn.math(pre, c_prev, with_o)  # no graph: skip the node
-        return (c, o) if with_o else c
-    return _LSTMMemoryFn.apply(pre, c_prev, with_o)
+    blocks; ``c_prev=None``: zeros, the first step); with ``with_o``, ``pre = [i, f, g, o]`` and
+    ``(c, sigmoid(o))`` is returned."""
+    if kernels.enabled():
+        return kernels.lstm_memory(pre, c_prev, with_o)
+    hd = pre.shape[1] // (4 if with_o else 3)
+    i, f, g = pre[:, :hd], pre[:, hd: 2 * hd], pre[:, 2 * hd: 3 * hd]
+    if c_prev is None:
+        c = torch.sigmoid(i) * torch.tanh(g)
+    else:
+        c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
+    return (c, torch.sigmoid(pre[:, 3 * hd:])) if with_o else c
 
 
 def gated_tanh(o: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``o * tanh(c)``, the LSTM's hidden state from its output gate and memory."""
-    if not (torch.is_grad_enabled() and (o.requires_grad or c.requires_grad)):
-        return o * _tanh(c)
-    return _GatedTanhFn.apply(o, c)
+    """``h = o * tanh(c)``, the LSTM's hidden state from its output gate and memory."""
+    if kernels.enabled():
+        return kernels.gated_tanh(o, c)
+    return o * torch.tanh(c)
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """A 1x1 convolution (fused: a batched matmul over positions, see
+    :func:`kernels.pointwise_conv`)."""
+    if kernels.enabled():
+        return kernels.pointwise_conv(x, weight, bias)
+    return F.conv2d(x, weight, bias)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -180,6 +127,7 @@ class PredictiveRNN(nn.Module):
 
     config_class = BackboneConfig
     model_name = "base"
+    model_kind = "backbone"
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
@@ -195,7 +143,8 @@ class PredictiveRNN(nn.Module):
         """One step on the patched grid: returns (next frame (B, p*p*C, h, w), state, memories),
         ``memories`` being the list of per-layer memories carried to the next step. At ``t == 0``
         the state is the one :meth:`init_state` made (a backbone may use that to skip work on
-        its zeros)."""
+        its zeros). ``hook`` (see :class:`MemoryHook`) is called once per layer on the memory
+        before ``h`` is read from it; what it returns is carried on."""
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------------------
@@ -208,6 +157,11 @@ class PredictiveRNN(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
+
+    @property
+    def needs_teachers_at_inference(self) -> bool:
+        """A backbone predicts alone (a transfer model that reads teacher states says True)."""
+        return False
 
     def check_frames(self, frames: torch.Tensor) -> None:
         if frames.dim() != 5:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneConfig, PredictiveRNN, gated_tanh, lstm_memory, make_norm, pointwise_conv
+from .base import BackboneConfig, PredictiveRNN, conv1x1, gated_tanh, lstm_memory, make_norm
 from .registry import register_model
 
 
@@ -43,17 +43,18 @@ class ConvLSTMCell(nn.Module):
         return gates + self._forget[None, :, None, None]
 
     def forward(self, x, h, c, hook=None, first: bool = False):
+        """``hook(c, x, h, xh)``: rewrites the memory (see MemoryHook); ``xh = [x, h]``, or
+        None on the first step, where it is not built."""
         if first:  # h = 0: its half of the fused convolution contributes nothing; c = 0 too
+            xh = None
             gates = self._gates(x, self.conv.weight[:, : x.shape[1]])
             c = None
         else:
             xh = torch.cat([x, h], 1)
             gates = self._gates(xh, self.conv.weight)
-            if hook is not None:  # the hook reads x and h as views of [x, h] (see MemoryHook)
-                x, h = xh[:, : x.shape[1]], xh[:, x.shape[1]:]
         c, o = lstm_memory(gates, c, with_o=True)  # c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
         if hook is not None:
-            c = hook(c, x, h)
+            c = hook(c, x, h, xh)
         return gated_tanh(o, c), c
 
 
@@ -86,9 +87,10 @@ class ConvLSTM(PredictiveRNN):
         for l in range(n):
             cell = self.cells[l]
             h, c = state[l]
-            layer_hook = None if hook is None else (lambda m, xi, hp, l=l: hook(l, t, m, xi, hp))
+            layer_hook = None if hook is None else (
+                lambda m, xi, hp, xh, l=l: hook(l, t, m, xi, hp, xh=xh))
             h, c = cell(inp, h, c, layer_hook, first=t == 0)
             new_state.append((h, c))
             memories.append(c)
             inp = h
-        return (pointwise_conv(inp, self.head.weight) if depth is None else None), new_state, memories
+        return (conv1x1(inp, self.head.weight) if depth is None else None), new_state, memories

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BackboneConfig, PredictiveRNN, gated_tanh, lstm_memory, make_norm, pointwise_conv
+from .base import BackboneConfig, PredictiveRNN, conv1x1, gated_tanh, lstm_memory, make_norm
 from .registry import register_model
 
 
@@ -66,7 +66,7 @@ class STLSTMCell(nn.Module):
         m = lstm_memory(xg[:, 3 * hd: 6 * hd] + mg, None if m_zero else m)
         mem = torch.cat([c, m], 1)
         o = torch.sigmoid(xg[:, 6 * hd:] + hg[:, 3 * hd:] + self.conv_o(mem))
-        h = gated_tanh(o, pointwise_conv(mem, self.conv_last.weight, self.conv_last.bias))
+        h = gated_tanh(o, conv1x1(mem, self.conv_last.weight, self.conv_last.bias))
         return h, c, m
 
 
@@ -96,10 +96,11 @@ class PredRNN(PredictiveRNN):
         inp = x
         for l, cell in enumerate(self.cells):
             h, c = state["hc"][l]
+            # no [x, h] at hand here: the hook gets no xh
             layer_hook = None if hook is None else (lambda mem, xi, hp, l=l: hook(l, t, mem, xi, hp))
             h, c, m = cell(inp, h, c, m, layer_hook, h_zero=t == 0, m_zero=t == 0 and l == 0)
             new_hc.append((h, c))
             memories.append(c)
             inp = h
-        frame = pointwise_conv(inp, self.head.weight) if depth is None else None
+        frame = conv1x1(inp, self.head.weight) if depth is None else None
         return frame, {"hc": new_hc, "m": m}, memories

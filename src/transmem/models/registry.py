@@ -1,26 +1,48 @@
 """Model registry in the style of timm: ``@register_model("name")`` on a class, then
 ``create_model("name", **config)``. A backbone is one new file plus the decorator; the TMU and the
-memory bank only use the :class:`~transmem.models.base.PredictiveRNN` protocol."""
+memory bank only use the :class:`~transmem.models.base.PredictiveRNN` protocol.
+
+Every model has a *kind*: ``"backbone"`` (a predictive RNN that runs alone, the default) or
+``"transfer"`` (a model that wraps a backbone and draws on teachers, such as the TMU);
+``list_models(kind=...)`` lists one kind."""
 from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any
 
+MODEL_KINDS = ("backbone", "transfer")
+
 _MODELS: dict[str, type] = {}
+_KINDS: dict[str, str] = {}
 
 
-def register_model(name: str):
+def _check_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind '{kind}'; use one of {', '.join(MODEL_KINDS)}")
+
+
+def register_model(name: str, kind: str = "backbone"):
+    """Class decorator: register a model under ``name`` as a ``kind`` ("backbone" or
+    "transfer"); the class gets ``model_name`` and ``model_kind``."""
+    _check_kind(kind)
+
     def deco(cls):
         if name in _MODELS and _MODELS[name] is not cls:
             raise ValueError(f"model '{name}' is already registered")
         cls.model_name = name
+        cls.model_kind = kind
         _MODELS[name] = cls
+        _KINDS[name] = kind
         return cls
     return deco
 
 
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+def list_models(kind: str | None = None) -> list[str]:
+    """Registered model names, sorted; every model, or only those of ``kind``."""
+    if kind is None:
+        return sorted(_MODELS)
+    _check_kind(kind)
+    return sorted(n for n in _MODELS if _KINDS[n] == kind)
 
 
 def get_model_class(name: str) -> type:

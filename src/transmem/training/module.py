@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from ..choices import DISTILL_DECAYS, DISTILL_SPANS
+from .samplers import dist_info
+from .augment import augment_clips
 from .schedules import SamplingSchedule, reverse_time
-
-DISTILL_DECAYS = ("none", "linear", "cosine")  # how lambda falls over training
-DISTILL_SPANS = ("all", "input")                # which steps add distillation terms
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -31,6 +31,29 @@ def masked_l1(pred, target, valid):
         return F.l1_loss(pred, target)
     w = valid.to(pred.dtype).expand_as(pred)
     return ((pred - target).abs() * w).sum() / w.sum().clamp_min(1.0)
+
+
+def forecast_loss(model, frames, mask, valid=None, bank=None, distill_weight: float = 0.0,
+                  l1_weight: float = 0.0, distill_until: int | None = None):
+    """``L = L_pred + distill_weight * L_distill`` for one batch: the loss of training and of the
+    benchmarks. ``L_pred`` is the frame MSE over frames 1..T-1 (plus ``l1_weight`` times the L1),
+    counted where ``valid``; ``L_distill`` comes from a TMU (``model.transfer``) and its ``bank``
+    and stays in the graph. Returns ``(loss, L_pred, L_distill or None)``."""
+    target = frames[:, 1:]
+    tvalid = None if valid is None else valid[:, 1:]
+    distill = None
+    if hasattr(model, "transfer"):
+        preds, aux = model(frames, mask, bank=bank, return_aux=True, distill_until=distill_until)
+        distill = aux["distill_loss"]
+    else:
+        preds = model(frames, mask)
+    pred_loss = masked_mse(preds, target, tvalid)
+    if l1_weight:
+        pred_loss = pred_loss + l1_weight * masked_l1(preds, target, tvalid)
+    loss = pred_loss
+    if distill is not None and distill_weight > 0:
+        loss = loss + distill_weight * distill
+    return loss, pred_loss, distill
 
 
 class WeightedMean(Metric):
@@ -58,6 +81,7 @@ class ForecastModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, schedule: SamplingSchedule, lr: float = 1e-3,
                  bank=None, distill_weight: float = 0.0, bank_cache=None,
                  reverse_prob: float = 0.0, l1_weight: float = 0.0, seed: int = 0,
+                 augment=(), crop: int = 0,
                  distill_decay: str = "none", total_steps: int = 0, distill_span: str = "all"):
         super().__init__()
         self.model = model
@@ -79,14 +103,16 @@ class ForecastModule(L.LightningModule):
         self.distill_until = schedule.t_in if distill_span == "input" else None
         self.total_steps = total_steps
         self.reverse_prob = reverse_prob
+        self.augment, self.crop = tuple(augment), int(crop)
         self.l1_weight = l1_weight
         self.t_in = schedule.t_in
         self.is_tmu = hasattr(model, "transfer")
         self.seed = seed
         # validation MSE as a (sum, weight) metric: exact when the val set is split over processes
         self.val_mse = WeightedMean()
-        if bank_cache is not None and reverse_prob > 0:
-            raise ValueError("a cached bank cannot be combined with time-reversal augmentation")
+        if bank_cache is not None and (reverse_prob > 0 or self.augment or self.crop):
+            raise ValueError("a cached bank cannot be combined with augmentation (the teachers must "
+                             "see the augmented clip)")
         if bank_cache is not None and bank is not None and bank.teacher_inputs != "ground_truth":
             raise ValueError("only a ground_truth-mode bank can be cached (an 'own' bank depends on the sampling mask)")
 
@@ -105,31 +131,28 @@ class ForecastModule(L.LightningModule):
         g.manual_seed(self.seed * 1_000_003 + self.global_step)
         return g
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
-
     def _draws(self, frames, valid):
         """Time reversal and sampling mask for this step. The random numbers are drawn for the
         global batch (all processes) and each process takes the rows of its own clips (every
-        world-th, as :class:`~transmem.training.loop.StepSampler` deals them), so a step is the
+        world-th, as :class:`~transmem.training.samplers.StepSampler` deals them), so a step is the
         same on 1 or N processes with the same global batch; on one process this is exactly
         ``reverse_time`` followed by ``schedule.mask``."""
         g = self._generator()
-        world, rank = self._world()
+        world, rank = dist_info()
         if world == 1:
             frames, valid = reverse_time(frames, self.reverse_prob, g, valid)
-            return frames, valid, self.schedule.mask(self.global_step, frames.shape[0], frames.device, g)
-        b = frames.shape[0]
-        if self.reverse_prob > 0:
-            flip = torch.rand(world * b, generator=g)[rank::world] < self.reverse_prob
-            flip = flip.to(frames.device).view(-1, *([1] * (frames.dim() - 1)))
-            frames = torch.where(flip, frames.flip(1), frames)
-            if valid is not None:
-                valid = torch.where(flip, valid.flip(1), valid)
-        mask = self.schedule.mask(self.global_step, world * b, None, g)[rank::world].to(frames.device)
+            mask = self.schedule.mask(self.global_step, frames.shape[0], frames.device, g)
+        else:
+            b = frames.shape[0]
+            if self.reverse_prob > 0:
+                flip = torch.rand(world * b, generator=g)[rank::world] < self.reverse_prob
+                flip = flip.to(frames.device).view(-1, *([1] * (frames.dim() - 1)))
+                frames = torch.where(flip, frames.flip(1), frames)
+                if valid is not None:
+                    valid = torch.where(flip, valid.flip(1), valid)
+            mask = self.schedule.mask(self.global_step, world * b, None, g)[rank::world].to(frames.device)
+        if self.augment or self.crop:  # drawn after the mask: the mask does not depend on them
+            frames, valid = augment_clips(frames, valid, self.augment, self.crop, g, world, rank)
         return frames, valid, mask
 
     def current_distill_weight(self) -> float:
@@ -157,23 +180,9 @@ class ForecastModule(L.LightningModule):
     def compute_loss(self, batch):
         frames, valid = batch["frames"], batch.get("mask")
         frames, valid, mask = self._draws(frames, valid)
-        target = frames[:, 1:]
-        tvalid = None if valid is None else valid[:, 1:]
-        distill = None
-        if self.is_tmu:
-            bank = self.get_bank(batch, frames, mask)
-            preds, aux = self.model(frames, mask, bank=bank, return_aux=True, distill_until=self.distill_until)
-            distill = aux["distill_loss"]
-        else:
-            preds = self.model(frames, mask)
-        pred_loss = masked_mse(preds, target, tvalid)
-        if self.l1_weight:
-            pred_loss = pred_loss + self.l1_weight * masked_l1(preds, target, tvalid)
-        loss = pred_loss
-        weight = self.current_distill_weight()
-        if distill is not None and weight > 0:
-            loss = loss + weight * distill
-        return loss, pred_loss, distill
+        bank = self.get_bank(batch, frames, mask) if self.is_tmu else None
+        return forecast_loss(self.model, frames, mask, valid, bank, self.current_distill_weight(),
+                             self.l1_weight, self.distill_until)
 
     def training_step(self, batch, batch_idx):
         loss, pred_loss, distill = self.compute_loss(batch)
@@ -190,11 +199,8 @@ class ForecastModule(L.LightningModule):
 
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
         """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too)."""
-        if self.is_tmu and self.model.config.mode == "bank_read":
-            mask = torch.zeros(frames.shape[0], frames.shape[1] - 1, device=frames.device)
-            mask[:, : self.t_in - 1] = 1
-            # at test time no teacher may see future frames: teachers roll out on their own
-            bank = _own_rollout_bank(self.bank, frames, mask, self.t_in)
+        if self.is_tmu and self.model.needs_teachers_at_inference:
+            bank = self.bank.rollout(frames, self.t_in)
             return self.model(frames, t_in=self.t_in, bank=bank)[:, self.t_in - 1:]
         return self.model(frames, t_in=self.t_in)[:, self.t_in - 1:]
 
@@ -212,11 +218,3 @@ class ForecastModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.Adam(params, lr=self.lr)
 
-
-def _own_rollout_bank(bank, frames, mask, t_in):
-    mode = bank.teacher_inputs
-    bank.teacher_inputs = "own"
-    try:
-        return bank(frames, mask, t_in)
-    finally:
-        bank.teacher_inputs = mode

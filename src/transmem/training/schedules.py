@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-SCHEDULE_KINDS = ("linear", "reverse", "none")
+from ..choices import SCHEDULE_KINDS
 
 
 @dataclass

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import TEACHER_INPUTS
+from ..files import write_text
 from ..models.base import PredictiveRNN
 
-TEACHER_INPUTS = ("ground_truth", "own")  # what the teachers read after T_in
 
 
 class TeacherMismatch(ValueError):
@@ -73,13 +74,13 @@ class MemoryBank(nn.Module):
         self.target_layers = target.num_layers
         self.target_patch = _patch_size(target)
         self.frame_channels = frame_channels
+        self.teachers = nn.ModuleList(teachers)
         for name, t in zip(names, teachers):
             tc = t.config.in_channels
             if tc != frame_channels and not {tc, frame_channels} == {1, 3}:
                 raise TeacherMismatch(
                     f"teacher '{name}' reads {tc}-channel frames and the target has {frame_channels}: "
                     "only equal counts or gray<->RGB can be adapted")
-        self.teachers = nn.ModuleList(teachers)
         for t in self.teachers:
             t.eval()
             t.requires_grad_(False)
@@ -91,7 +92,16 @@ class MemoryBank(nn.Module):
         return self
 
     def source_channels(self) -> list[int]:
-        return [t.hidden_channels(0) for t in self.teachers]
+        """Memory channels of each teacher at the layers the TMU reads (one count per teacher:
+        the TMU's distillers are shared in shape across its layers)."""
+        out = []
+        for n, t in enumerate(self.teachers):
+            counts = {t.hidden_channels(self.teacher_layer(n, l)) for l in self.layers}
+            if len(counts) > 1:
+                raise TeacherMismatch(f"teacher '{self.names[n]}' has different memory widths {sorted(counts)} "
+                                      f"at the layers mapped to TMU layers {self.layers}: use one TMU layer")
+            out.append(counts.pop())
+        return out
 
     def teacher_layer(self, n: int, target_layer: int) -> int:
         return map_layer(target_layer, self.target_layers, self.teachers[n].num_layers)
@@ -115,6 +125,19 @@ class MemoryBank(nn.Module):
                 _, mems = teacher(x, sampling_mask, return_memory=True, t_in=t_in)
             out.append({l: resize_state(mems[tl], (h, w)) for l, tl in wanted.items()})
         return out
+
+
+    def rollout(self, frames: torch.Tensor, t_in: int) -> list[dict[int, torch.Tensor]]:
+        """The bank at test time: every teacher reads the first ``t_in`` frames and then its own
+        predictions, whatever ``teacher_inputs`` says, so that no teacher sees a future frame."""
+        mask = frames.new_zeros(frames.shape[0], frames.shape[1] - 1)
+        mask[:, : t_in - 1] = 1
+        mode = self.teacher_inputs
+        self.teacher_inputs = "own"
+        try:
+            return self(frames, mask, t_in)
+        finally:
+            self.teacher_inputs = mode
 
 
 def _patch_size(model: nn.Module) -> int:
@@ -177,9 +200,7 @@ class BankCache:
             meta = {"shapes": {f"{n}_{l}": list(s.shape[1:]) for n, src in enumerate(bank)
                                for l, s in src.items()}}
             self._open(meta, create=True)
-            tmp = self.dir / "bank.json.tmp"
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, self.dir / "bank.json")
+            write_text(self.dir / "bank.json", json.dumps(meta))
         for n, src in enumerate(bank):
             for l, s in src.items():
                 self._arrays[(n, l)][idx] = s.detach().cpu().numpy().astype(self.dtype)

@@ -1,0 +1,24 @@
+"""Settings with a fixed set of values, named once. Torch-free, so that reading a config (and
+checking these values before any run folder exists) needs no torch; every owner -- schedules,
+ForecastModule, TMUModel, MemoryBank, the bank cache -- checks against the same tuple."""
+
+SCHEDULE_KINDS = ("linear", "reverse", "none")        # scheduled sampling
+DISTILL_DECAYS = ("none", "linear", "cosine")         # how lambda falls over training
+DISTILL_SPANS = ("all", "input")                      # which steps add distillation terms
+TMU_MODES = ("distill", "bank_read")                  # teachers as targets only, or also read
+TMU_WEIGHTINGS = ("none", "softmax")                  # weighting across sources
+TEACHER_INPUTS = ("ground_truth", "own")              # what the teachers read after T_in
+CACHE_BANK = ("memory", "disk", "none")               # where a ground-truth bank is cached
+AUGMENTS = ("flip", "rot90")                          # spatial augmentation of training clips
+
+#: config key -> allowed values (checked by :func:`transmem.config.load_experiment`)
+CONFIG_CHOICES = {
+    "train.schedule": SCHEDULE_KINDS,
+    "transfer.distill_decay": DISTILL_DECAYS,
+    "transfer.distill_span": DISTILL_SPANS,
+    "transfer.mode": TMU_MODES,
+    "transfer.weighting": TMU_WEIGHTINGS,
+    "transfer.teacher_inputs": TEACHER_INPUTS,
+    "transfer.cache_bank": CACHE_BANK,
+    "train.augment": AUGMENTS,  # a list: each item one of these
+}
