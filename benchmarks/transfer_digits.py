@@ -68,7 +68,10 @@ SCREEN = {
     "tune:ft-init+all-layers": ("transfer", {**_FT, "tmu_layers": "all"}),
     "tune:distill+lambda1": ("transfer", {"teachers": ["digits1", "digits2"], "distill_weight": 1.0}),
 }
-ALL_METHODS = {**CORE, **ABLATIONS, **CROSS, **TUNING, **SCREEN}
+# the reference lines of every table: no training, so evaluated once (they do not depend on a seed)
+BASELINES = {"baseline:persistence": ("baseline", {"name": "persistence"}),
+             "baseline:extrapolation": ("baseline", {"name": "extrapolation"})}
+ALL_METHODS = {**BASELINES, **CORE, **ABLATIONS, **CROSS, **TUNING, **SCREEN}
 PRETEXT = {
     "digits1": {"name": "flying_digits", "num_digits": 1},
     "digits2": {"name": "flying_digits", "num_digits": 2},
@@ -112,6 +115,7 @@ def zoo_dir(p: dict, root: Path) -> Path:
 def jobs(p: dict, with_cross: bool) -> list[tuple[str, int]]:
     out = [] if p.get("zoo_preset") else \
         [(f"pretext:{n}", 0) for n in PRETEXT if with_cross or not n.startswith("radar")]
+    out += [(m, p["seeds"][0]) for m in BASELINES]
     groups = [CORE, TUNING, ABLATIONS] + ([CROSS] if with_cross else [])
     for g in groups:
         for seed in p["seeds"]:
@@ -171,6 +175,14 @@ def execute(name: str, seed: int, p: dict, root: Path) -> None:
     else:
         kind, s = ALL_METHODS[name]
         exp = experiment(p, {"name": "flying_digits", "num_digits": 3}, p["target_steps"], seed)
+        if kind == "baseline":  # on the test clips every method is scored on, no run folder
+            from transmem.data import build_datasets
+            m = api.evaluate_forecaster(exp, api.load_baseline(s["name"], exp), build_datasets(exp.data))
+            m.update({"method": name, "seed": seed, "commit": _COMMIT_AT_START or commit(), "train_wall_s": 0.0,
+                      "train_steps": 0})
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "result.json").write_text(json.dumps(m))
+            return
         if kind == "scratch":
             api.run_train(exp, d / "run", kind="scratch")
         elif kind == "finetune":
@@ -282,13 +294,14 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
 def write_bench_report(p: dict, root: Path, out_json: Path, result: dict) -> None:
     """report.md / report.html with plots, GIFs of seed-0 forecasts and TMU transfer maps."""
     from transmem.data import build_datasets
-    from transmem.api import load_for_inference
+    from transmem.api import load_baseline, load_for_inference
     from transmem.run_report import method_report
     seed = p["seeds"][0]
     dirs = {m: run_dir(root, m, seed) / "run" / "model" for m in result["methods"]}
     forecasters = {m: load_for_inference(d)[0] for m, d in dirs.items() if (d / "card.json").is_file()}
     exp = experiment(p, {"name": "flying_digits", "num_digits": 3}, p["target_steps"], seed)
     test = build_datasets(exp.data)["test"]
+    forecasters.update({m: load_baseline(BASELINES[m][1]["name"], exp) for m in BASELINES if m in result["methods"]})
     table = {m: {"mse": v["mse_mean"], "ssim": v["ssim_mean"], "psnr": v["psnr_mean"], "mae": v["mae_mean"],
                  "mse_per_frame": v["mse_per_frame"], "seeds": v["seeds_done"]}
              for m, v in result["methods"].items()}
@@ -297,7 +310,7 @@ def write_bench_report(p: dict, root: Path, out_json: Path, result: dict) -> Non
                   notes=["Means over seeds; forecasts and transfer maps are from the seed-0 models."])
 
 
-GROUP_TITLES = [("Core methods", CORE), ("Ablations (TMU distill, random init)", ABLATIONS),
+GROUP_TITLES = [("Baselines (no training; the same test clips)", BASELINES), ("Core methods", CORE), ("Ablations (TMU distill, random init)", ABLATIONS),
                 ("Cross-domain: a radar pretext model", CROSS),
                 ("Tuning: the search for a TMU that beats finetuning", {**TUNING, **SCREEN})]
 

@@ -122,3 +122,20 @@ def test_every_module_imports_alone():
         "sys.exit(1 if bad else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_function_local_imports_of_the_package():
+    """Imports of transmem modules sit at the top of a file (a function-local one hides a cycle);
+    only optional third-party dependencies may be imported inside functions."""
+    bad = []
+    for p in PKG.rglob("*.py"):
+        tree = ast.parse(p.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("transmem")):
+                    bad.append(f"{_module_name(p)}:{node.lineno}")
+                elif isinstance(node, ast.Import) and any(a.name.startswith("transmem") for a in node.names):
+                    bad.append(f"{_module_name(p)}:{node.lineno}")
+    assert not bad, bad

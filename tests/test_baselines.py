@@ -188,3 +188,16 @@ def test_baseline_through_evaluate(name):
     assert metrics["count"] == 3
     assert metrics["mse"] == pytest.approx(sq.sum().item() / (3 * (T - T_IN)), rel=1e-6)
     assert metrics["mse_pixel"] == pytest.approx(sq.mean().item(), rel=1e-6)
+
+
+def test_inflow_last_keeps_the_last_frame_where_nothing_is_known():
+    needs_pysteps()
+    v = (0, 2)
+    frames = torch.from_numpy(smooth_random(v, 1)[None, :, None].astype(np.float32) * 0.5 + 0.5)
+    pred = extrapolate(frames, T_IN, inflow="last")
+    last_in = frames[0, T_IN - 1, 0]
+    out = pred[0, -1, 0]
+    assert torch.isfinite(pred).all()
+    assert torch.allclose(out[:, :8], last_in[:, :8])  # the inflow band is the last frame itself
+    with pytest.raises(ValueError, match="inflow"):
+        extrapolate(frames, T_IN, inflow="mirror")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from transmem.baselines import extrapolation_available
 from transmem.cli import main
 
 
@@ -23,7 +24,9 @@ def test_metrics_json_has_every_method(demo):
     m = json.loads((demo / "metrics.json").read_text())
     names = set(m["methods"])
     assert {"scratch", "finetune:digits1", "finetune:digits2", "tmu:distill",
-            "tmu:distill+finetune-init", "tmu:bank_read"} <= names
+            "tmu:distill+finetune-init", "tmu:bank_read", "persistence", "extrapolation"} <= names
+    if extrapolation_available() is not None:  # without the nowcast extra the row says so
+        assert "not installed" in m["methods"].pop("extrapolation")["note"]
     for name, row in m["methods"].items():
         for key in ("mse", "mae", "ssim", "psnr"):
             assert isinstance(row[key], float) and np.isfinite(row[key]), (name, key)
@@ -48,7 +51,7 @@ def test_report_files_images_and_html(demo):
     gif = Image.open(demo / "figures" / "example0.gif")
     assert gif.n_frames == 5  # T_in = T_out = 5 in the quick demo
     grid = Image.open(demo / "figures" / "example0.png")
-    assert grid.size[0] > 5 * 32 and grid.size[1] > 7 * 32  # 5 lead times, truth + 6 methods
+    assert grid.size[0] > 5 * 32 and grid.size[1] > 8 * 32  # 5 lead times, truth + 6 methods + baselines
     maps = np.load(demo / "figures" / "transfer_tmu-distill_layer0.npz")
     assert maps["gate"].shape == (2, 9, 8, 8)  # sources, steps, grid
     assert maps["gate"].min() >= 0 and maps["gate"].max() <= 1

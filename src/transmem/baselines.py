@@ -30,6 +30,7 @@ __all__ = ["BASELINES", "BaselineUnavailable", "BaselineForecaster", "create_bas
            "extrapolation_available", "persistence"]
 
 BASELINES = ("persistence", "extrapolation")
+INFLOWS = ("zero", "last")  # what enters the frame where extrapolation has no departure point
 INSTALL_HINT = "pip install 'transmem[nowcast]'"
 
 ArrayMap = Callable[[np.ndarray], np.ndarray]
@@ -84,7 +85,7 @@ def persistence(frames: Tensor, t_in: int) -> Tensor:
 
 def extrapolate(frames: Tensor, t_in: int, to_physical: ArrayMap | None = None,
                 from_physical: ArrayMap | None = None, *, motion_frames: int = 3,
-                lk_kwargs: dict | None = None, interp_order: int = 1) -> Tensor:
+                lk_kwargs: dict | None = None, interp_order: int = 1, inflow: str = "zero") -> Tensor:
     """Extrapolation nowcast ``(B, T - t_in, C, H, W)`` (float32 in [0, 1], on ``frames``' device).
 
     Per clip:
@@ -114,12 +115,16 @@ def extrapolate(frames: Tensor, t_in: int, to_physical: ArrayMap | None = None,
     point lies outside the domain (rain advected in from outside) are unknown; pysteps would
     return NaN there (its default ``outval``), here they are 0 in the working units (physical
     when given: 0 mm/h, no rain) -- not the last frame's value -- and pixels within one pixel
-    of the domain edge blend towards 0 bilinearly.
+    of the domain edge blend towards 0 bilinearly. ``inflow="last"`` fills them with the last
+    input frame's value at that pixel instead (persistence where nothing is known): the right
+    choice for video, where the frame edge is not the edge of the scene.
 
     pysteps must be installed (:class:`BaselineUnavailable` otherwise); its warnings and prints
     are silenced. Runs on the CPU in float64, one clip at a time.
     """
     t_in, t_out = _check(frames, t_in)
+    if inflow not in INFLOWS:
+        raise ValueError(f"inflow must be one of {', '.join(INFLOWS)}, got {inflow!r}")
     if (to_physical is None) != (from_physical is None):
         raise ValueError("give both to_physical and from_physical, or neither")
     reason = extrapolation_available()
@@ -148,7 +153,11 @@ def extrapolate(frames: Tensor, t_in: int, to_physical: ArrayMap | None = None,
                 if not velocity.any():  # nothing to move: skip the interpolation
                     out[i, :, ch] = last
                     continue
-                moved = advect(last, velocity, t_out, outval=0.0, interp_order=interp_order)
+                if inflow == "zero":
+                    moved = advect(last, velocity, t_out, outval=0.0, interp_order=interp_order)
+                else:  # unknown departure points -> the last frame's value there
+                    moved = advect(last, velocity, t_out, outval=np.nan, interp_order=interp_order)
+                    moved = np.where(np.isfinite(moved), moved, last[None])
                 out[i, :, ch] = np.nan_to_num(moved, nan=0.0, posinf=0.0, neginf=0.0)
     if from_physical is not None:
         out = np.asarray(from_physical(out), dtype=np.float64)
@@ -170,8 +179,10 @@ class BaselineForecaster(torch.nn.Module):
     """
 
     def __init__(self, name: str, t_in: int, to_physical: ArrayMap | None = None,
-                 from_physical: ArrayMap | None = None):
+                 from_physical: ArrayMap | None = None, inflow: str = "zero"):
         super().__init__()
+        if inflow not in INFLOWS:
+            raise ValueError(f"inflow must be one of {', '.join(INFLOWS)}, got {inflow!r}")
         if name not in BASELINES:
             raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
         if int(t_in) < 1:
@@ -186,6 +197,7 @@ class BaselineForecaster(torch.nn.Module):
         self.t_in = int(t_in)
         self.to_physical = to_physical
         self.from_physical = from_physical
+        self.inflow = inflow
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +209,7 @@ class BaselineForecaster(torch.nn.Module):
         """Forecast frames ``t_in .. T-1`` of ``frames`` ``(B, T, C, H, W)`` from the first ``t_in``."""
         if self.name == "persistence":
             return persistence(frames, self.t_in)
-        return extrapolate(frames, self.t_in, self.to_physical, self.from_physical)
+        return extrapolate(frames, self.t_in, self.to_physical, self.from_physical, inflow=self.inflow)
 
     forward = rollout
 
@@ -207,6 +219,6 @@ class BaselineForecaster(torch.nn.Module):
 
 
 def create_baseline(name: str, t_in: int, to_physical: ArrayMap | None = None,
-                    from_physical: ArrayMap | None = None) -> BaselineForecaster:
+                    from_physical: ArrayMap | None = None, inflow: str = "zero") -> BaselineForecaster:
     """:class:`BaselineForecaster` ``name`` (one of :data:`BASELINES`) with ``t_in`` input frames."""
-    return BaselineForecaster(name, t_in, to_physical, from_physical)
+    return BaselineForecaster(name, t_in, to_physical, from_physical, inflow)

@@ -19,7 +19,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write
@@ -62,8 +65,6 @@ def to_uint8_frames(x: Any, scale: int = 1) -> np.ndarray:
 def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """DejaVu Sans shipped inside matplotlib (Unicode labels such as 'λ'), else Pillow's default."""
     try:
-        import matplotlib
-
         ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
         return ImageFont.truetype(str(ttf), size=size)
     except Exception:  # noqa: BLE001 - any font problem falls back to the built-in font
@@ -202,9 +203,6 @@ def save_grid(
 
 # ----------------------------------------------------------------------------- plots
 def _new_figure(figsize: tuple[float, float], layout: str | None = None) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=figsize, dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .errors import DataError
 from .mnist import SPLITS, load_digit_pools
@@ -140,7 +141,6 @@ def generate_clips(num_digits: int, num_clips: int, split: str = "train", size: 
         if bar is None and b == 0 and len(blocks) > 1 and progress is not False:
             expected = (time.perf_counter() - t0) * len(blocks)
             if progress or expected > _PROGRESS_AFTER_S:
-                from tqdm.auto import tqdm
                 bar = tqdm(total=num_clips, initial=hi, unit="clip", desc=f"flying digits ({split})")
         elif bar is not None:
             bar.update(hi - lo)

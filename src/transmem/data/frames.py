@@ -24,6 +24,7 @@ one sequence are an error.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,6 @@ def list_frames(folder: str | os.PathLike, *, time_regex: str | None = None,
         raise DataError(folder, f"cannot list folder ({e.strerror or e})") from None
     if not time_regex:
         return sorted(files, key=lambda p: natural_key(p.name)), None
-    import re
     try:
         pat = re.compile(time_regex)
     except re.error as e:

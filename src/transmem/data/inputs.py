@@ -24,9 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import fit_frames, opt_float, opt_int, to_channels, why
+from .clips import fit_frames, natural_key, opt_float, opt_int, to_channels, why
 from .errors import DataError
+from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
+from .hdf5 import is_hdf5_file, read_h5_frames
+from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
 from .registry import DataConfig
+from .video import is_video_file, prepare_frames, read_video
 
 _FIT_KEYS = ("resize", "aspect", "crop")
 
@@ -96,10 +100,6 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
     Every bad input (missing, unreadable, unsupported, empty, mixed sizes, ...) raises
     :class:`~transmem.data.errors.DataError`.
     """
-    from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
-    from .hdf5 import is_hdf5_file, read_h5_frames
-    from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
-    from .video import is_video_file, prepare_frames, read_video
 
     p = Path(path).expanduser()
     return_mask = bool(opts.pop("return_mask", False))
@@ -154,7 +154,6 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
                                   time_format=opts.get("time_format"), max_frames=maxf, **fit)
             x = x.astype(np.float32) / 255.0
         elif any(is_hdf5_file(n) for n in names):
-            from .clips import natural_key
             files = sorted((p / n for n in names if is_hdf5_file(n)), key=lambda q: natural_key(q.name))
             x, mask = read_h5_frames(cfg, files, where=p)
         elif not [n for n in names if not n.startswith(".")]:

@@ -12,6 +12,7 @@ from here, through :func:`physical_units`.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
@@ -110,8 +111,7 @@ def _import_builtin_readers() -> None:
     """Importing the reader modules registers them. A reader whose optional dependency is missing
     is recorded with the reason (named in the error when its dataset is asked for); any other
     import failure is an error."""
-    import importlib
-    for mod in ("flying_digits", "arrays", "video", "frames", "radar", "hdf5"):
+    for mod in ("flying_digits", "arrays", "video", "frames", "radar", "hdf5", "advected"):
         if mod in _NOT_LOADED:
             continue
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..metrics import FrameMetrics
 from .module import ForecastModule
 from .progress import eval_progress
 from .samplers import make_loader
@@ -28,7 +29,6 @@ def evaluate(module: ForecastModule, dataset, batch_size: int = 32, thresholds=N
     """Streaming per-frame metrics of the forecasts on ``dataset`` (see :mod:`transmem.metrics`).
     ``progress``: a tqdm bar when standard error is a terminal, else a plain line per ~10 % of the
     batches (:func:`~.progress.progress_lines`)."""
-    from ..metrics import FrameMetrics
     t_in = module.t_in
     first = dataset[0]["frames"]
     metric = FrameMetrics(first.shape[0] - t_in, thresholds=thresholds or None, to_physical=to_physical)

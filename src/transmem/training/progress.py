@@ -14,6 +14,7 @@ import sys
 import time
 
 from lightning.pytorch.callbacks import ProgressBar
+from tqdm.auto import tqdm
 
 LINES = 10       # about one line per 10 % of the steps / batches
 EVERY_S = 60.0   # and one at least this often
@@ -132,7 +133,6 @@ def eval_progress(iterable, total: int, desc: str, stream=None):
     """``iterable`` with a tqdm bar when ``stream`` (default ``sys.stderr``) is a terminal, else
     with :func:`progress_lines`."""
     if is_terminal(stream if stream is not None else sys.stderr):
-        from tqdm.auto import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False,
                     **({} if stream is None else {"file": stream}))
     return progress_lines(iterable, total, desc, stream)
