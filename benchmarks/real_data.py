@@ -32,6 +32,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # benchmarks/claims.py, also when imported from a file path
+from claims import claim  # noqa: E402
+
 SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
 RADAR = {  # event -> (reader, folder)
     "fmi:20160928": ("radar_fmi", "radar/fmi/pgm"),
@@ -149,17 +152,6 @@ def jobs(p: dict, with_video: bool) -> list[tuple[str, str, str, int]]:
 def run_dir(root: Path, family: str, fold: str, method: str, seed: int) -> Path:
     safe = lambda s: s.replace(":", "-").replace("+", "-")  # noqa: E731
     return root / family / safe(fold) / safe(method) / f"seed{seed}"
-
-
-def claim(d: Path) -> bool:
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(d / ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.write(fd, f"{os.getpid()} {time.time()}".encode())
-    os.close(fd)
-    return True
 
 
 def commit() -> str:

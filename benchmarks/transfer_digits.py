@@ -28,6 +28,9 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # benchmarks/claims.py, also when imported from a file path
+from claims import claim  # noqa: E402
+
 SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
 RADAR_SPLITS = {"train": ["20150515", "20160711"], "val": ["20170131"], "test": []}
 
@@ -127,17 +130,6 @@ def jobs(p: dict, with_cross: bool) -> list[tuple[str, int]]:
 def run_dir(root: Path, name: str, seed: int) -> Path:
     safe = name.replace(":", "-").replace("+", "-")
     return root / "runs" / safe / f"seed{seed}"
-
-
-def claim(d: Path) -> bool:
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(d / ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.write(fd, f"{os.getpid()} {time.time()}".encode())
-    os.close(fd)
-    return True
 
 
 def wait_for(paths: list[Path], timeout_s: float = 4 * 3600) -> None:

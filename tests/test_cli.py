@@ -152,3 +152,26 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, cfg):
     a, b, c = weights("a", 0), weights("b", 0), weights("c", 1)
     assert all((a[k] == b[k]).all() for k in a)
     assert any((a[k] != c[k]).any() for k in a)
+
+
+def test_evaluate_a_baseline_needs_no_model(tmp_path, cfg, capsys):
+    from transmem.baselines import extrapolation_available
+    assert run("evaluate", "--baseline", "persistence", "--config", cfg, "--out", tmp_path / "p") == 0
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert m["model"] == "persistence" and m["mse"] > 0 and len(m["mse_per_frame"]) == 3
+    assert (tmp_path / "p" / "report.md").is_file()
+    # the same clips, forecast by hand: the metric is the last input frame's error
+    from transmem.config import load_experiment
+    from transmem.data import build_datasets
+    exp = load_experiment(cfg)
+    test = build_datasets(exp.data)["test"]
+    frames = np.stack([test[i]["frames"].numpy() for i in range(len(test))])
+    err = ((frames[:, 3:] - frames[:, 2:3]) ** 2).sum((2, 3, 4)).mean()
+    assert m["mse"] == pytest.approx(float(err), rel=1e-5)
+    capsys.readouterr()
+    assert run("evaluate", "--baseline", "persistence", "--config", cfg, "--out", tmp_path / "p") == 2
+    assert "exists" in capsys.readouterr().err
+    if extrapolation_available() is None:
+        assert run("evaluate", "--baseline", "extrapolation", "--config", cfg, "--out", tmp_path / "e") == 0
+        e = json.loads((tmp_path / "e" / "metrics.json").read_text())
+        assert e["model"] == "extrapolation" and np.isfinite(e["mse"])

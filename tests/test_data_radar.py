@@ -85,10 +85,11 @@ def test_mch_index_to_rain_by_hand():
     r = mch_index_to_rainrate(i)
     assert r[0] == 0 and r[1] == 0 and r[5] == 0 and r[6] == 0
     assert math.isnan(r[7])
-    assert r[2] == pytest.approx((10 ** ((72 - 71.5) / 20) / 316) ** (1 / 1.5), rel=1e-5)
-    assert r[2] == pytest.approx(0.022398, rel=1e-4)
-    assert r[3] == pytest.approx(0.192106, rel=1e-4)
-    assert r[4] == pytest.approx((10 ** ((250 - 71.5) / 20) / 316) ** (1 / 1.5), rel=1e-5)
+    # the palette gives 5-minute totals (mm); the rate is 12 times that (pysteps: "[mm/5min]")
+    assert r[2] == pytest.approx(12 * (10 ** ((72 - 71.5) / 20) / 316) ** (1 / 1.5), rel=1e-5)
+    assert r[2] == pytest.approx(12 * 0.022398, rel=1e-4)
+    assert r[3] == pytest.approx(12 * 0.192106, rel=1e-4)
+    assert r[4] == pytest.approx(12 * (10 ** ((250 - 71.5) / 20) / 316) ** (1 / 1.5), rel=1e-5)
     assert np.all(np.diff(mch_index_to_rainrate(np.arange(2, 251))) > 0)
 
 

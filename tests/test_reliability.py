@@ -30,7 +30,7 @@ from transmem.data import build_datasets
 from transmem.models import create_model
 from transmem.training import ForecastModule, SamplingSchedule, evaluate, fit
 from transmem.training import checkpoints, samplers
-from transmem.training.progress import LineProgress, progress_lines, train_progress
+from transmem.progress import LineProgress, progress_lines, train_progress
 
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
@@ -527,3 +527,20 @@ def test_evaluate_progress_to_a_file_is_a_few_plain_lines(tmp_path, monkeypatch)
     assert shown == quiet
     lines = err.getvalue().splitlines()
     assert "\r" not in err.getvalue() and [ln.split()[2] for ln in lines] == [f"{k}/8" for k in range(1, 9)]
+
+
+def test_data_generation_progress_to_a_file_is_a_few_plain_lines():
+    from transmem.progress import BlockProgress
+    s = io.StringIO()
+    bar = BlockProgress(1000, "flying digits (train)", force=True, stream=s)
+    for k in range(1, 101):  # 100 blocks of 10 clips
+        bar.update(10 * k, 100)
+    bar.close()
+    lines = s.getvalue().splitlines()
+    assert 5 <= len(lines) <= 11 and "\r" not in s.getvalue()
+    assert lines[-1].startswith("flying digits (train) clip 1000/1000 ")
+    quiet = io.StringIO()
+    bar = BlockProgress(1000, "x", force=False, stream=quiet)
+    for k in range(1, 101):
+        bar.update(10 * k, 100)
+    assert quiet.getvalue() == ""

@@ -189,9 +189,9 @@ def domain_size(size: int, frames: int, opts: AdvectedOptions) -> int:
     D = int(8 * math.ceil((math.floor(span) + 3) / 8))  # + 2 px of slack, a multiple of 8
     if D > MAX_DOMAIN:
         raise DataError(None, f"advected_rain: clips of {frames} frames with max_speed {opts.max_speed}, "
-                              f"rotation {opts.rotation} and shear {opts.shear} can travel {span - size + 1:.0f} px, "
-                              f"which needs a domain of {D} px (at most {MAX_DOMAIN}); lower frames, max_speed, "
-                              f"rotation or shear")
+                              f"rotation {opts.rotation} and shear {opts.shear} can travel "
+                              f"{span - size + 1:.0f} px, which needs a domain of {D} px (at most {MAX_DOMAIN}); "
+                              f"lower frames, max_speed, rotation or shear")
     return D
 
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from ..progress import BlockProgress
 from .errors import DataError
 from .mnist import SPLITS, load_digit_pools
 from .registry import DataConfig, register_dataset
@@ -123,8 +122,8 @@ def generate_clips(num_digits: int, num_clips: int, split: str = "train", size: 
                    progress: bool | None = None) -> np.ndarray:
     """Clips ``start .. start + num_clips - 1`` of ``split`` as uint8 ``(N, T, H, W)``.
 
-    ``progress``: ``None`` shows a tqdm bar only when generation is expected to take more than
-    about 2 s; ``True`` / ``False`` force it on / off.
+    ``progress``: ``None`` shows progress (a bar on a terminal, plain lines elsewhere) only when
+    generation is expected to take more than about 2 s; ``True`` / ``False`` force it on / off.
     """
     _check_args(num_digits, num_clips, split, size, frames)
     num_digits, num_clips, size, frames, start = int(num_digits), int(num_clips), int(size), int(frames), int(start)
@@ -132,20 +131,13 @@ def generate_clips(num_digits: int, num_clips: int, split: str = "train", size: 
     pool = _pool(mdir, split, digit_size_for(size))
     out = np.empty((num_clips, frames, size, size), dtype=np.uint8)
     blocks = list(range(0, num_clips, _CHUNK))
-    bar = None
-    t0 = time.perf_counter()
-    for b, lo in enumerate(blocks):
+    bar = BlockProgress(num_clips, f"flying digits ({split})", after_s=_PROGRESS_AFTER_S, force=progress)
+    for lo in blocks:
         hi = min(lo + _CHUNK, num_clips)
         idx, u = _clip_params(num_digits, start + lo, hi - lo, split, seed, len(pool))
         out[lo:hi] = _render_block(pool, idx, u, size, frames)
-        if bar is None and b == 0 and len(blocks) > 1 and progress is not False:
-            expected = (time.perf_counter() - t0) * len(blocks)
-            if progress or expected > _PROGRESS_AFTER_S:
-                bar = tqdm(total=num_clips, initial=hi, unit="clip", desc=f"flying digits ({split})")
-        elif bar is not None:
-            bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
+        bar.update(hi, len(blocks))
+    bar.close()
     return out
 
 

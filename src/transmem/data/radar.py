@@ -19,7 +19,8 @@ Unit transforms (all numpy, elementwise):
 * dBZ ↔ R by the Z–R relation ``Z = a·R^b`` with ``Z = 10^(dBZ/10)`` (mm⁶/m³): FMI's
   defaults ``a = 223``, ``b = 1.53`` (``extra["a"]``, ``extra["b"]``).
 * MeteoSwiss palette index i: ``i < 2`` or ``251 ≤ i ≤ 254`` is no rain (0 mm/h), ``255`` no
-  data, otherwise ``R = (10^((i − 71.5)/20) / 316)^(1/1.5)`` mm/h (pysteps' reading of the
+  data, otherwise the 5-minute total ``(10^((i − 71.5)/20) / 316)^(1/1.5)`` mm, i.e. a rate
+  ``R = 12 ·`` that in mm/h (pysteps' reading of the
   MeteoSwiss scale).
 
 Frame times come from the file names, never from the directory order: FMI
@@ -82,12 +83,18 @@ def fmi_level_to_rainrate(v, a: float = FMI_A, b: float = FMI_B, nodata: int = F
     return np.where(v == nodata, np.float32(np.nan), r).astype(np.float32)
 
 
+MCH_ACCUMULATION_MIN = 5.0  # the AQC composite's values are rain totals over 5 minutes
+
+
 def mch_index_to_rainrate(i) -> np.ndarray:
     """MeteoSwiss palette index → rain rate (mm/h): NaN for 255, 0 for i < 2 and 251..254,
-    else ``(10^((i − 71.5)/20) / 316)^(1/1.5)``."""
+    else ``12 · (10^((i − 71.5)/20) / 316)^(1/1.5)``. The palette's formula gives the 5-minute
+    rain total in mm (pysteps' ``import_mch_gif`` builds this table "[mm/5min]"), so the rate
+    is 60/5 = 12 times it."""
     i = np.asarray(i)
     fi = i.astype(np.float64)
-    r = np.power(np.power(10.0, (fi - 71.5) / 20.0) / 316.0, 1.0 / 1.5)
+    total = np.power(np.power(10.0, (fi - 71.5) / 20.0) / 316.0, 1.0 / 1.5)
+    r = total * (60.0 / MCH_ACCUMULATION_MIN)
     r = np.where((i < 2) | ((i >= 251) & (i <= 254)), 0.0, r)
     r = np.where(i == 255, np.nan, r)
     return r.astype(np.float32)

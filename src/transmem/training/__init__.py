@@ -2,7 +2,7 @@
 
 Modules by job: :mod:`.module` (the LightningModule and its loss), :mod:`.schedules` (scheduled
 sampling), :mod:`.samplers` (data loaders, clip order, process rank), :mod:`.checkpoints`
-(atomic writes, safe loads, RNG state, resume lookup), :mod:`.progress` (bars or plain lines),
+(atomic writes, safe loads, RNG state, resume lookup), :mod:`transmem.progress` (bars or plain lines),
 :mod:`.fitting` (:func:`fit`) and :mod:`.evaluation` (:func:`evaluate`, :func:`predict_batches`).
 """
 from .checkpoints import CheckpointError

@@ -5,7 +5,7 @@ import torch
 
 from ..metrics import FrameMetrics
 from .module import ForecastModule
-from .progress import eval_progress
+from ..progress import eval_progress
 from .samplers import make_loader
 
 

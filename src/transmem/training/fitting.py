@@ -1,7 +1,7 @@
 """The training driver around Lightning. The options a user touches (precision, compile, resume,
 DDP, progress output) are the few visible lines in :func:`fit`; the data order lives in
 :mod:`.samplers`, checkpoint writing, loading and resume lookup in :mod:`.checkpoints`, the
-progress output in :mod:`.progress` (see ``docs/reliability.md``).
+progress output in :mod:`transmem.progress` (see ``docs/reliability.md``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..config import TrainConfig
 from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, clean_stale_temps,
                           keep_logs_before, load_checkpoint_safely, resume_point)
 from .module import ForecastModule
-from .progress import train_progress
+from ..progress import train_progress
 from .samplers import Indexed, ShardSampler, StepSampler, is_launch_rank_zero, planned_world_size
 
 

@@ -136,3 +136,45 @@ def eval_progress(iterable, total: int, desc: str, stream=None):
         return tqdm(iterable, total=total, desc=desc, leave=False,
                     **({} if stream is None else {"file": stream}))
     return progress_lines(iterable, total, desc, stream)
+
+
+class BlockProgress:
+    """Progress of work done in blocks (generating data): silent when the whole job is expected
+    to take less than ``after_s`` (judged after the first block) unless ``force``; then a tqdm bar
+    on a terminal, else about one plain line per 10 % (``"{desc} {unit} {n}/{total} {s} s"``).
+    ``force=False``: never."""
+
+    def __init__(self, total: int, desc: str, unit: str = "clip", after_s: float = 2.0,
+                 force: bool | None = None, stream=None):
+        self.total, self.desc, self.unit, self.after_s = total, desc, unit, after_s
+        self.force, self.stream = force, stream
+        self._t0 = time.monotonic()
+        self._bar = None
+        self._every = None  # plain lines: one per this many items
+        self._done = self._blocks = 0
+
+    def update(self, done: int, blocks_total: int) -> None:
+        """``done`` items are finished after this block; ``blocks_total`` blocks in all."""
+        self._blocks += 1
+        before, self._done = self._done, done
+        if self._bar is None and self._every is None:
+            if self._blocks > 1 or blocks_total <= 1 or self.force is False:
+                return
+            if not (self.force or (time.monotonic() - self._t0) * blocks_total > self.after_s):
+                return
+            stream = self.stream if self.stream is not None else sys.stderr
+            if is_terminal(stream):
+                self._bar = tqdm(total=self.total, initial=done, unit=self.unit, desc=self.desc,
+                                 **({} if self.stream is None else {"file": self.stream}))
+                return
+            self._every = _interval(self.total, LINES) or 1
+        if self._bar is not None:
+            self._bar.update(done - before)
+        elif done // self._every > before // self._every or done == self.total:
+            out = self.stream if self.stream is not None else sys.stderr
+            print(f"{self.desc} {self.unit} {done}/{self.total} {time.monotonic() - self._t0:.1f} s",
+                  file=out, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
