@@ -79,7 +79,6 @@ Physical units: mm/h, as the radar readers' (:func:`~transmem.data.radar.rain_un
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -88,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..progress import BlockProgress
 from .errors import DataError
 from .radar import R_MAX, rain_to_unit, rain_units
 from .registry import DataConfig, register_dataset
@@ -416,9 +416,8 @@ def _generate(num_clips, split, size, frames, seed, options, start, progress, un
     to_unit = 1.0 / math.log(1.0 + opts.r_max)
     chunk = max(1, min(_CHUNK, int(_CHUNK * (192 / D) ** 2)))   # blocks of ~ the same memory
     blocks = list(range(0, num_clips, chunk))
-    bar = None
-    t0 = time.perf_counter()
-    for i, lo in enumerate(blocks):
+    bar = BlockProgress(num_clips, f"advected rain ({split})", after_s=_PROGRESS_AFTER_S, force=progress)
+    for lo in blocks:
         hi = min(lo + chunk, num_clips)
         u, cells, coef, noise = _draw(seed, split, start + lo, hi - lo, D, lam, kmax)
         y, inf = _render_block(u, cells, coef, noise, size, frames, opts, f, kmax)
@@ -430,15 +429,8 @@ def _generate(num_clips, split, size, frames, seed, options, start, progress, un
             out[lo:hi] = rain_to_unit(y.expm1_().clamp_min_(0.0).mul_(opts.rain_scale).numpy(), opts.r_max)
         for k in info:
             info[k][lo:hi] = inf[k]
-        if bar is None and i == 0 and len(blocks) > 1 and progress is not False:
-            expected = (time.perf_counter() - t0) * len(blocks)
-            if progress or expected > _PROGRESS_AFTER_S:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=num_clips, initial=hi, unit="clip", desc=f"advected rain ({split})")
-        elif bar is not None:
-            bar.update(hi - lo)
-    if bar is not None:
-        bar.close()
+        bar.update(hi, len(blocks))
+    bar.close()
     return out, info
 
 
