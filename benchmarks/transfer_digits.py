@@ -202,7 +202,8 @@ def work(p: dict, root: Path, with_cross: bool, only: set | None, seeds: set | N
     import transmem.api  # noqa: F401  (import the code now, with the commit just recorded)
     for name, seed in jobs(p, with_cross):
         skipped = (only and name not in only) or (seeds is not None and seed not in seeds)
-        if skipped and not name.startswith("pretext:"):  # the zoo is always needed
+        zoo_needed = not only or any(m not in BASELINES for m in only)  # baselines train nothing
+        if (skipped and not name.startswith("pretext:")) or (name.startswith("pretext:") and not zoo_needed):
             continue
         d = run_dir(root, name, seed)
         if (d / "result.json").is_file() or not claim(d):
