@@ -175,3 +175,15 @@ def test_evaluate_a_baseline_needs_no_model(tmp_path, cfg, capsys):
         assert run("evaluate", "--baseline", "extrapolation", "--config", cfg, "--out", tmp_path / "e") == 0
         e = json.loads((tmp_path / "e" / "metrics.json").read_text())
         assert e["model"] == "extrapolation" and np.isfinite(e["mse"])
+
+
+def test_api_runs_leave_the_given_experiment_unchanged(tmp_path, cfg):
+    import copy
+    from transmem import api
+    from transmem.config import load_experiment
+    exp = load_experiment(cfg)
+    before = copy.deepcopy(exp.to_dict())
+    api.run_train(exp, tmp_path / "pre", zoo_name="a", zoo_root=tmp_path / "zoo")
+    api.run_train(exp, tmp_path / "ft", init_from=tmp_path / "zoo" / "a")  # used to overwrite exp.model
+    api.run_transfer(exp, tmp_path / "tr", teachers=[tmp_path / "zoo" / "a"])  # and exp.transfer.teachers
+    assert exp.to_dict() == before

@@ -189,3 +189,32 @@ def test_missing_path_in_config():
     with pytest.raises(DataError) as e:
         build_datasets(DataConfig(name="npy", path=None))
     assert "path" in str(e.value)
+
+
+def test_reader_with_a_missing_optional_dependency_is_named_not_skipped(monkeypatch):
+    import importlib
+
+    from transmem.data import DataConfig, DataError, build_datasets
+    from transmem.data import registry
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "transmem.data.video":
+            raise ModuleNotFoundError("No module named 'av'", name="av")
+        if name == "transmem.data.frames":
+            raise ModuleNotFoundError("No module named 'numpyx'", name="numpyx")
+        return real(name, *a, **k)
+
+    registry.list_datasets()  # every reader registered first
+    monkeypatch.setattr(registry, "_NOT_LOADED", {})
+    monkeypatch.delitem(registry._DATASETS, "video")
+    monkeypatch.setattr(registry.importlib, "import_module", fake)
+    with pytest.raises(ModuleNotFoundError):  # a missing dependency that is not an extra is an error
+        registry.list_datasets()
+    monkeypatch.setattr(registry.importlib, "import_module",
+                        lambda name, *a, **k: real(name, *a, **k) if name != "transmem.data.video" else fake(name))
+    with pytest.raises(DataError) as err:
+        build_datasets(DataConfig(name="video", path="x.mp4"))
+    msg = str(err.value)
+    assert "video" in msg and "needs av" in msg and "transmem[video]" in msg and "\n" not in msg
