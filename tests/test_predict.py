@@ -40,6 +40,14 @@ def test_predict_from_npy_writes_pngs_npy_gif(tmp_path):
     with torch.inference_mode():
         ref = module.rollout(torch.cat([x, torch.zeros(1, 3, 1, 16, 16)], 1))[0].clamp(0, 1).numpy()
     assert np.allclose(pred, ref, atol=1e-6)
+    # with --baselines, the baselines' forecasts of the same input beside it
+    assert main(["predict", "--model", str(e), "--input", str(tmp_path / "in.npy"), "--out", str(tmp_path / "b"),
+                 "--baselines"]) == 0
+    pers = np.load(tmp_path / "b" / "baseline_persistence.npy")
+    assert pers.shape == (3, 1, 16, 16) and np.array_equal(pers, np.repeat(x[0, -1:].numpy(), 3, 0))
+    assert np.allclose(np.load(tmp_path / "b" / "prediction.npy"), pred)
+    from transmem.baselines import extrapolation_available
+    assert (tmp_path / "b" / "baseline_extrapolation.npy").is_file() == (extrapolation_available() is None)
 
 
 def test_predict_with_a_tmu_target_runs_without_teachers(tmp_path):

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--baselines", action="store_true",
+                   help="also write the persistence and extrapolation forecasts of the same input")
 
     p = sub.add_parser("zoo", help="list the zoo or show one card")
     p.add_argument("action", choices=["list", "show"])
@@ -178,7 +180,7 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "predict":
-        run_predict(args.model, args.input, args.out)
+        run_predict(args.model, args.input, args.out, baselines=args.baselines)
         return 0
 
     exp = load_experiment(args.config, overrides)

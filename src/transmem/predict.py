@@ -3,7 +3,8 @@
 Reads the input with the same readers as training (video, GIF, frame folder, .npy/.npz, radar),
 resizes it to the model's frame size, takes the last T_in frames and writes the T_out predicted
 frames as PNGs, an ``.npy`` and a GIF (input | prediction). Radar models also get the forecast in
-mm/h. Everything is written to a temporary folder first, so a failure leaves nothing partial.
+mm/h. With ``--baselines`` the persistence and extrapolation forecasts of the same input are written
+beside it. Everything is written to a temporary folder first, so a failure leaves nothing partial.
 """
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ import torch
 from PIL import Image
 
 from .api import RunFolderError, load_for_inference
+from .baselines import BASELINES, BaselineUnavailable, create_baseline
 from .data import DataError, physical_units
 from .data.inputs import read_input_frames
 from .files import atomic_folder
 from .viz import save_gif
 
 
-def run_predict(model_ref, input_path, out_dir) -> Path:
+def run_predict(model_ref, input_path, out_dir, baselines: bool = False) -> Path:
+    """``baselines``: also write the persistence and extrapolation forecasts of the same input
+    (``baseline_<name>.npy``, and as rows of the GIF), for scale; extrapolation is left out, with
+    a line saying so, when its extra is not installed."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(f"{out}: output folder exists and is not empty; choose another --out")
@@ -39,6 +44,14 @@ def run_predict(model_ref, input_path, out_dir) -> Path:
     with torch.inference_mode():
         pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)
     units = physical_units(data) if data.get("name") else None
+    others = {}
+    for name in BASELINES if baselines else ():
+        try:
+            b = create_baseline(name, t_in, *((units.to_physical, units.from_physical) if units else ()))
+        except BaselineUnavailable as e:
+            print(f"baseline {name} left out: {e}")
+            continue
+        others[name] = b.rollout(clip)[0].numpy()
     with atomic_folder(out) as tmp:
         np.save(tmp / "prediction.npy", pred.astype(np.float32))
         if units is not None:
@@ -47,6 +60,9 @@ def run_predict(model_ref, input_path, out_dir) -> Path:
         for k, f in enumerate(pred, 1):
             img = (f.transpose(1, 2, 0) * 255).round().astype(np.uint8)
             Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(tmp / f"frame_{k:02d}.png")
-        save_gif(tmp / "prediction.gif", [past[0].numpy(), pred], ["input", "prediction"])
+        for name, f in others.items():
+            np.save(tmp / f"baseline_{name}.npy", f.astype(np.float32))
+        save_gif(tmp / "prediction.gif", [past[0].numpy(), pred, *others.values()],
+                 ["input", "prediction", *others])
     print(f"wrote {t_out} predicted frames to {out} (frames, prediction.npy, prediction.gif)")
     return out
