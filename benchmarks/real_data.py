@@ -10,7 +10,7 @@ backbone from scratch, finetuned from a zoo model pretrained on synthetic advect
 (``advected_rain``, the project's own motion-rich pretext data), and a TMU on that finetune init.
 Video: leave-one-clip-out over the three shared clips (grayscale 64x64, 6 -> 6).
 
-    python benchmarks/real_data.py --quick --workers 2     # about 15 minutes on 2 cores
+    python benchmarks/real_data.py --quick --workers 2     # about 6 minutes on 2 idle cores
     python benchmarks/real_data.py --workers 2             # the full preset (3 seeds)
     python benchmarks/real_data.py --aggregate             # only collect finished runs
 
