@@ -170,8 +170,6 @@ def pretext_entry(root: Path) -> Path:
 
 def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path) -> dict:
     from transmem import api
-    from transmem.baselines import create_baseline
-    from transmem.data import physical_units
     d = run_dir(root, family, fold, method, seed)
     if family == "pretext":
         # real echoes at 64x64 move 0.1-0.5 px per 5-minute step: the pretext clips move up to 1
@@ -185,10 +183,7 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
     test_cfg, datasets = radar_fold(p, fold) if family == "radar" else video_fold(p, fold)
     exp = experiment(p, test_cfg, s.get("model", "convlstm"), seed, p["steps"])
     if kind == "baseline":
-        units = None if s.get("log") else physical_units(exp.data)
-        forecaster = create_baseline(s["name"], exp.train.t_in, *((units.to_physical, units.from_physical)
-                                                                   if units else (None, None)),
-                                     inflow=s.get("inflow", "zero"))
+        forecaster = api.load_baseline(s["name"], exp, physical=not s.get("log"), inflow=s.get("inflow", "zero"))
         t0 = time.time()
         m = api.evaluate_forecaster(exp, forecaster, datasets)
         m["train_wall_s"], m["eval_wall_s"] = 0.0, round(time.time() - t0, 1)

@@ -274,29 +274,32 @@ def load_for_inference(ref) -> tuple[ForecastModule, dict]:
     return module, card
 
 
-def load_baseline(name: str, exp: Experiment):
+def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str = "zero"):
     """A baseline forecaster (persistence, extrapolation) for ``exp``'s data: it works in the
-    physical units the data's reader declares (mm/h for radar), else on the [0, 1] values."""
-    units = physical_units(exp.data)
+    physical units the data's reader declares (mm/h for radar), else -- or with ``physical=False``
+    -- on the [0, 1] values. ``inflow``: see :func:`transmem.baselines.extrapolate`."""
+    units = physical_units(exp.data) if physical else None
     return create_baseline(name, exp.train.t_in, None if units is None else units.to_physical,
-                           None if units is None else units.from_physical)
+                           None if units is None else units.from_physical, inflow)
+
+
+def _refuse_earlier_metrics(out: Path) -> None:
+    if (out / "metrics.json").exists():
+        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
 
 
 def eval_datasets(exp: Experiment, out) -> dict:
     """Check ``out`` (no earlier metrics.json) and build the data, before anything is written."""
-    out = Path(out)
-    if (out / "metrics.json").exists():
-        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
+    _refuse_earlier_metrics(Path(out))
     return _check_data(exp)
 
 
 def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | None = None) -> dict:
     """Per-frame metrics of a loaded forecaster (a zoo model from :func:`load_for_inference` or a
     baseline from :func:`load_baseline`) on ``exp``'s eval split, written to ``out/metrics.json``."""
-    datasets = datasets or eval_datasets(exp, out)
     out = Path(out)
-    if (out / "metrics.json").exists():
-        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
+    _refuse_earlier_metrics(out)
+    datasets = datasets or _check_data(exp)
     forecaster.t_in = exp.train.t_in
     metrics = evaluate_forecaster(exp, forecaster, datasets)
     if label:
