@@ -65,6 +65,9 @@ RADAR_METHODS = {
     "advection:scratch": ("scratch", {"model": "advection"}),
     "advection:finetune": ("finetune", {"model": "advection"}),
     "advection:tmu": ("tmu", {"model": "advection"}),
+    # the finetuned model of the same fold and seed, averaged with extrapolation (weight fixed at 0.5)
+    "blend:advection+extrapolation:log": ("blend", {"model": "advection", "of": "advection:finetune",
+                                                    "baseline": "extrapolation", "weight": 0.5}),
 }
 VIDEO_METHODS = {"persistence": RADAR_METHODS["persistence"],
                  # the frame edge is not the scene's edge: unknown inflow keeps the last frame
@@ -190,6 +193,16 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
         return m
     if kind == "scratch":
         return api.run_train(exp, d / "run", datasets=datasets, kind="scratch")
+    if kind == "blend":
+        done = run_dir(root, family, fold, s["of"], seed)
+        while not (done / "result.json").is_file():  # another worker is training it
+            time.sleep(5)
+        model, _ = api.load_for_inference(done / "run" / "model")
+        forecaster = api.blend_with_baseline(model, s["baseline"], exp, s["weight"])
+        t0 = time.time()
+        m = api.evaluate_forecaster(exp, forecaster, datasets)
+        m["train_wall_s"], m["eval_wall_s"] = 0.0, round(time.time() - t0, 1)
+        return m
     entry = pretext_entry(root)
     while not (entry / "card.json").is_file():  # another worker is pretraining it
         time.sleep(5)

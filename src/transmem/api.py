@@ -23,6 +23,7 @@ from .files import write_json
 from .models import create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
 from .baselines import create_baseline
+from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, build_tmu
 
 
@@ -281,6 +282,13 @@ def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str
     units = physical_units(exp.data) if physical else None
     return create_baseline(name, exp.train.t_in, None if units is None else units.to_physical,
                            None if units is None else units.from_physical, inflow)
+
+
+def blend_with_baseline(forecaster, baseline: str, exp: Experiment, weight=0.5) -> BlendForecaster:
+    """``weight * forecaster + (1 - weight) * baseline``, the baseline run on the model's own
+    values (log-scaled rain for radar: extrapolation of those beat extrapolation in mm/h on our
+    radar benchmark, alone and in the blend)."""
+    return BlendForecaster(forecaster, load_baseline(baseline, exp, physical=False), weight)
 
 
 def _refuse_earlier_metrics(out: Path) -> None:

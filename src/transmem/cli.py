@@ -17,6 +17,7 @@ import numpy as np
 from . import api
 from .baselines import BASELINES, BaselineUnavailable
 from .bench import run_bench
+from .blend import parse_blend
 from .choices import TMU_MODES
 from .config import ConfigError, load_experiment
 from .data import DataError, build_datasets, list_datasets
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="zoo entry to evaluate")
     who.add_argument("--baseline", choices=BASELINES, help="a baseline forecaster instead of a model")
+    p.add_argument("--blend", metavar="BASELINE[:W]",
+                   help="score W * model + (1 - W) * BASELINE (W = 0.5 unless given), e.g. extrapolation")
     p.add_argument("--config")
     p.add_argument("--out", required=True)
 
@@ -221,12 +224,21 @@ def _summary_line(m: dict) -> str:
 
 def _evaluate(args, exp) -> dict:
     """``evaluate``: metrics.json and the report (plots, forecast GIFs, TMU maps) in --out."""
+    try:
+        blend = parse_blend(args.blend) if args.blend else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if blend and (args.baseline or blend[0] not in BASELINES):
+        raise ConfigError(f"--blend {args.blend!r}: give --model and one of {', '.join(BASELINES)}")
     datasets = api.eval_datasets(exp, args.out)  # checked before anything is loaded or written
     if args.baseline:
         forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
     else:
         forecaster, card = api.load_for_inference(args.model)
         name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
+    if blend:
+        forecaster = api.blend_with_baseline(forecaster, blend[0], exp, blend[1])
+        name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
     metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label)
     method_report(Path(args.out), f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
                   {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
