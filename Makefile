@@ -9,11 +9,12 @@ OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 install: $(STAMP)
 
 # torch is installed first and alone, pinned, so that no other package can pull a CUDA build.
-# nowcast (pysteps, built from its sdist in about a minute) gives the extrapolation baseline.
+# nowcast (pysteps, built from its sdist in about a minute) gives the extrapolation baseline;
+# io, grib, zarr: the xarray reader (netCDF, GRIB, zarr) and TIFF stacks, which the tests read.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,nowcast]'
+	$(PY) -m pip install -q -e '.[test,nowcast,io,grib,zarr]'
 	touch $(STAMP)
 
 demo: $(STAMP)

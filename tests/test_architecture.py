@@ -11,8 +11,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "transmem"
 LAYERS = [
     ("choices", "files", "progress", "data", "metrics", "viz", "report_page", "baselines", "blend"),  # no models
     ("models",),
-    ("transfer", "zoo", "config"),
-    ("training",),
+    ("transfer", "config"),
+    ("training", "zoo"),  # zoo entries, and ranking them for a target (probes train and evaluate)
     ("api",),
     ("run_report", "predict", "demo", "bench", "cli"),  # the faces
 ]

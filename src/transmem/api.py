@@ -7,6 +7,8 @@ entry) and ``metrics.json``. A run folder that already holds results is never ov
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import os
 import shutil
 import time
@@ -15,19 +17,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
-from .config import ConfigError, Experiment
-from .data import build_datasets, physical_units
-from .files import write_json
-from .models import create_model
+from .config import ConfigError, Experiment, read_config_file
+from .data import DataError, build_datasets, physical_units
+from .files import OutputPathError, check_output_dir, write_json
+from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
 from .baselines import create_baseline
 from .blend import BlendForecaster
-from .transfer import BankCache, MemoryBank, build_tmu
+from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
 
 
-class RunFolderError(ValueError):
+class RunFolderError(OutputPathError):
     """The run folder cannot be used (exists, unwritable): one-line message."""
 
 
@@ -84,12 +87,7 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
     if not is_launch_rank_zero():
         _wait_for_rank_zero(out)
         return out
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise RunFolderError(f"{out}: run folder exists and is not empty; pass --resume to continue "
-                             "that run, or choose another --out (nothing was changed)")
-    if resume and not (out / "checkpoints" / "last.ckpt").is_file() and not (out / "config.yaml").is_file():
-        raise RunFolderError(f"{out}: --resume asked but there is no earlier run here "
-                             f"(no {out}/checkpoints/last.ckpt nor {out}/config.yaml)")
+    check_run_dir(out, resume)
     _check_free_space(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +97,115 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
     except OSError as e:
         raise RunFolderError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
     return out
+
+
+#: the parts of a config a resumed run must share with the run in the folder: they decide the
+#: shapes in the checkpoint, or what the clips are
+RESUME_KEYS = {"data": ("name", "path", "frames", "size", "channels", "resize", "extra"),
+               "train": ("t_in",),
+               "transfer": ("mode", "tmu_layers", "gates", "weighting", "teacher_inputs", "distiller_kernel",
+                            "gate_kernel")}
+
+
+def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment | None = None,
+                  init_from=None, zoo_name: str | None = None, zoo_root=None) -> Path:
+    """Every check of a run folder that needs nothing created: it can be written (not a file, not
+    a dangling link, not on a read-only file system); without ``resume`` it is absent or empty;
+    with ``resume`` it holds an earlier run whose ``config.yaml`` agrees with ``exp`` on the model
+    (the ``init_from`` entry's for a finetune), the data's frames and ``RESUME_KEYS``; a new
+    ``zoo_name`` entry does not exist yet. Nothing is created or changed. In a distributed
+    launch only global rank 0 checks (the others start once it has claimed the folder)."""
+    out = Path(out)
+    if not is_launch_rank_zero():
+        return out
+    try:
+        check_output_dir(out, what="run folder")
+    except OutputPathError as e:
+        raise RunFolderError(f"{out}: cannot write to the run folder ({e})") from None
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise RunFolderError(f"{out}: run folder exists and is not empty; pass --resume to continue "
+                             "that run, or choose another --out (nothing was changed)")
+    if resume and not (out / "checkpoints" / "last.ckpt").is_file() and not (out / "config.yaml").is_file():
+        raise RunFolderError(f"{out}: --resume asked but there is no earlier run here "
+                             f"(no {out}/checkpoints/last.ckpt nor {out}/config.yaml)")
+    if resume and exp is not None and (out / "config.yaml").is_file():
+        _check_same_run(out, exp, init_from)
+    if zoo_name is not None:
+        name = str(zoo_name)
+        if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name:
+            raise ConfigError(f"--zoo-name {name!r}: give a plain name (no '/', not starting with '.'); "
+                              "--zoo-root says where the zoo is")
+    if zoo_name and not (resume and finished_run(out) is not None):
+        zoo.check_new_entry(Path(zoo_root or zoo.default_root()) / zoo_name)
+    return out
+
+
+def _check_same_run(out: Path, exp: Experiment, init_from) -> None:
+    try:
+        before = read_config_file(out / "config.yaml")
+    except ConfigError as e:
+        raise RunFolderError(f"cannot --resume: {e}") from None
+    now = exp.to_dict()
+    if init_from is not None and zoo.parse_auto(init_from) is None:
+        card = zoo.read_card(zoo.resolve(init_from))
+        now["model"] = {"name": card["model"], **card["config"]}
+    elif init_from is not None:
+        now.pop("model")  # chosen by the ranking kept in the folder
+    diffs = []
+    if "model" in now:
+        was, new = _full_model(before.get("model") or {}), _full_model(now["model"])
+        if was.get("name") != new.get("name"):
+            diffs.append(f"model.name ({was.get('name')} there, {new.get('name')} now)")
+        else:
+            diffs += [f"model.{k} ({was.get(k)!r} there, {v!r} now)" for k, v in new.items()
+                      if k in was and was[k] != v]
+    for sec, keys in RESUME_KEYS.items():
+        was = before.get(sec) or {}
+        diffs += [f"{sec}.{k} ({was[k]!r} there, {now[sec][k]!r} now)" for k in keys
+                  if k in was and was[k] != now[sec][k]]
+    if diffs:
+        raise RunFolderError(f"{out}/config.yaml: --resume with another config than the run's: "
+                             f"{'; '.join(diffs[:3])}; use the run's config (nothing was changed)")
+
+
+def _full_model(model: dict) -> dict:
+    """A model section with every default filled in (so that a key left out equals its default)."""
+    d = {"name": "convlstm", **model}
+    name = d.pop("name")
+    try:
+        return {"name": name, **asdict(build_config(name, d))}
+    except (KeyError, ValueError, TypeError):
+        return {"name": name, **d}
+
+
+def finished_run(out: str | os.PathLike) -> dict | None:
+    """The metrics of a run that finished in ``out`` (``metrics.json`` and ``model/`` written),
+    or None."""
+    out = Path(out)
+    if not ((out / "metrics.json").is_file() and (out / "model" / zoo.CARD).is_file()):
+        return None
+    try:
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunFolderError(f"{out / 'metrics.json'}: unreadable ({e}); the run looks finished") from None
+
+
+def _no_leftovers(run):
+    """A run that fails with a user error (bad config, data, zoo entry) before its first
+    checkpoint leaves no run folder behind when it created it: the corrected command then runs
+    without --resume."""
+    @functools.wraps(run)
+    def wrapper(exp, out, resume=False, *args, **kwargs):
+        fresh = not resume and not Path(out).exists()
+        try:
+            return run(exp, out, resume, *args, **kwargs)
+        except (ConfigError, OutputPathError, zoo.ZooError, DataError, TeacherMismatch, MisconfigurationException):
+            ckpts = Path(out) / "checkpoints"
+            if fresh and is_launch_rank_zero() and Path(out).is_dir() and not (
+                    ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    return wrapper
 
 
 def schedule_for(exp: Experiment) -> SamplingSchedule:
@@ -111,6 +218,8 @@ def schedule_for(exp: Experiment) -> SamplingSchedule:
 def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
     t = exp.train
     patch = getattr(model, "backbone", model).config.patch_size
+    if exp.data.size % patch:
+        raise ConfigError(f"data.size={exp.data.size} is not divisible by the model's patch size {patch}")
     if t.crop and (t.crop % patch or t.crop > exp.data.size):
         raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
                           f"most data.size={exp.data.size}")
@@ -163,22 +272,73 @@ def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind:
     return metrics
 
 
-def _check_data(exp: Experiment):
+def _check_data(exp: Experiment, train: bool = True):
+    """Build the data; refuse, before anything is trained, an empty evaluation split (and an
+    empty training split when ``train``)."""
     if exp.train.t_in >= exp.data.frames:
         raise ConfigError(f"train.t_in={exp.train.t_in} must be smaller than data.frames={exp.data.frames}")
-    return build_datasets(exp.data)
+    datasets = build_datasets(exp.data)
+    for split, key in ([("train", "train")] if train else []) + [(exp.eval.split, "eval.split")]:
+        if datasets.get(split) is None or len(datasets[split]) == 0:
+            raise ConfigError(f"{key}: the '{split}' split of {exp.data.name} has no clips "
+                              f"(data.{split}_clips, data.split, data.frames or the data's length); nothing was "
+                              "trained or written")
+    return datasets
 
 
+RANKING_FILE = "ranking.json"
+
+
+def _rank_for_auto(exp: Experiment, out, resume: bool, zoo_root, datasets, probe_steps: int) -> zoo.Ranking:
+    """The zoo ranked for ``exp`` (``auto``), before the run folder is created (the callers have
+    checked it with :func:`check_run_dir`): an empty zoo ends in a one-line
+    :class:`~transmem.zoo.ZooError`, and a resumed run reuses the ranking in its folder."""
+    out = Path(out)
+    if resume and (out / RANKING_FILE).is_file():
+        return zoo.Ranking.from_dict(json.loads((out / RANKING_FILE).read_text()))
+    paths, where = zoo.candidates(zoo_root)
+    if not paths:
+        raise zoo.ZooError(f"{where}: no zoo entries to choose from ('auto' ranks the zoo; give "
+                           "--zoo-root DIR or set TRANSMEM_ZOO); nothing was trained")
+    return zoo.rank(exp, zoo_root=zoo_root, probe_steps=probe_steps, seed=exp.train.seed,
+                    progress=exp.train.progress, datasets=datasets)
+
+
+def _record_ranking(out: Path, ranking: zoo.Ranking) -> None:
+    if is_launch_rank_zero():
+        write_json(out / RANKING_FILE, ranking.to_dict())
+
+
+@_no_leftovers
 def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None, zoo_root=None,
-              datasets=None, kind: str | None = None) -> dict:
-    """Pretrain (a zoo model), train from scratch, or finetune (``init_from`` a zoo entry).
+              datasets=None, kind: str | None = None, probe_steps: int = zoo.PROBE_STEPS) -> dict:
+    """Pretrain (a zoo model), train from scratch, or finetune (``init_from`` a zoo entry, or
+    ``"auto"``: the best entry for ``exp`` by :func:`transmem.zoo.rank` under ``zoo_root``, with
+    ``probe_steps``; the ranking is kept in ``out/ranking.json`` and summed up on the card).
     ``exp`` is not changed: the run works on its own copy."""
     exp = copy.deepcopy(exp)
-    out = prepare_run_dir(out, resume)
+    check_run_dir(out, resume, exp, init_from, zoo_name, zoo_root)  # before anything is built
+    if resume and finished_run(out) is not None:
+        return finished_run(out)  # a finished run: nothing to train, no file changed
+    ranking = None
+    if init_from is not None and zoo.parse_auto(init_from) is not None:
+        if zoo.parse_auto(init_from) != 1:
+            raise ConfigError(f"--from {init_from}: a finetune starts from one entry ('auto'); auto:K is for --teachers")
+        datasets = datasets or _check_data(exp)
+        ranking = _rank_for_auto(exp, out, resume, zoo_root, datasets, probe_steps)
+        chosen = ranking.top_rows(1, use="finetune")
+        init_from = chosen[0]["path"]
     datasets = datasets or _check_data(exp)
+    out = prepare_run_dir(out, resume)
     extra = {}
+    if ranking is not None:
+        _record_ranking(out, ranking)
+        extra["ranking"] = {"from": ranking.summary(chosen, "finetune", RANKING_FILE)}
     if init_from:
         model, card = zoo.load_entry(init_from)
+        if not hasattr(model.config, "in_channels"):
+            raise zoo.ZooError(f"{init_from}: a '{card['model']}' model (a transfer target with its teachers), "
+                               "not a backbone: a finetune starts from a backbone entry")
         model.train()
         exp.model = {"name": card["model"], **card["config"]}
         extra["init_from"] = {"entry": str(init_from), "sha256": card["sha256"]}
@@ -188,8 +348,8 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         model = create_model(cfg.pop("name"), cfg)
     if model.config.in_channels != exp.data.channels:
         raise ConfigError(f"model reads {model.config.in_channels}-channel frames but data.channels={exp.data.channels}")
-    exp.save(out / "config.yaml")
     module = _module(exp, model)
+    exp.save(out / "config.yaml")
     t0 = time.time()
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
     kind = kind or ("finetune" if init_from else "pretrain")
@@ -203,10 +363,17 @@ def build_transfer(exp: Experiment, teachers: list | None = None):
     if not refs:
         raise ConfigError("transfer needs at least one teacher (--teachers ZOO_A [ZOO_B ...])")
     loaded = [zoo.load_entry(r) for r in refs]
+    for r, (m, c) in zip(refs, loaded):
+        if not hasattr(m.config, "in_channels"):
+            raise zoo.ZooError(f"{r}: a '{c['model']}' model (a transfer target with its own teachers), not a "
+                               "backbone: teachers are backbone entries")
     names = [c.get("name", Path(str(r)).name) for r, (_, c) in zip(refs, loaded)]
     init_state = None
     if tr.init_from:
         init_model, init_card = zoo.load_entry(tr.init_from)
+        if not hasattr(init_model.config, "in_channels"):
+            raise zoo.ZooError(f"{tr.init_from}: a '{init_card['model']}' model (a transfer target with its "
+                               "teachers), not a backbone: transfer.init_from takes a backbone entry")
         backbone_name, backbone_cfg = init_card["model"], dict(init_card["config"])
         init_state = init_model.state_dict()
     else:
@@ -234,15 +401,41 @@ def transfer_caveats(tr) -> list[str]:
     return out
 
 
+@_no_leftovers
 def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=None, zoo_root=None,
-                 datasets=None) -> dict:
-    """Train a TMU target that draws on zoo teachers. ``exp`` is not changed (see run_train)."""
+                 datasets=None, probe_steps: int = zoo.PROBE_STEPS) -> dict:
+    """Train a TMU target that draws on zoo teachers. ``exp`` is not changed (see run_train).
+    Teachers ``["auto:K"]`` (``auto`` = ``auto:1``) are the K best teacher entries for ``exp`` and
+    ``transfer.init_from: auto`` the best finetune entry, by :func:`transmem.zoo.rank` under
+    ``zoo_root``; the ranking is kept in ``out/ranking.json`` and summed up on the card."""
     exp = copy.deepcopy(exp)
-    out = prepare_run_dir(out, resume)
-    for msg in transfer_caveats(exp.transfer):
-        warnings.warn(msg, stacklevel=2)
+    check_run_dir(out, resume, exp, None, zoo_name, zoo_root)  # before anything is built
+    if resume and finished_run(out) is not None:
+        return finished_run(out)  # a finished run: nothing to train, no file changed
+    refs = teachers if teachers is not None else exp.transfer.teachers
+    k = zoo.parse_auto(refs) if refs else None
+    init_auto = exp.transfer.init_from is not None and zoo.parse_auto(exp.transfer.init_from) is not None
+    if init_auto and zoo.parse_auto(exp.transfer.init_from) != 1:
+        raise ConfigError(f"--init-from {exp.transfer.init_from}: the backbone starts from one entry ('auto')")
+    auto, ranking = {}, None
+    if k or init_auto:
+        datasets = datasets or _check_data(exp)
+        ranking = _rank_for_auto(exp, out, resume, zoo_root, datasets, probe_steps)
+        if k:
+            rows = ranking.top_rows(k, use="teacher")
+            teachers = [r["path"] for r in rows]
+            auto["teachers"] = ranking.summary(rows, "teacher", RANKING_FILE)
+        if init_auto:
+            rows = ranking.top_rows(1, use="finetune")
+            exp.transfer.init_from = rows[0]["path"]
+            auto["init_from"] = ranking.summary(rows, "finetune", RANKING_FILE)
     datasets = datasets or _check_data(exp)
     model, bank, teachers_card = build_transfer(exp, teachers)
+    out = prepare_run_dir(out, resume)
+    if ranking is not None:
+        _record_ranking(out, ranking)
+    for msg in transfer_caveats(exp.transfer):
+        warnings.warn(msg, stacklevel=2)
     if teachers is not None:
         exp.transfer.teachers = [str(t) for t in teachers]
     exp.save(out / "config.yaml")
@@ -255,7 +448,7 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     module = _module(exp, model, bank, cache)
     t0 = time.time()
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
-    extra = {"teachers": teachers_card, "transfer": asdict(tr)}
+    extra = {"teachers": teachers_card, "transfer": asdict(tr)} | ({"ranking": auto} if auto else {})
     return _finish(exp, out, module, datasets, time.time() - t0, "transfer", extra, zoo_name, zoo_root)
 
 
@@ -265,7 +458,11 @@ def load_for_inference(ref) -> tuple[ForecastModule, dict]:
     model, card = zoo.load_entry(ref)
     bank = None
     if model.needs_teachers_at_inference:
-        teachers = [zoo.load_entry(t["entry"])[0] for t in card["teachers"]]
+        wanted = len(getattr(model.config, "source_names", []) or [])
+        if len(card.get("teachers") or []) != wanted:
+            raise zoo.ZooError(f"{ref}: its card lists {len(card.get('teachers') or [])} teachers, the model reads "
+                               f"{wanted}: the card was changed; refusing to load")
+        teachers = [zoo.load_entry(t["entry"], expect_sha256=t["sha256"])[0] for t in card["teachers"]]
         bank = MemoryBank(teachers, [t["name"] for t in card["teachers"]], model,
                           model.layers, "own", frame_channels=model.backbone.config.in_channels)
     frames = card.get("t_in", 10) + card.get("t_out", 10)
@@ -291,23 +488,56 @@ def blend_with_baseline(forecaster, baseline: str, exp: Experiment, weight=0.5) 
     return BlendForecaster(forecaster, load_baseline(baseline, exp, physical=False), weight)
 
 
-def _refuse_earlier_metrics(out: Path) -> None:
-    if (out / "metrics.json").exists():
+def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:
+    if (out / "metrics.json").exists() and not overwrite:
         raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
 
 
-def eval_datasets(exp: Experiment, out) -> dict:
-    """Check ``out`` (no earlier metrics.json) and build the data, before anything is written."""
-    _refuse_earlier_metrics(Path(out))
-    return _check_data(exp)
+def check_eval_out(out, overwrite: bool = False) -> Path:
+    """``evaluate``'s output folder, checked before anything is loaded or written: it can be
+    written, and it holds no earlier results -- neither ``metrics.json`` nor report files or
+    figures -- unless ``overwrite`` (``--overwrite``) says to replace them."""
+    out = Path(out)
+    try:
+        check_output_dir(out, what="--out folder")
+    except OutputPathError as e:
+        raise RunFolderError(str(e)) from None
+    _refuse_earlier_metrics(out, overwrite)
+    if out.is_dir() and not overwrite:
+        earlier = sorted(n for n in os.listdir(out) if not n.startswith("."))
+        if earlier:
+            raise RunFolderError(f"{out}: exists and holds earlier results ({', '.join(earlier[:4])}"
+                                 f"{', ...' if len(earlier) > 4 else ''}); pass --overwrite to replace them, "
+                                 "or choose another --out (nothing was changed)")
+    return out
 
 
-def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | None = None) -> dict:
+def check_model_fits(card: dict, exp: Experiment) -> None:
+    """A zoo model can be evaluated on ``exp``'s data: its patch size divides the frame size and
+    it reads frames of the data's channels (checked before any clip is rolled out)."""
+    cfg = card.get("config") or {}
+    patch = (cfg.get("backbone_config") or cfg).get("patch_size")
+    if isinstance(patch, int) and patch > 0 and exp.data.size % patch:
+        raise ConfigError(f"data.size={exp.data.size}: the model's patch size {patch} does not divide it "
+                          f"(evaluate at a multiple of {patch}, e.g. --data.size {max(patch, exp.data.size // patch * patch)})")
+    channels = card.get("channels")
+    if channels is not None and channels != exp.data.channels:
+        raise ConfigError(f"data.channels={exp.data.channels}: the model reads {channels}-channel frames")
+
+
+def eval_datasets(exp: Experiment, out, overwrite: bool = False) -> dict:
+    """Check ``out`` (see :func:`check_eval_out`) and build the data, before anything is written."""
+    check_eval_out(out, overwrite)
+    return _check_data(exp, train=False)
+
+
+def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | None = None,
+                 overwrite: bool = False) -> dict:
     """Per-frame metrics of a loaded forecaster (a zoo model from :func:`load_for_inference` or a
     baseline from :func:`load_baseline`) on ``exp``'s eval split, written to ``out/metrics.json``."""
     out = Path(out)
-    _refuse_earlier_metrics(out)
-    datasets = datasets or _check_data(exp)
+    _refuse_earlier_metrics(out, overwrite)
+    datasets = datasets or _check_data(exp, train=False)
     forecaster.t_in = exp.train.t_in
     metrics = evaluate_forecaster(exp, forecaster, datasets)
     if label:

@@ -10,6 +10,12 @@ TMU_WEIGHTINGS = ("none", "softmax")                  # weighting across sources
 TEACHER_INPUTS = ("ground_truth", "own")              # what the teachers read after T_in
 CACHE_BANK = ("memory", "disk", "none")               # where a ground-truth bank is cached
 AUGMENTS = ("flip", "rot90")                          # spatial augmentation of training clips
+PRECISIONS = ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16",
+              "64-true", "64", "transformer-engine", "transformer-engine-float16")  # Lightning's
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's
+EVAL_SPLITS = ("train", "val", "test")                 # the splits every dataset builder returns
+RESIZE_MODES = ("resize", "crop", "none")             # how readers bring frames to data.size
+NORMS = ("none", "group")                              # a backbone's normalisation
 
 #: config key -> allowed values (checked by :func:`transmem.config.load_experiment`)
 CONFIG_CHOICES = {
@@ -21,4 +27,9 @@ CONFIG_CHOICES = {
     "transfer.teacher_inputs": TEACHER_INPUTS,
     "transfer.cache_bank": CACHE_BANK,
     "train.augment": AUGMENTS,  # a list: each item one of these
+    "train.precision": PRECISIONS,
+    "train.accelerator": ACCELERATORS,
+    "eval.split": EVAL_SPLITS,
+    "data.resize": RESIZE_MODES,
+    "model.norm": NORMS,
 }

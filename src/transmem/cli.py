@@ -9,26 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import api
 from .baselines import BASELINES, BaselineUnavailable
 from .bench import run_bench
 from .blend import parse_blend
 from .choices import TMU_MODES
-from .config import ConfigError, load_experiment
-from .data import DataError, build_datasets, list_datasets
+from .config import ConfigError, load_experiment, validate
+from .data import DataError, adopt_fitted, build_datasets, list_datasets
 from .demo import run_demo
-from .files import atomic_write
+from .files import OutputPathError, atomic_write, write_json
 from .models import list_models
 from .predict import run_predict
 from .run_report import method_report
 from .training import CheckpointError
 from .transfer import TeacherMismatch
-from .zoo import ZooError, list_entries, read_card, resolve
+from .zoo import PROBE_STEPS, ZooError, candidates, rank, read_card, resolve, scan_entries
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -59,8 +62,22 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--zoo-root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
 
 
+class UsageError(SystemExit):
+    """A bad command line (argparse's error), already reported in one line; exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every other error is: ``transmem: error: ...``."""
+
+    def error(self, message):
+        msg = " ".join(str(message).split())
+        cmd = self.prog.removeprefix("transmem").strip()
+        print(f"transmem: error: {cmd + ': ' if cmd else ''}{msg} (see {self.prog} --help)", file=sys.stderr)
+        raise UsageError(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="transmem", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="transmem", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("demo", help="pretrain two zoo models, transfer to a new task, compare, report")
@@ -82,13 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("finetune", help="train starting from a zoo entry")
     _common(p)
-    p.add_argument("--from", dest="init_from", required=True, help="zoo entry to start from")
+    p.add_argument("--from", dest="init_from", required=True,
+                   help="zoo entry to start from, or 'auto': the best for this target by `zoo rank` "
+                        "(under --zoo-root; the ranking goes to ranking.json in --out)")
+    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
+                   help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
     p = sub.add_parser("transfer", help="train a TMU target that draws on frozen zoo teachers")
     _common(p)
-    p.add_argument("--teachers", nargs="+", help="zoo entries (folders or names in the zoo root)")
+    p.add_argument("--teachers", nargs="+",
+                   help="zoo entries (folders or names in the zoo root), or auto[:K]: the K best teachers "
+                        "for this target by `zoo rank` (K = 1 unless given)")
     p.add_argument("--distill-weight", type=float, help="lambda of L_distill (config transfer.distill_weight)")
     p.add_argument("--mode", choices=TMU_MODES, help="config transfer.mode")
-    p.add_argument("--init-from", help="zoo entry to initialise the target backbone (finetune init)")
+    p.add_argument("--init-from", help="zoo entry to initialise the target backbone (finetune init), "
+                                       "or 'auto': the best finetune entry by `zoo rank`")
+    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
+                   help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
 
     p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model or a baseline on a dataset")
     who = p.add_mutually_exclusive_group(required=True)
@@ -98,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score W * model + (1 - W) * BASELINE (W = 0.5 unless given), e.g. extrapolation")
     p.add_argument("--config")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier results (metrics.json, report, figures) in --out")
 
     p = sub.add_parser("predict", help="forecast from the last T_in frames of a file or folder")
     p.add_argument("--model", required=True)
@@ -105,11 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--baselines", action="store_true",
                    help="also write the persistence and extrapolation forecasts of the same input")
+    p.add_argument("--format", choices=["npy", "netcdf", "both"], default=None,
+                   help="forecast file: prediction.npy, CF-netCDF forecast.nc (with units, times and "
+                        "coordinates), or both; default netcdf when the input has coordinates, else npy")
 
-    p = sub.add_parser("zoo", help="list the zoo or show one card")
-    p.add_argument("action", choices=["list", "show"])
+    p = sub.add_parser("zoo", help="list the zoo, show one card, or rank the zoo for a target")
+    p.add_argument("action", choices=["list", "show", "rank"])
     p.add_argument("name", nargs="?")
-    p.add_argument("--root")
+    p.add_argument("--root", "--zoo-root", dest="root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
+    p.add_argument("--config", help="rank: the target's YAML experiment config (plus --section.key overrides)")
+    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
+                   help="rank: finetuning steps of the probe on the target (0: zero-shot only)")
+    p.add_argument("--json", help="rank: also write the ranking to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="rank: replace an existing --json file")
 
     p = sub.add_parser("bench", help="time training steps and inference rollouts")
     p.add_argument("--model", default="convlstm", choices=list_models())
@@ -131,30 +167,75 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT). Not a KeyboardInterrupt, so that no library on the way (Lightning turns a
+    KeyboardInterrupt into ``exit(1)``) swallows it: it reaches :func:`main`, which ends with one
+    line and status 130."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict:
+    old = {}
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
+    except (ValueError, OSError):
+        pass
+    return old
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args, rest = ap.parse_known_args(argv)
+    try:
+        args, rest = ap.parse_known_args(argv)
+    except UsageError as e:
+        return e.code
+    old = _install_signal_handlers()
     try:
         return _dispatch(args, rest, ap)
-    except KeyboardInterrupt:
-        print("transmem: interrupted", file=sys.stderr)
-        return 130
+    except UsageError as e:
+        return e.code
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"transmem: interrupted ({signal.Signals(signum).name}); a training run continues with "
+              "--resume", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as e:  # known input problems end in one clean line
         if _is_user_error(e):
-            msg = " ".join(str(e).split())
-            print(f"transmem: error: {msg}", file=sys.stderr)
+            print(f"transmem: error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e)
+    return " ".join(msg.split())
 
 
 def _is_user_error(e: Exception) -> bool:
-    return isinstance(e, (api.RunFolderError, ConfigError, DataError, TeacherMismatch, ZooError,
-                          CheckpointError, BaselineUnavailable, FileNotFoundError, PermissionError,
-                          FloatingPointError))
+    return isinstance(e, (api.RunFolderError, OutputPathError, ConfigError, DataError, TeacherMismatch, ZooError,
+                          CheckpointError, BaselineUnavailable, FloatingPointError, OSError,
+                          MisconfigurationException))
 
 
 def _dispatch(args, rest, ap) -> int:
-    if args.cmd in ("demo", "zoo", "predict", "bench", "models") and rest:
+    zoo_rank = args.cmd == "zoo" and args.action == "rank"  # takes the config's overrides
+    if args.cmd in ("demo", "zoo", "predict", "bench", "models") and rest and not zoo_rank:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     overrides = _split_overrides(rest, ap)
 
@@ -170,8 +251,10 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "zoo":
+        if args.action == "rank":
+            return _zoo_rank(args, overrides, ap)
         if args.action == "list":
-            print(format_zoo_table(list_entries(args.root)))
+            print(format_zoo_table(scan_entries(args.root)))
         else:
             if not args.name:
                 ap.error("zoo show needs a NAME")
@@ -183,7 +266,7 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "predict":
-        run_predict(args.model, args.input, args.out, baselines=args.baselines)
+        run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format)
         return 0
 
     exp = load_experiment(args.config, overrides)
@@ -199,7 +282,7 @@ def _dispatch(args, rest, ap) -> int:
         m = api.run_train(exp, args.out, args.resume, zoo_name=args.zoo_name, zoo_root=args.zoo_root)
     elif args.cmd == "finetune":
         m = api.run_train(exp, args.out, args.resume, init_from=args.init_from,
-                          zoo_name=args.zoo_name, zoo_root=args.zoo_root)
+                          zoo_name=args.zoo_name, zoo_root=args.zoo_root, probe_steps=args.probe_steps)
     elif args.cmd == "transfer":
         if args.distill_weight is not None:
             exp.transfer.distill_weight = args.distill_weight
@@ -207,8 +290,9 @@ def _dispatch(args, rest, ap) -> int:
             exp.transfer.mode = args.mode
         if args.init_from:
             exp.transfer.init_from = args.init_from
+        validate(exp)  # the flags above, as the config's values
         m = api.run_transfer(exp, args.out, args.resume, teachers=args.teachers,
-                             zoo_name=args.zoo_name, zoo_root=args.zoo_root)
+                             zoo_name=args.zoo_name, zoo_root=args.zoo_root, probe_steps=args.probe_steps)
     elif args.cmd == "evaluate":
         m = _evaluate(args, exp)
     else:  # pragma: no cover - argparse guards the choices
@@ -230,16 +314,19 @@ def _evaluate(args, exp) -> dict:
         raise ConfigError(str(e)) from None
     if blend and (args.baseline or blend[0] not in BASELINES):
         raise ConfigError(f"--blend {args.blend!r}: give --model and one of {', '.join(BASELINES)}")
-    datasets = api.eval_datasets(exp, args.out)  # checked before anything is loaded or written
+    if args.model:  # a field normalised as the model was trained on it (data.adopt_fitted)
+        adopt_fitted(exp.data, read_card(resolve(args.model)).get("data"))
+    datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
     if args.baseline:
         forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
     else:
+        api.check_model_fits(read_card(resolve(args.model)), exp)
         forecaster, card = api.load_for_inference(args.model)
         name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
     if blend:
         forecaster = api.blend_with_baseline(forecaster, blend[0], exp, blend[1])
         name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
-    metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label)
+    metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label, overwrite=args.overwrite)
     method_report(Path(args.out), f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
                   {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
                   examples=exp.eval.examples, settings={"model": label, "data": exp.data.to_dict()})
@@ -261,8 +348,13 @@ def _export(exp, split: str, out: str) -> int:
 
 
 def format_zoo_table(entries) -> str:
+    """The zoo as a table; ``entries`` as :func:`~transmem.zoo.scan_entries` gives them (or
+    ``(path, card)`` pairs): an unusable entry is a row with its problem."""
     rows = [("name", "backbone", "data", "frame", "T_in->T_out", "steps", "test MSE/frame")]
-    for path, card in entries:
+    for path, card, *problem in entries:
+        if card is None:
+            rows.append((path.name, f"unusable: {problem[0] if problem else 'bad card'}", "", "", "", "", ""))
+            continue
         data = card.get("data", {})
         desc = data.get("name", "?")
         if desc == "flying_digits":
@@ -280,6 +372,57 @@ def format_zoo_table(entries) -> str:
         return "(zoo is empty)"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _zoo_rank(args, overrides, ap) -> int:
+    """``zoo rank``: the table (and ``--json``) of :func:`transmem.zoo.rank` for a target."""
+    if not args.config:
+        ap.error("zoo rank needs --config TARGET.yaml (the target task)")
+    if args.name:
+        ap.error(f"zoo rank takes no NAME (got {args.name!r}); it ranks every entry under --zoo-root")
+    if args.probe_steps < 0:
+        raise ConfigError(f"--probe-steps {args.probe_steps}: must be 0 (zero-shot only) or more")
+    if args.json:  # checked before anything is ranked
+        out = Path(args.json)
+        if out.is_dir():
+            raise api.RunFolderError(f"{out}: is a folder; --json needs a file name (nothing was ranked)")
+        if out.exists() and not args.overwrite:
+            raise api.RunFolderError(f"{out}: exists; pass --overwrite to replace it, or choose another "
+                                     "--json (nothing was ranked)")
+    exp = load_experiment(args.config, overrides)
+    paths, where = candidates(args.root)
+    if not paths:
+        raise ZooError(f"{where}: no zoo entries to rank (give --zoo-root DIR or set TRANSMEM_ZOO)")
+    ranking = rank(exp, zoo_root=args.root, probe_steps=args.probe_steps, seed=exp.train.seed,
+                   progress=exp.train.progress)
+    print(format_rank_table(ranking))
+    if args.json:
+        write_json(args.json, ranking.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_rank_table(ranking) -> str:
+    """The zoo ranked for a target: one row per entry (best first, unusable ones last with the
+    reason) and one per baseline, MSE per frame on the target's validation clips."""
+    def num(x):
+        return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
+    k = ranking.probe_steps
+    rows = [("rank", "name", "model", "usable as", "zero-shot MSE", f"probe MSE ({k} steps)" if k else "probe MSE",
+             "note")]
+    for r in ranking.rows:
+        rows.append((str(r["rank"] or "-"), r["name"], r.get("model") or "?",
+                     ", ".join(r["uses"]) if r["usable"] else "unusable",
+                     num(r["zero_shot_mse"]), num(r["probe_mse"]), r["reason"] or ""))
+    for name, mse in ranking.baselines.items():
+        rows.append(("-", name, "baseline", "reference", num(mse), "-",
+                     "" if mse is not None else "not installed: pip install 'transmem[nowcast]'"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    t = ranking.target
+    head = (f"{len(ranking.rows)} zoo entries ({t.get('zoo')}) ranked for {t['data'].get('name')} "
+            f"(validation: {t.get('val_clips')} clips, "
+            f"score: {ranking.score_key}, seed {ranking.seed}, {ranking.wall_s:.1f} s)")
+    return head + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 if __name__ == "__main__":

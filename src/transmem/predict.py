@@ -8,35 +8,85 @@ beside it. Everything is written to a temporary folder first, so a failure leave
 """
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps, colors
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 from .api import RunFolderError, load_for_inference
 from .baselines import BASELINES, BaselineUnavailable, create_baseline
 from .data import DataError, physical_units
+from .data.clips import split_at_gaps
+from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
-from .files import atomic_folder
+from .data.radar import FMI, MCH, find_events, radar_kind
+from .files import OutputPathError, atomic_folder, check_output_dir, remove_stale_temps
+from .zoo import ZooError
 from .viz import save_gif
 
 
-def run_predict(model_ref, input_path, out_dir, baselines: bool = False) -> Path:
+def last_run_after_gaps(input_path, frames: np.ndarray, t_in: int) -> np.ndarray:
+    """A timed input (a radar folder) with a gap in time is split there as the datasets split it
+    (a step over 1.5 x the median step): the forecast starts from the last gap-free run, and a
+    line says so; when that run is shorter than T_in the input is refused."""
+    p = Path(input_path)
+    kind = radar_kind(p) if p.is_dir() else None
+    if kind is None:
+        return frames
+    events = find_events(p, FMI if kind == "fmi" else MCH)
+    if len(events) != 1:
+        return frames
+    (items,) = events.values()
+    if len(items) != frames.shape[0]:
+        return frames
+    times = [(t - datetime(1970, 1, 1)).total_seconds() for t, _ in items]
+    runs = split_at_gaps(times)
+    if len(runs) == 1:
+        return frames
+    a, b = runs[-1]
+    gap_min = (times[a] - times[a - 1]) / 60
+    when = f"{items[a - 1][0]:%Y-%m-%d %H:%M} to {items[a][0]:%H:%M}"
+    if b - a < t_in:
+        raise DataError(p, f"has a {gap_min:.0f}-minute gap in time ({when}); only {b - a} frame(s) follow it, "
+                           f"fewer than the model's T_in={t_in}: give frames without a gap")
+    print(f"{p}: {len(runs) - 1} gap(s) in time, the last {gap_min:.0f} minutes ({when}); forecasting from "
+          f"the {b - a} frames after it")
+    return frames[a:b]
+
+
+def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: str | None = None) -> Path:
     """``baselines``: also write the persistence and extrapolation forecasts of the same input
     (``baseline_<name>.npy``, and as rows of the GIF), for scale; extrapolation is left out, with
-    a line saying so, when its extra is not installed."""
+    a line saying so, when its extra is not installed. ``fmt``: ``npy`` (``prediction.npy``),
+    ``netcdf`` (CF ``forecast.nc``) or ``both``; default netcdf when the input has coordinates
+    (a gridded model's input), else npy. ``forecast.png`` / ``forecast.gif`` are always written."""
+    if fmt not in (None, "npy", "netcdf", "both"):
+        raise DataError(None, f"--format must be npy, netcdf or both, got {fmt!r}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    try:
+        check_output_dir(out, what="--out folder")
+    except OutputPathError as e:
+        raise RunFolderError(str(e)) from None
+    if out.exists() and (not out.is_dir() or any(n for n in out.iterdir() if not n.name.startswith("."))):
         raise RunFolderError(f"{out}: output folder exists and is not empty; choose another --out")
+    remove_stale_temps(out)  # the hidden temporary folder of a killed earlier predict
     module, card = load_for_inference(model_ref)
+    missing = [k for k in ("t_in", "t_out", "frame_size") if k not in card]
+    if missing:
+        raise ZooError(f"{model_ref}: its card lacks {', '.join(missing)}, which predict needs")
     t_in, t_out = int(card["t_in"]), int(card["t_out"])
     size = int(card["frame_size"][0])
     channels = int(card.get("channels", 1))
     data = card.get("data", {})
-    extra = data.get("extra") or {}
-    opts = {"r_max": float(extra["r_max"])} if "r_max" in extra else {}
-    frames = read_input_frames(input_path, channels=channels, size=size, **opts)
+    frames, mask, grid = read_forecast_input(input_path, data, channels, size)
+    frames = last_run_after_gaps(input_path, frames, t_in)
+    mask = mask[len(mask) - len(frames):]
+    fmt = fmt or ("netcdf" if grid is not None else "npy")
     if frames.shape[0] < t_in:
         raise DataError(input_path, f"has {frames.shape[0]} frames; the model needs at least T_in={t_in}")
     past = torch.from_numpy(np.ascontiguousarray(frames[-t_in:]))[None]
@@ -53,6 +103,11 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool = False) -> Path
             continue
         others[name] = b.rollout(clip)[0].numpy()
     with atomic_folder(out) as tmp:
+        written = write_pictures_and_netcdf(tmp, fmt, past[0].numpy(), mask[-t_in:], pred, units, grid,
+                                            others, t_in)
+        if fmt == "netcdf":
+            print(f"wrote the forecast to {out / 'forecast.nc'} ({', '.join(written)})")
+            return out
         np.save(tmp / "prediction.npy", pred.astype(np.float32))
         if units is not None:
             np.save(tmp / f"prediction_{units.name.replace('/', '')}.npy",
@@ -66,3 +121,133 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool = False) -> Path
                  ["input", "prediction", *others])
     print(f"wrote {t_out} predicted frames to {out} (frames, prediction.npy, prediction.gif)")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# gridded inputs, CF-netCDF and the forecast figure (issue 19)
+# --------------------------------------------------------------------------------------------
+GRID_READERS = ("xarray", "radar_mrms")
+#: the HDF5 reader's keys a run's config carries into predict (how the file's values are read)
+_H5_KEYS = ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a", "b",
+            "accumulation_minutes", "r_max", "time_regex", "time_format", "crop", "aspect")
+RAIN_LEVELS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100)
+
+
+def read_forecast_input(input_path, data: dict, channels: int, size: int):
+    """``(frames (T, C, S, S) in [0, 1], mask (T, 1, S, S), Grid or None)``: a gridded model
+    (``xarray``, ``radar_mrms``) reads its input as it read its data (variable, crop, the fitted
+    normalisation); an HDF5 model with its file conventions; anything else as before."""
+    extra = data.get("extra") or {}
+    if data.get("name") in GRID_READERS:
+        frames, mask, grid = read_grid(input_path, data, size, channels)
+        times = grid.times
+        if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
+            secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
+            gap = extra.get("max_gap")
+            runs = split_at_gaps(list(secs), float(gap) if gap else None)
+            if len(runs) > 1:  # forecast from the last gap-free run, as the datasets split there
+                a, b = runs[-1]
+                print(f"{input_path}: {len(runs) - 1} gap(s) in time; forecasting from the {b - a} frames "
+                      f"after {str(times[a - 1])[:16]}")
+                frames, mask, grid.times = frames[a:b], mask[a:b], times[a:b]
+        return frames, mask, grid
+    keys = _H5_KEYS if data.get("name") == "hdf5" else ("r_max",)
+    opts = {k: extra[k] for k in keys if k in extra}
+    if "r_max" in opts:
+        opts["r_max"] = float(opts["r_max"])
+    frames, mask = read_input_frames(input_path, channels=channels, size=size, return_mask=True, **opts)
+    return frames, mask, None
+
+
+def lead_labels(grid, t_in: int, t_out: int) -> tuple[list[str], list[str]]:
+    """Labels of the last observed frames and of the leads: times and minutes when the input
+    has times, else steps."""
+    times = list(grid.times[-t_in:]) if grid is not None and grid.times else []
+    if len(times) == t_in and t_in >= 2 and all(isinstance(t, np.datetime64) for t in times):
+        ts = np.asarray(times, dtype="datetime64[s]")
+        step = int(np.median(np.diff(ts).astype(np.int64)))
+        obs = [str(t).replace("T", " ")[:16] for t in ts]
+        mins = [k * step / 60 for k in range(1, t_out + 1)]
+        return obs, [f"+{m / 60:g} h" if m >= 120 and m % 60 == 0 else f"+{m:g} min" for m in mins]
+    return [f"t{k - t_in + 1}" if k < t_in - 1 else "t0 (last)" for k in range(t_in)], \
+        [f"+{k} step{'s' if k > 1 else ''}" for k in range(1, t_out + 1)]
+
+
+def _norm(rain: bool, values: list[np.ndarray], unit_range: bool):
+    if rain:
+        cmap = colormaps["viridis"].with_extremes(under="white", bad="0.75")
+        return cmap, colors.BoundaryNorm(RAIN_LEVELS, cmap.N, extend="max")
+    cmap = colormaps["gray" if unit_range else "viridis"].with_extremes(bad="0.75")
+    if unit_range:
+        return cmap, colors.Normalize(0, 1)
+    v = np.concatenate([np.ravel(a)[np.isfinite(np.ravel(a))] for a in values]) if values else np.zeros(1)
+    lo, hi = (np.percentile(v, [1, 99]) if v.size else (0, 1))
+    return cmap, colors.Normalize(float(lo), float(hi) if hi > lo else float(lo) + 1)
+
+
+def save_forecast_figure(png, gif, observed: np.ndarray, obs_mask: np.ndarray, forecast: np.ndarray,
+                         obs_labels: list[str], leads: list[str], units: str | None, rain: bool,
+                         max_obs: int = 4, max_leads: int = 8) -> None:
+    """``png``: the last observed frames (top row) and the forecast (bottom row), each panel
+    titled with its time or lead, one colour scale (rain: mm/h levels, no data in grey);
+    ``gif``: the same frames one after the other, each at a viewable size with its label."""
+    obs = np.where(obs_mask, observed, np.nan)
+    if rain:  # where the last frame had no data the forecast means nothing: grey too
+        forecast = np.where(obs_mask[-1], forecast, np.nan)
+    cmap, norm = _norm(rain, [obs, forecast], units is None)
+    label = units or "value (0-1)"
+    n_obs = min(max_obs, len(obs))
+    pick = np.unique(np.linspace(0, len(forecast) - 1, min(max_leads, len(forecast))).round().astype(int))
+    ncol = max(n_obs, len(pick))
+    fig = Figure(figsize=(2.3 * ncol + 1.2, 5.0), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, ncol, squeeze=False)
+    im = None
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for j in range(n_obs):
+        k = len(obs) - n_obs + j
+        im = axes[0, j].imshow(obs[k], cmap=cmap, norm=norm, interpolation="nearest")
+        axes[0, j].set_title(f"observed {obs_labels[k]}", fontsize=8)
+    for j, k in enumerate(pick):
+        im = axes[1, j].imshow(forecast[k], cmap=cmap, norm=norm, interpolation="nearest")
+        axes[1, j].set_title(f"forecast {leads[k]}", fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.84, top=0.9, bottom=0.03, wspace=0.08, hspace=0.25)
+    cax = fig.add_axes([0.86, 0.1, 0.018, 0.72])
+    fig.colorbar(im, cax=cax, label=label)
+    if rain:
+        fig.text(0.99, 0.96, "grey: no data;  white: < 0.1 mm/h", ha="right", va="top", fontsize=8)
+    fig.savefig(png)
+    frames = []
+    seq = [(o, f"observed {t}") for o, t in zip(obs[-max(n_obs, 1):], obs_labels[-max(n_obs, 1):])]
+    seq += [(f, f"forecast {t}") for f, t in zip(forecast, leads)]
+    for a, title in seq:
+        fg = Figure(figsize=(4.4, 3.8), dpi=90)
+        canvas = FigureCanvasAgg(fg)
+        ax = fg.subplots()
+        ax.set_axis_off()
+        m = ax.imshow(a, cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(title, fontsize=11, color="black" if title.startswith("observed") else "darkred")
+        fg.colorbar(m, ax=ax, label=label, shrink=0.85)
+        canvas.draw()
+        frames.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3]))
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=600, loop=0)
+
+
+def write_pictures_and_netcdf(tmp: Path, fmt: str, past: np.ndarray, past_mask: np.ndarray, pred: np.ndarray,
+                              units, grid, others: dict, t_in: int) -> list[str]:
+    """The forecast figure and GIF (always) and ``forecast.nc`` (``fmt`` netcdf/both), in physical
+    units when the model's data declares them; returns the names written."""
+    to_phys = (lambda a: np.asarray(units.to_physical(a), dtype=np.float32)) if units is not None else (lambda a: a)
+    obs, fc = to_phys(past[:, 0]), to_phys(pred[:, 0])
+    obs_labels, leads = lead_labels(grid, t_in, len(pred))
+    rain = units is not None and units.name == "mm/h"
+    save_forecast_figure(tmp / "forecast.png", tmp / "forecast.gif", obs, past_mask[:, 0], fc, obs_labels, leads,
+                         units.name if units is not None else None, rain)
+    names = ["forecast.png", "forecast.gif"]
+    if fmt in ("netcdf", "both"):
+        write_forecast_netcdf(tmp / "forecast.nc", obs, fc, grid, units.name if units is not None else "1",
+                              obs_mask=past_mask[:, 0], extra_forecasts={k: to_phys(v[:, 0]) for k, v in others.items()},
+                              attrs={"source": "transmem predict"})
+        names.append("forecast.nc")
+    return names

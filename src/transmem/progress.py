@@ -129,13 +129,13 @@ def train_progress(enabled: bool, stream=None) -> tuple[bool, list]:
     return True, [LineProgress(stream)]
 
 
-def eval_progress(iterable, total: int, desc: str, stream=None):
+def eval_progress(iterable, total: int, desc: str, stream=None, unit: str = "batch"):
     """``iterable`` with a tqdm bar when ``stream`` (default ``sys.stderr``) is a terminal, else
-    with :func:`progress_lines`."""
+    with :func:`progress_lines` (``unit``: what one item is, e.g. ``batch`` or ``entry``)."""
     if is_terminal(stream if stream is not None else sys.stderr):
-        return tqdm(iterable, total=total, desc=desc, leave=False,
+        return tqdm(iterable, total=total, desc=desc, leave=False, unit=unit,
                     **({} if stream is None else {"file": stream}))
-    return progress_lines(iterable, total, desc, stream)
+    return progress_lines(iterable, total, desc, stream, unit=unit)
 
 
 class BlockProgress:

@@ -51,6 +51,28 @@ SPLIT_ONLY_KEYS = frozenset({"splits", "split_order", "group_regex"})
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def read_bytes(path: Any, n: int = -1) -> bytes:
+    """The first ``n`` bytes of a file (all with ``n = -1``): for sniffing a format or parsing a
+    small file; an OS error is a :class:`DataError` naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as e:
+        raise DataError(path, f"cannot read file ({e.strerror or e})") from None
+
+
+def unit_floats(a: np.ndarray, path: Any, what: str = "float values") -> np.ndarray:
+    """Float frames as float32 in [0, 1]: NaN, infinities or values outside [0, 1] (beyond
+    rounding) are a :class:`DataError` naming ``path`` -- scaling unknown values would be a guess."""
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise DataError(path, f"{what} hold NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise DataError(path, f"{what} span [{lo:.4g}, {hi:.4g}]; frames must be in [0, 1] (rescale them)")
+    return np.clip(a, 0.0, 1.0)
+
+
 def why(e: BaseException, path: Any = None) -> str:
     """``"TypeName: message"`` of a library exception, without the file path it may repeat and
     cut to a reasonable length (the :class:`DataError` already names the file)."""
@@ -474,6 +496,11 @@ def _split_fractions(cfg: DataConfig) -> list[float]:
         raise DataError(cfg.path, f"split must be 3 non-negative fractions (train, val, test), got {cfg.split!r}")
     s = sum(fr)
     return [v / s for v in fr]
+
+
+def split_fractions(cfg: DataConfig) -> list[float]:
+    """``cfg.split`` checked and normalised to sum 1 (what :func:`make_splits` cuts by)."""
+    return _split_fractions(cfg)
 
 
 def _order(events: list[str], how: str, path) -> list[str]:

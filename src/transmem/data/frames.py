@@ -32,7 +32,9 @@ import numpy as np
 from .clips import (SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
                     opt_int, parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
+from ..files import walk
 from .registry import DataConfig, register_dataset
+from .stacks import frame_count, image_array, read_stack
 from .video import find_video_files, prepare_frames, video_specs
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
@@ -52,19 +54,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(os.fspath(path)) as im:
             im.load()
-            mode = im.mode
-            if mode in ("L", "1"):
-                return np.asarray(im.convert("L"))
-            if mode.startswith("I;16"):
-                return np.asarray(im).astype(np.uint16)
-            if mode == "I":
-                return np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
-            if mode == "F":
-                a = np.asarray(im, dtype=np.float32)
-                return np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
-            if mode == "LA":
-                return np.asarray(im.convert("L"))
-            return np.asarray(im.convert("RGB"))
+            return image_array(im)
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, zlib.error, ...
         raise DataError(path, f"cannot read image ({why(e, path)})") from None
 
@@ -127,7 +117,7 @@ def read_frame_folder(folder: str | os.PathLike, channels: int = 1, size: int | 
 def find_frame_folders(root: Path) -> list[Path]:
     """Folders under ``root`` (itself included) that directly hold image files."""
     found = []
-    for d, dirs, files in os.walk(root, followlinks=True):
+    for d, dirs, files in walk(root):  # loop-safe, regular files only
         dirs.sort(key=natural_key)
         if any(is_image_file(f) for f in files):
             found.append(Path(d))
@@ -142,6 +132,9 @@ def _folder_specs(cfg: DataConfig, folders: list[Path], root: Path, names: list[
     specs = []
     for folder, name, event in zip(folders, names, events):
         files, times = list_frames(folder, time_regex=regex, time_format=fmt)
+        files, times = _take_stacks(cfg, files, times, name, specs)
+        if not files:
+            continue
         if maxf:
             files, times = files[:maxf], (times[:maxf] if times else None)
         runs = split_at_gaps(times, max_gap) if (times and max_gap) else [(0, len(files))]
@@ -153,6 +146,25 @@ def _folder_specs(cfg: DataConfig, folders: list[Path], root: Path, names: list[
                                    crop=fo["crop"], where=folder), None
             specs.append(SequenceSpec(name if len(runs) == 1 else f"{name}#{k}", event, part, load))
     return specs
+
+
+def _take_stacks(cfg: DataConfig, files: list[Path], times, name: str, specs: list) -> tuple[list[Path], list | None]:
+    """Append a sequence (its own event) for every multi-frame file (TIFF stack, animated PNG)
+    of ``files`` to ``specs``; return the single-frame files (and their times)."""
+    stacks = [f for f in files if frame_count(f) > 1]
+    if not stacks:
+        return files, times
+    fo = fit_options(cfg)
+    maxf = opt_int(cfg, "max_frames")
+    white = opt_float(cfg, "white", positive=True)
+    names = [f"{name}/{f.name}" for f in stacks]
+    for f, sname, event in zip(stacks, names, group_events(names, opt(cfg, "group_regex"), cfg.path)):
+        def load(f=f):
+            return prepare_frames(iter([(f, fr) for fr in read_stack(f, maxf, white)]), cfg.channels, fo["size"],
+                                  fo["mode"], fo["aspect"], fo["crop"], where=f), None
+        specs.append(SequenceSpec(sname, event, [f], load))
+    keep = [i for i, f in enumerate(files) if f not in set(stacks)]
+    return [files[i] for i in keep], ([times[i] for i in keep] if times else None)
 
 
 @register_dataset("frames")

@@ -7,20 +7,24 @@ Registered dataset ``"hdf5"``. ``cfg.path`` is one file or a folder searched rec
   2-D or 3-D dataset is taken (several: an error that lists them);
 * ``time_axis`` (default 0): which axis of a 3-D dataset is time; a 4-D dataset with a
   singleton axis 1 (``(T, 1, H, W)``) is read as 3-D;
-* ``scale``, ``offset``: physical value = raw · scale + offset (defaults: the CF attributes
-  ``scale_factor`` / ``add_offset`` when present, else 1 and 0);
-* ``nodata``: raw value, or list of raw values, that mean "no data" (default: the attributes
-  ``_FillValue`` / ``missing_value`` when present); NaN and ±inf are always no data;
+* what the file declares is read first (:mod:`transmem.data.conventions`): ODIM ``what``
+  groups (gain, offset, nodata, undetect, quantity; ``extra["quantity"]`` picks the dataset of
+  an ODIM file), KNMI ``image1/calibration`` attributes, CF attributes; the keys below override it;
+* ``scale``, ``offset``: physical value = raw · scale + offset (default from the file, else 1, 0);
+* ``nodata``: raw value, or list of raw values, that mean "no data" (default from the file;
+  ``[]`` = none); NaN and ±inf are always no data. A file that declares none while a large share
+  of its pixels holds a tell-tale fill value is refused, naming this key;
 * ``undetect``: raw value(s) meaning "no rain" (R = 0);
-* ``units``: what the physical value is: ``"mm/h"`` (default; negative rates become 0) or
-  ``"dBZ"`` (converted by Z = a·R^b with ``a``, ``b``; defaults 223, 1.53);
+* ``units``: what the physical value is: ``"mm/h"`` (default; negative rates become 0), ``"mm"``
+  (an accumulation over ``accumulation_minutes``) or ``"dBZ"`` (converted by Z = a·R^b with
+  ``a``, ``b``; defaults 200, 1.6 for ODIM / KNMI files as pysteps, else 223, 1.53);
 * ``r_max`` (default 100 mm/h), ``aspect``, ``crop``: as for radar (:mod:`transmem.data.radar`).
 
 A file with a 3-D dataset is one event (its frames in array order). Files with a 2-D dataset
 are single frames: the files of one folder form one event, ordered by name (natural order) or
 by the time in their names (``time_regex`` / ``time_format``, as for frame folders; with
 ``max_gap`` a larger step splits the sequence). NetCDF3 (classic) files are not HDF5 and are
-rejected with a hint to convert them. Values become rain rate, then log-scaled [0, 1] with a
+rejected with a hint to read them with ``name: xarray``. Values become rain rate, then log-scaled [0, 1] with a
 ``mask`` of valid pixels, exactly as the radar readers do.
 """
 from __future__ import annotations
@@ -32,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
+from .clips import (SequenceSpec, read_bytes, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
                     parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
+from ..files import walk
+from .conventions import (MP_A, MP_B, UNITS, file_conventions, is_knmi, is_odim, odim_pick, refuse_undeclared_fill)
 from .radar import FMI_A, FMI_B, R_MAX, dbz_to_rainrate, prepare_rain_frames, rain_units
 from .registry import DataConfig, register_dataset
 
@@ -57,14 +63,10 @@ def _h5py():
 
 def open_h5(path: str | os.PathLike):
     """Open an HDF5 / NetCDF4 file read-only; every failure is a :class:`DataError`."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError as e:
-        raise DataError(path, f"cannot read file ({e.strerror or e})") from None
+    head = read_bytes(path, 8)
     if head[:3] == b"CDF":
-        raise DataError(path, "NetCDF3 (classic) file: only NetCDF4/HDF5 can be read; convert it "
-                              "(e.g. nccopy -k nc4 in.nc out.nc)")
+        raise DataError(path, "NetCDF3 (classic) file: not HDF5; read it with name: xarray "
+                              "(pip install 'transmem[io]') or convert it (nccopy -k nc4 in.nc out.nc)")
     h5py = _h5py()
     try:
         return h5py.File(os.fspath(path), "r")
@@ -84,8 +86,9 @@ def _numeric_datasets(f) -> list[tuple[str, tuple]]:
     return out
 
 
-def pick_dataset(f, name: str | None, path):
-    """The dataset to read: ``name``, or the only numeric 2-D/3-D dataset of the file."""
+def pick_dataset(f, name: str | None, path, quantity: str | None = None):
+    """The dataset to read: ``name``, or the only numeric 2-D/3-D dataset of the file (in an ODIM
+    file, the one whose quantity is ``quantity``, default the first of RATE, ACRR, DBZH, TH)."""
     h5py = _h5py()
     if name:
         try:
@@ -97,22 +100,14 @@ def pick_dataset(f, name: str | None, path):
             raise DataError(path, f"'{name}' is a group, not a dataset")
         return ds
     cands = _numeric_datasets(f)
+    if len(cands) > 1 and is_odim(f):  # ODIM: the dataset whose ``what/quantity`` is precipitation
+        cands = odim_pick(f, cands, quantity, path)
+    if len(cands) > 1 and "/image1/image_data" in dict(cands) and is_knmi(f["/image1/image_data"]):
+        cands = [c for c in cands if c[0] == "/image1/image_data"]  # KNMI: not the colour palette
     if len(cands) != 1:
         listed = ", ".join(f"{n} {s}" for n, s in cands) or "none"
         raise DataError(path, f"set extra.dataset: the file has {len(cands)} numeric 2-D/3-D datasets ({listed})")
     return f[cands[0][0]]
-
-
-def _attr(ds, *names):
-    for n in names:
-        if n in ds.attrs:
-            try:
-                v = np.asarray(ds.attrs[n], dtype=np.float64).ravel()
-                if v.size:
-                    return v
-            except (TypeError, ValueError):
-                continue
-    return None
 
 
 def _values(cfg: DataConfig, key: str):
@@ -146,19 +141,31 @@ class _Reader:
         self.time_axis = opt_int(cfg, "time_axis", 0, minimum=0) if len(shape) == 3 else None
         if self.time_axis is not None and self.time_axis > 2:
             raise DataError(path, f"extra.time_axis must be 0, 1 or 2, got {self.time_axis}")
+        meta = file_conventions(ds, path)  # ODIM ``what`` / KNMI ``calibration`` / CF attributes
+        self.convention = meta.get("convention", "CF")
+        if "problem" in meta and opt(cfg, "units") is None and (meta["convention"] != "KNMI" or opt(cfg, "scale") is None):
+            raise DataError(path, meta["problem"])
         sc = opt_float(cfg, "scale")
         off = opt_float(cfg, "offset")
-        a_sc, a_off = _attr(ds, "scale_factor", "gain"), _attr(ds, "add_offset", "offset")
-        self.scale = sc if sc is not None else (float(a_sc[0]) if a_sc is not None else 1.0)
-        self.offset = off if off is not None else (float(a_off[0]) if a_off is not None else 0.0)
+        self.scale = sc if sc is not None else meta.get("scale", 1.0)
+        self.offset = off if off is not None else meta.get("offset", 0.0)
         nd = _values(cfg, "nodata")
-        self.nodata = nd if nd is not None else _attr(ds, "_FillValue", "missing_value", "nodata")
-        self.undetect = _values(cfg, "undetect")
-        self.units = opt(cfg, "units", "mm/h")
-        if self.units not in ("mm/h", "dBZ"):
-            raise DataError(cfg.path, f"extra.units must be 'mm/h' or 'dBZ', got {self.units!r}")
-        self.a = opt_float(cfg, "a", FMI_A, positive=True)
-        self.b = opt_float(cfg, "b", FMI_B, positive=True)
+        self.nodata = nd if nd is not None else meta.get("nodata")
+        ud = _values(cfg, "undetect")
+        self.undetect = ud if ud is not None else meta.get("undetect")
+        self.units = opt(cfg, "units") or meta.get("units") or "mm/h"
+        if self.units not in UNITS:
+            raise DataError(cfg.path, f"extra.units must be one of {', '.join(UNITS)}, got {self.units!r}")
+        self.minutes = opt_float(cfg, "accumulation_minutes", positive=True) or meta.get("minutes")
+        if self.units == "mm" and not self.minutes:
+            raise DataError(path, f"{ds.name} holds accumulations (mm) over an unknown period: set "
+                                  f"extra.accumulation_minutes")
+        dza, dzb = (MP_A, MP_B) if self.convention in ("ODIM", "KNMI") else (FMI_A, FMI_B)
+        self.a = opt_float(cfg, "a", dza, positive=True)
+        self.b = opt_float(cfg, "b", dzb, positive=True)
+        self.checked = False
+        self.dtype = ds.dtype
+        self.ds_name = ds.name
 
     @property
     def n_frames(self) -> int:
@@ -174,6 +181,9 @@ class _Reader:
             idx[self.time_axis] = t
             raw = ds[tuple(idx)]
         raw = np.asarray(raw, dtype=np.float64)
+        if self.nodata is None and not self.checked:
+            refuse_undeclared_fill(raw, self.dtype, self.path, self.ds_name, rain=self.units != "dBZ")
+        self.checked = True
         bad = ~np.isfinite(raw)
         if self.nodata is not None:
             bad |= np.isin(raw, self.nodata)
@@ -182,6 +192,8 @@ class _Reader:
         with np.errstate(invalid="ignore", over="ignore"):
             if self.units == "dBZ":
                 r = dbz_to_rainrate(phys, self.a, self.b).astype(np.float64)
+            elif self.units == "mm":
+                r = np.maximum(phys, 0.0) * (60.0 / self.minutes)
             else:
                 r = np.maximum(phys, 0.0)
         if zero is not None:
@@ -228,7 +240,7 @@ def _guard(p, fn):
 
 
 def _dataset_reader(cfg: DataConfig, f, p):
-    ds = pick_dataset(f, opt(cfg, "dataset"), p)
+    ds = pick_dataset(f, opt(cfg, "dataset"), p, opt(cfg, "quantity"))
     return ds, _Reader(cfg, ds, p)
 
 
@@ -247,7 +259,7 @@ def _h5_specs(cfg: DataConfig) -> list[SequenceSpec]:
         files = [root]
     else:
         files = []
-        for d, dirs, fs in os.walk(root, followlinks=True):
+        for d, dirs, fs in walk(root):  # loop-safe, regular files only
             dirs.sort(key=natural_key)
             files += [Path(d) / f for f in sorted(fs, key=natural_key) if is_hdf5_file(f)]
         if not files:

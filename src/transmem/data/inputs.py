@@ -10,7 +10,8 @@ input                                  read as
                                        or float already in [0, 1]
 video (``.mp4 .avi .mov .mkv ...``)    all frames, through PyAV
 ``.gif``                               all frames, through Pillow
-one image (``.png .jpg ...``)          a single frame
+one image (``.png .jpg ...``)          a single frame; a multi-page TIFF or animated PNG:
+                                       all its frames (:mod:`transmem.data.stacks`)
 ``.h5 .hdf5 .nc ...``                  the HDF5 reader (``dataset``, ``scale``, ... in opts)
 folder of FMI / MeteoSwiss radar files one radar event, sorted by the times in the names
 folder of images                       a frame folder (name order, or ``time_regex``)
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import fit_frames, natural_key, opt_float, opt_int, to_channels, why
+from .clips import fit_frames, natural_key, opt_float, opt_int, to_channels, unit_floats, why
 from .errors import DataError
 from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
 from .hdf5 import is_hdf5_file, read_h5_frames
 from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
 from .registry import DataConfig
+from .stacks import frame_count, read_stack
 from .video import is_video_file, prepare_frames, read_video
 
 _FIT_KEYS = ("resize", "aspect", "crop")
@@ -39,6 +41,10 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
     """Array of frames → float32 ``(T, H, W, C)`` in [0, 1]."""
     if a.dtype.kind not in "biuf":
         raise DataError(path, f"unsupported array dtype {a.dtype}; expected uint8, uint16, bool or float")
+    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] > 4:
+        raise DataError(path, f"array of shape {a.shape} is one RGB image (H, W, {a.shape[-1]}), not frames: save "
+                              f"frames as (T, H, W, {a.shape[-1]}); if these are {a.shape[0]} frames {a.shape[2]} "
+                              f"pixels wide, save them as (T, H, W, 1)")
     if a.ndim == 3:
         a = a[..., None]
     elif a.ndim == 4:
@@ -48,7 +54,8 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
             raise DataError(path, f"array of shape {a.shape}: expected (T, H, W), (T, C, H, W) or (T, H, W, C) "
                                   f"with C = 1 or 3")
     else:
-        raise DataError(path, f"array of shape {a.shape}: expected (T, H, W), (T, C, H, W) or (T, H, W, C)")
+        what = " is one image, not frames" if a.ndim == 2 else ""
+        raise DataError(path, f"array of shape {a.shape}{what}: expected (T, H, W), (T, C, H, W) or (T, H, W, C)")
     if 0 in a.shape:
         raise DataError(path, f"empty array of shape {a.shape}")
     if a.dtype == np.uint8:
@@ -59,13 +66,7 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
         return a.astype(np.float32)
     if a.dtype.kind in "iu":
         raise DataError(path, f"integer array of dtype {a.dtype}: use uint8 (0..255) or uint16, or float in [0, 1]")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise DataError(path, "array holds NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise DataError(path, f"float values span [{lo:.4g}, {hi:.4g}]; frames must be in [0, 1]")
-    return np.clip(a, 0.0, 1.0)
+    return unit_floats(a, path, "the array's float values")
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
@@ -129,6 +130,10 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             x = read_video(p, channels, size, mode, max_frames=maxf, **fit).astype(np.float32) / 255.0
         elif (name.endswith(".pgm.gz") or suf == ".pgm") and parse_fmi_time(p.name):
             x, mask = read_radar_files([p], "fmi", channels, size, mode, cfg=cfg, where=p, **fit, **radar_kw)
+        elif suf in IMAGE_EXTS and frame_count(p) > 1:  # multi-page TIFF, animated PNG: all frames
+            white = opt_float(cfg, "white", positive=True)
+            x = prepare_frames(((p, f) for f in read_stack(p, maxf, white)), channels, size, mode, where=p, **fit)
+            x = x.astype(np.float32) / 255.0
         elif suf in IMAGE_EXTS:
             x = prepare_frames(iter([(p, read_image(p))]), channels, size, mode, where=p, **fit)
             x = x.astype(np.float32) / 255.0
@@ -150,11 +155,15 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             if maxf:
                 x, mask = x[:maxf], mask[:maxf]
         elif any(is_image_file(n) for n in names):
+            stacks = [n for n in names if is_image_file(n) and (p / n).is_file() and frame_count(p / n) > 1]
+            if stacks:
+                raise DataError(p, f"holds {len(stacks)} image stack(s) ({', '.join(stacks[:3])}"
+                                   f"{' ...' if len(stacks) > 3 else ''}): point at one")
             x = read_frame_folder(p, channels, size, mode, time_regex=opts.get("time_regex"),
                                   time_format=opts.get("time_format"), max_frames=maxf, **fit)
             x = x.astype(np.float32) / 255.0
         elif any(is_hdf5_file(n) for n in names):
-            files = sorted((p / n for n in names if is_hdf5_file(n)), key=lambda q: natural_key(q.name))
+            files = sorted((p / n for n in names if is_hdf5_file(n) and (p / n).is_file()), key=lambda q: natural_key(q.name))
             x, mask = read_h5_frames(cfg, files, where=p)
         elif not [n for n in names if not n.startswith(".")]:
             raise DataError(p, "empty folder")

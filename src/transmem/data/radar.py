@@ -42,9 +42,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_masked, fit_options, natural_key, opt, opt_float,
+from .clips import (SequenceSpec, build_clip_datasets, read_bytes, fit_masked, fit_options, natural_key, opt, opt_float,
                     opt_int, require_path, split_at_gaps, why)
 from .errors import DataError
+from ..files import walk
 from .registry import DataConfig, Units, register_dataset
 
 FMI_A, FMI_B = 223.0, 1.53
@@ -158,11 +159,7 @@ def _pgm_tokens(buf: bytes, count: int, path) -> tuple[list[int], int]:
 def read_pgm(path: str | os.PathLike) -> np.ndarray:
     """A binary (P5) PGM image, gzip-compressed or not, as ``(H, W)`` uint8 (or uint16 when
     maxval > 255). Raises :class:`DataError` for unreadable, truncated or non-PGM files."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as e:
-        raise DataError(path, f"cannot read file ({e.strerror or e})") from None
+    raw = read_bytes(path)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -265,7 +262,7 @@ def find_events(root: str | os.PathLike, src: _Source) -> dict[str, list[tuple[d
     if not root.is_dir():
         raise DataError(root, f"expected a folder of {src.what} files (or of event folders), got a file")
     events = {}
-    for d, dirs, files in os.walk(root, followlinks=True):
+    for d, dirs, files in walk(root):  # loop-safe, regular files only
         dirs.sort(key=natural_key)
         found = []
         for f in files:

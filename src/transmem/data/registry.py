@@ -95,12 +95,33 @@ class DataConfig:
 
 
 def build_datasets(cfg: DataConfig) -> dict:
-    """Return ``{"train": Dataset, "val": Dataset, "test": Dataset}`` for ``cfg``."""
+    """Return ``{"train": Dataset, "val": Dataset, "test": Dataset}`` for ``cfg``.
+
+    A builder may write into ``cfg.extra`` what it fitted on the train split (the ``xarray``
+    reader's ``normalization``): the run saves ``cfg`` afterwards, so the fit is stored in its
+    ``config.yaml`` and on the model card, and ``physical_units(cfg)`` reads it from there."""
     _import_builtin_readers()
     if cfg.name not in _DATASETS:
         missing = "".join(f"; reader module '{m}' not loaded ({why})" for m, why in _NOT_LOADED.items())
         raise DataError(cfg.path, f"unknown dataset '{cfg.name}'; known: {', '.join(sorted(_DATASETS))}{missing}")
     return _DATASETS[cfg.name](cfg)
+
+
+#: ``extra`` keys a reader fits on the train split and writes into the config (see build_datasets)
+FITTED_KEYS = ("normalization",)
+
+
+def adopt_fitted(cfg: DataConfig, model_data: dict | None) -> list[str]:
+    """Give ``cfg`` what a model was trained with -- the fitted keys of its card's ``data.extra``
+    -- when ``cfg`` uses the same reader and fits none of its own, so that a model evaluated on
+    other data sees it normalised as in training. Returns the keys taken."""
+    if not model_data or model_data.get("name") != cfg.name:
+        return []
+    theirs = model_data.get("extra") or {}
+    taken = [k for k in FITTED_KEYS if k in theirs and k not in (cfg.extra or {})]
+    if taken:
+        cfg.extra = dict(cfg.extra or {}, **{k: theirs[k] for k in taken})
+    return taken
 
 
 #: optional dependency -> the extra that installs it
@@ -111,7 +132,8 @@ def _import_builtin_readers() -> None:
     """Importing the reader modules registers them. A reader whose optional dependency is missing
     is recorded with the reason (named in the error when its dataset is asked for); any other
     import failure is an error."""
-    for mod in ("flying_digits", "arrays", "video", "frames", "radar", "hdf5", "advected"):
+    for mod in ("flying_digits", "arrays", "video", "frames", "radar", "hdf5", "advected", "gridded",
+                "pysteps_reader"):
         if mod in _NOT_LOADED:
             continue
         try:

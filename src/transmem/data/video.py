@@ -22,6 +22,7 @@ import numpy as np
 from .clips import (SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key, opt,
                     opt_int, quantize_uint8, require_path, to_channels, why)
 from .errors import DataError
+from ..files import walk
 from .registry import DataConfig, register_dataset
 
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv",
@@ -166,7 +167,7 @@ def read_video(path: str | os.PathLike, channels: int = 1, size: int | None = No
 def find_video_files(root: Path) -> list[Path]:
     """Video and GIF files under ``root`` (recursive, symlinks followed), in natural name order."""
     found = []
-    for d, dirs, files in os.walk(root, followlinks=True):
+    for d, dirs, files in walk(root):  # loop-safe, regular files only
         dirs.sort(key=natural_key)
         for f in sorted(files, key=natural_key):
             if not f.startswith(".") and is_video_file(f):
