@@ -1,8 +1,10 @@
 """Shared by the resumable benchmarks: runs are claimed through files, so that several worker
-processes can share one list of runs and a finished run is never redone."""
+processes can share one list of runs and a finished run is never redone; and the commit a run's
+code comes from."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,3 +19,16 @@ def claim(d: Path) -> bool:
     os.write(fd, f"{os.getpid()} {time.time()}".encode())
     os.close(fd)
     return True
+
+
+def commit(repo: Path, paths: list[str]) -> str:
+    """HEAD's sha, with ``-dirty`` when ``paths`` (the library and the benchmark's own files)
+    differ from it or hold files git does not track: the JSON then says its code was not HEAD's."""
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=repo, text=True).strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=repo).returncode != 0
+        untracked = subprocess.check_output(["git", "ls-files", "--others", "--exclude-standard", "--", *paths],
+                                            cwd=repo, text=True).strip()
+        return sha + ("-dirty" if changed or untracked else "")
+    except Exception:
+        return "unknown"

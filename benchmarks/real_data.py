@@ -33,6 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, also when imported from a file path
+import claims  # noqa: E402
 from claims import claim  # noqa: E402
 
 SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -158,13 +159,7 @@ def run_dir(root: Path, family: str, fold: str, method: str, seed: int) -> Path:
 
 
 def commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/real_data.py"],
-                               cwd=REPO).returncode != 0
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+    return claims.commit(REPO, ["src", "benchmarks/real_data.py", "benchmarks/claims.py"])
 
 
 def pretext_entry(root: Path) -> Path:

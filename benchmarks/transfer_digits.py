@@ -29,6 +29,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, also when imported from a file path
+import claims  # noqa: E402
 from claims import claim  # noqa: E402
 
 SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -141,13 +142,7 @@ def wait_for(paths: list[Path], timeout_s: float = 4 * 3600) -> None:
 
 
 def commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks/transfer_digits.py",
-                                "benchmarks/configs"], cwd=REPO).returncode != 0
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+    return claims.commit(REPO, ["src", "benchmarks/transfer_digits.py", "benchmarks/configs", "benchmarks/claims.py"])
 
 
 _COMMIT_AT_START: str | None = None  # the code a worker runs is the code it imported at start
