@@ -1,0 +1,128 @@
+"""benchmarks/transfer_map.py: a tiny map end to end (zoo, runs, rankings, JSON, table, plot),
+its resumption, and the helpers it scores with (mixture weights, Spearman, the ranking's hit)."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer_map.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("transfer_map", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny(bench, tmp_path_factory):
+    root = tmp_path_factory.mktemp("map")
+    out = root / "map.json"
+    assert bench.main(["--preset", "tiny", "--root", str(root / "runs"), "--json", str(out)]) == 0
+    return root, out, json.loads(out.read_text())
+
+
+def test_the_tiny_map_has_every_cell_and_the_schema(bench, tiny):
+    root, out, r = tiny
+    p = bench.load_preset("tiny")
+    for key in ("commit", "command", "machine", "sizes", "families", "methods", "cells", "ranking", "complete"):
+        assert key in r, key
+    assert r["complete"] is True and r["missing"] == []
+    assert r["sizes"] == {"digits": [8, 16]}
+    methods = set(bench.methods("digits")) | set(bench.REFERENCE)
+    assert set(r["methods"]) == methods and len(methods) >= 8
+    cells = {(c["size"], c["method"]): c for c in r["cells"]}
+    assert set(cells) == {(n, m) for n in (8, 16) for m in methods}
+    for (n, m), c in cells.items():
+        per_seed = [s["mse"] for s in c["per_seed"]]
+        assert c["mse_mean"] == pytest.approx(np.mean(per_seed)) and c["mse_mean"] > 0
+        if not c.get("reference"):
+            assert [s["seed"] for s in c["per_seed"]] == p["seeds"] and c["wall_s_mean"] > 0
+            assert c["target_steps"] == p["target_steps"]
+            run = json.loads((bench.run_dir(root / "runs", "digits", n, c.get("picked") and f"finetune:{c['picked']}"
+                                            or m, 0) / "result.json").read_text())
+            assert run["mse"] == per_seed[0]
+    # the reference lines do not depend on the size; auto reuses the finetune run of its pick
+    assert cells[(8, "persistence")]["mse_mean"] == cells[(16, "persistence")]["mse_mean"]
+    for n in (8, 16):
+        auto = cells[(n, "finetune:auto")]
+        assert auto["per_seed"] == cells[(n, f"finetune:{auto['picked']}")]["per_seed"]
+    # mixture weights are convex and it can always fall back to one expert
+    for n in (8, 16):
+        for m, names in (("mix:finetuned", 3), ("mix:finetuned+extrapolation", 4)):
+            for w in cells[(n, m)]["weights_per_seed"]:
+                assert len(w) == names and sum(w.values()) == pytest.approx(1.0) and min(w.values()) >= 0
+        # the ranked TMU trains only when the ranking picks other teachers than tmu:distill+ft-init
+        ranked = cells[(n, "tmu:ranked")]
+        same = ranked["teachers"] == ["digits1", "digits2"] and ranked["init_from"] == "digits2"
+        assert ("note" in ranked) == same
+        if same:
+            assert ranked["per_seed"] == cells[(n, "tmu:distill+ft-init")]["per_seed"]
+    md = out.with_suffix(".md").read_text().splitlines()
+    assert sum(line.startswith("| finetune:digits2 | ") for line in md) == 1  # one row in the size table
+    assert out.with_name("map_digits.png").stat().st_size > 1000
+
+
+def test_ranking_quality_is_computed_from_the_runs(bench, tiny):
+    _, _, r = tiny
+    rk = r["ranking"]
+    assert rk["cells_scored"] == 2 and 0.0 <= rk["hit_rate"] <= 1.0
+    cells = {(c["size"], c["method"]): c for c in r["cells"]}
+    for x in rk["cells"]:
+        ft = {e: cells[(x["size"], f"finetune:{e}")]["mse_mean"] for e in bench.FAMILIES["digits"]["zoo"]}
+        best = min(ft, key=ft.get)
+        assert x["best_finetune"] == best and x["test_mse"] == pytest.approx(ft)
+        assert x["top"] == min(x["scores"], key=x["scores"].get)
+        assert x["hit"] == (x["top"] == best or ft[x["top"]] - ft[best] <= x["best_sd"])
+    assert rk["hit_rate"] == pytest.approx(np.mean([x["hit"] for x in rk["cells"]]))
+
+
+def test_a_rerun_redoes_nothing_and_a_lost_result_is_redone(bench, tiny, capsys):
+    root, out, r = tiny
+    runs = root / "runs"
+    files = sorted(runs.rglob("result.json")) + sorted(runs.rglob("ranking.json"))
+    per_cell = sum(k != "auto" for k, _ in bench.methods("digits").values())  # auto has no job of its own
+    assert per_cell == 8 and len(files) == 3 + 2 + 2 * per_cell + 2  # zoo, baselines, runs, rankings
+    before = {f: f.stat().st_mtime_ns for f in files}
+    lost = bench.run_dir(runs, "digits", 16, "scratch", 0) / "result.json"
+    lost.unlink()  # as if its worker had been killed before the end: claimed by a process now gone
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (lost.parent / ".claim").write_text(f"{gone.pid} 0")
+    busy = bench.run_dir(runs, "digits", 16, "mix:finetuned", 0)  # claimed by a live worker: left alone
+    (busy / "result.json").unlink()
+    capsys.readouterr()
+    assert bench.main(["--preset", "tiny", "--root", str(runs), "--json", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("] start ") == 1 and "start run digits size 16 scratch seed 0" in log
+    after = {f: f.stat().st_mtime_ns for f in files if f.exists()}
+    assert {f for f in files if f.exists() and after[f] != before[f]} == {lost}
+    assert not (busy / "result.json").exists()
+    r2 = json.loads(out.read_text())
+    again = {(c["size"], c["method"]): c["mse_mean"] for c in r2["cells"]}
+    first = {(c["size"], c["method"]): c["mse_mean"] for c in r["cells"]}
+    assert r2["complete"] is False and r2["missing"] == ["digits size 16 mix:finetuned seed 0"]
+    assert again.keys() == first.keys() - {(16, "mix:finetuned")}
+    assert all(again[k] == first[k] for k in again if k != (16, "scratch"))
+    assert again[(16, "scratch")] == pytest.approx(first[(16, "scratch")], rel=1e-5)  # same seed: same run
+
+
+def test_simplex_weights_recover_a_known_blend_and_spearman(bench):
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(6, 3, 1, 4, 4, generator=g) for _ in range(3))
+    truth = 0.3 * a + 0.7 * b
+    assert bench.simplex_weights([a, b, c], truth, None) == pytest.approx([0.3, 0.7, 0.0])
+    valid = torch.zeros_like(truth, dtype=torch.bool)
+    valid[:, :, :, :2] = True  # only these pixels count: the blend there is pure c
+    truth2 = torch.where(valid, c, a)
+    assert bench.simplex_weights([a, b, c], truth2, valid) == pytest.approx([0.0, 0.0, 1.0])
+    assert bench.spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]) == pytest.approx(0.5)
+    assert bench.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert bench.spearman([1.0], [2.0]) is None
