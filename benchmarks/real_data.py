@@ -193,7 +193,7 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
         while not (done / "result.json").is_file():  # another worker is training it
             time.sleep(5)
         model, _ = api.load_for_inference(done / "run" / "model")
-        forecaster = api.blend_with_baseline(model, s["baseline"], exp, s["weight"])
+        forecaster = api.blend_with_baseline(model, s["baseline"], exp.train.t_in, s["weight"])
         t0 = time.time()
         m = api.evaluate_forecaster(exp, forecaster, datasets)
         m["train_wall_s"], m["eval_wall_s"] = 0.0, round(time.time() - t0, 1)

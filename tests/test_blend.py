@@ -99,3 +99,23 @@ def test_evaluate_blend_scores_the_weighted_mean(tmp_path, capsys):
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert len(err_lines) == 1 and "--blend" in err_lines[0] and not (tmp_path / "bad").exists()
     assert np.isfinite(m["ssim"])
+
+    # predict --blend: weight 0 is the baseline alone, weight 1 the model alone, 0.5 their mean
+    clip = tmp_path / "clip.npy"
+    np.save(clip, frames[0, :3, 0].numpy())  # (T, H, W) in [0, 1]
+    preds = {}
+    for spec in (None, "persistence:0", "persistence:1", "persistence"):
+        out = tmp_path / f"pred-{spec}"
+        args = ["predict", "--model", str(tmp_path / "zoo" / "m"), "--input", str(clip), "--out", str(out)]
+        assert main(args + (["--blend", spec] if spec else [])) == 0
+        preds[spec] = np.load(out / "prediction.npy").squeeze()
+    last = frames[0, 2, 0].numpy()
+    assert np.allclose(preds["persistence:0"], np.broadcast_to(last, preds[None].shape), atol=1e-6)
+    assert np.allclose(preds["persistence:1"], preds[None], atol=1e-6)
+    inside = preds[None] > 0  # predict clamps to [0, 1] after blending: compare where the model was not clamped
+    assert inside.mean() > 0.3
+    assert np.allclose(preds["persistence"][inside], (0.5 * preds[None] + 0.5 * last)[inside], atol=1e-5)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "zoo" / "m"), "--input", str(clip),
+                 "--out", str(tmp_path / "bad-predict"), "--blend", "nowcast"]) == 2
+    assert "--blend" in capsys.readouterr().err and not (tmp_path / "bad-predict").exists()

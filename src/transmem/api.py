@@ -481,11 +481,11 @@ def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str
                            None if units is None else units.from_physical, inflow)
 
 
-def blend_with_baseline(forecaster, baseline: str, exp: Experiment, weight=0.5) -> BlendForecaster:
+def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5) -> BlendForecaster:
     """``weight * forecaster + (1 - weight) * baseline``, the baseline run on the model's own
     values (log-scaled rain for radar: extrapolation of those beat extrapolation in mm/h on our
     radar benchmark, alone and in the blend)."""
-    return BlendForecaster(forecaster, load_baseline(baseline, exp, physical=False), weight)
+    return BlendForecaster(forecaster, create_baseline(baseline, t_in), weight)
 
 
 def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:

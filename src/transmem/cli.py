@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["npy", "netcdf", "both"], default=None,
                    help="forecast file: prediction.npy, CF-netCDF forecast.nc (with units, times and "
                         "coordinates), or both; default netcdf when the input has coordinates, else npy")
+    p.add_argument("--blend", metavar="BASELINE[:W]",
+                   help="forecast W * model + (1 - W) * BASELINE (W = 0.5 unless given), e.g. extrapolation")
 
     p = sub.add_parser("zoo", help="list the zoo, show one card, or rank the zoo for a target")
     p.add_argument("action", choices=["list", "show", "rank"])
@@ -266,7 +268,13 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "predict":
-        run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format)
+        try:
+            blend = parse_blend(args.blend) if args.blend else None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if blend and blend[0] not in BASELINES:
+            raise ConfigError(f"--blend {args.blend!r}: the baseline must be one of {', '.join(BASELINES)}")
+        run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format, blend=blend)
         return 0
 
     exp = load_experiment(args.config, overrides)
@@ -324,7 +332,7 @@ def _evaluate(args, exp) -> dict:
         forecaster, card = api.load_for_inference(args.model)
         name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
     if blend:
-        forecaster = api.blend_with_baseline(forecaster, blend[0], exp, blend[1])
+        forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1])
         name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
     metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label, overwrite=args.overwrite)
     method_report(Path(args.out), f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",

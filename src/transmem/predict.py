@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .api import RunFolderError, load_for_inference
+from .api import RunFolderError, blend_with_baseline, load_for_inference
 from .baselines import BASELINES, BaselineUnavailable, create_baseline
 from .data import DataError, physical_units
 from .data.clips import split_at_gaps
@@ -59,12 +59,15 @@ def last_run_after_gaps(input_path, frames: np.ndarray, t_in: int) -> np.ndarray
     return frames[a:b]
 
 
-def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: str | None = None) -> Path:
+def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: str | None = None,
+                blend: tuple[str, float] | None = None) -> Path:
     """``baselines``: also write the persistence and extrapolation forecasts of the same input
     (``baseline_<name>.npy``, and as rows of the GIF), for scale; extrapolation is left out, with
     a line saying so, when its extra is not installed. ``fmt``: ``npy`` (``prediction.npy``),
     ``netcdf`` (CF ``forecast.nc``) or ``both``; default netcdf when the input has coordinates
-    (a gridded model's input), else npy. ``forecast.png`` / ``forecast.gif`` are always written."""
+    (a gridded model's input), else npy. ``forecast.png`` / ``forecast.gif`` are always written.
+    ``blend``: ``(baseline, w)``: the forecast is ``w * model + (1 - w) * baseline`` (see
+    :func:`transmem.api.blend_with_baseline`)."""
     if fmt not in (None, "npy", "netcdf", "both"):
         raise DataError(None, f"--format must be npy, netcdf or both, got {fmt!r}")
     out = Path(out_dir)
@@ -91,6 +94,9 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: st
         raise DataError(input_path, f"has {frames.shape[0]} frames; the model needs at least T_in={t_in}")
     past = torch.from_numpy(np.ascontiguousarray(frames[-t_in:]))[None]
     clip = torch.cat([past, past.new_zeros(1, t_out, *past.shape[2:])], 1)
+    if blend:
+        module = blend_with_baseline(module, blend[0], t_in, blend[1])
+        print(f"forecast = {blend[1]:g} * model + {1 - blend[1]:g} * {blend[0]}")
     with torch.inference_mode():
         pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)
     units = physical_units(data) if data.get("name") else None
