@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,3 +33,14 @@ def commit(repo: Path, paths: list[str]) -> str:
         return sha + ("-dirty" if changed or untracked else "")
     except Exception:
         return "unknown"
+
+
+def run_workers(argv: list[str], n: int, omp_threads: int | None = 1) -> list[int]:
+    """Run ``n`` worker processes ``python *argv`` side by side (with ``OMP_NUM_THREADS`` set
+    when ``omp_threads`` is given), wait for all of them, and say on stderr if any failed."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else {}))
+    procs = [subprocess.Popen([sys.executable, *argv], env=env) for _ in range(n)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"workers exited with {codes}", file=sys.stderr)
+    return codes

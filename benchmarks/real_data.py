@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -399,14 +398,9 @@ def main(argv=None) -> int:
         if args.worker:
             return 0
     elif not args.aggregate:
-        procs = [subprocess.Popen([sys.executable, __file__, "--root", str(root), "--worker"]
-                                  + (["--quick"] if args.quick else []) + (["--no-video"] if not with_video else [])
-                                  + (["--only", args.only] if args.only else []),
-                                  env=dict(os.environ, OMP_NUM_THREADS="1"))
-                 for _ in range(args.workers)]
-        codes = [pr.wait() for pr in procs]
-        if any(codes):
-            print(f"workers exited with {codes}", file=sys.stderr)
+        claims.run_workers([__file__, "--root", str(root), "--worker"] + (["--quick"] if args.quick else [])
+                           + (["--no-video"] if not with_video else []) + (["--only", args.only] if args.only else []),
+                           args.workers)
     r = aggregate(p, root, out_json, command, with_video)
     print(markdown(r))
     return 0

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -350,15 +349,10 @@ def main(argv=None) -> int:
     if not args.aggregate:
         only = set(args.only.split(",")) if args.only else None
         if args.workers > 1:
-            procs = [subprocess.Popen([sys.executable, __file__, "--preset", preset, "--root", str(root),
-                                       "--workers", "1", "--json", str(out_json)]
-                                      + (["--no-cross"] if not with_cross else [])
-                                      + (["--only", args.only] if args.only else [])
-                                      + (["--seeds", args.seeds] if args.seeds else []))
-                     for _ in range(args.workers)]
-            codes = [pr.wait() for pr in procs]
-            if any(codes):
-                print(f"workers exited with {codes}", file=sys.stderr)
+            claims.run_workers([__file__, "--preset", preset, "--root", str(root), "--workers", "1",
+                                "--json", str(out_json)] + (["--no-cross"] if not with_cross else [])
+                               + (["--only", args.only] if args.only else [])
+                               + (["--seeds", args.seeds] if args.seeds else []), args.workers, omp_threads=None)
         else:
             seeds = {int(x) for x in args.seeds.split(",")} if args.seeds else None
             work(p, root, with_cross, only, seeds)

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -819,11 +818,8 @@ def main(argv=None) -> int:
         if args.worker:
             return 1 if failed else 0
     elif not args.aggregate:
-        cmd = [sys.executable, __file__, "--preset", preset, "--root", str(root), "--part", args.part, "--worker"]
-        procs = [subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(args.workers)]
-        codes = [pr.wait() for pr in procs]
-        if any(codes):
-            print(f"workers exited with {codes}", file=sys.stderr)
+        claims.run_workers([__file__, "--preset", preset, "--root", str(root), "--part", args.part, "--worker"],
+                           args.workers)
     r = aggregate(p, root, out_json, command, preset)
     print(markdown(r))
     return 0

@@ -477,8 +477,7 @@ def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str
     physical units the data's reader declares (mm/h for radar), else -- or with ``physical=False``
     -- on the [0, 1] values. ``inflow``: see :func:`transmem.baselines.extrapolate`."""
     units = physical_units(exp.data) if physical else None
-    return create_baseline(name, exp.train.t_in, None if units is None else units.to_physical,
-                           None if units is None else units.from_physical, inflow)
+    return create_baseline(name, exp.train.t_in, units, inflow)
 
 
 def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5) -> BlendForecaster:

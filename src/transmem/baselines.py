@@ -218,7 +218,9 @@ class BaselineForecaster(torch.nn.Module):
         return f"name={self.name!r}, t_in={self.t_in}{units}"
 
 
-def create_baseline(name: str, t_in: int, to_physical: ArrayMap | None = None,
-                    from_physical: ArrayMap | None = None, inflow: str = "zero") -> BaselineForecaster:
-    """:class:`BaselineForecaster` ``name`` (one of :data:`BASELINES`) with ``t_in`` input frames."""
-    return BaselineForecaster(name, t_in, to_physical, from_physical, inflow)
+def create_baseline(name: str, t_in: int, units=None, inflow: str = "zero") -> BaselineForecaster:
+    """:class:`BaselineForecaster` ``name`` (one of :data:`BASELINES`) with ``t_in`` input frames,
+    working in ``units`` (the data's physical units, e.g. ``data.physical_units(cfg)``: anything
+    with ``to_physical`` / ``from_physical``) or, with None, on the [0, 1] values."""
+    return BaselineForecaster(name, t_in, None if units is None else units.to_physical,
+                              None if units is None else units.from_physical, inflow)

@@ -103,7 +103,7 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: st
     others = {}
     for name in BASELINES if baselines else ():
         try:
-            b = create_baseline(name, t_in, *((units.to_physical, units.from_physical) if units else ()))
+            b = create_baseline(name, t_in, units)
         except BaselineUnavailable as e:
             print(f"baseline {name} left out: {e}")
             continue

@@ -540,8 +540,7 @@ def baseline_mses(exp, val) -> dict:
     out = {}
     for name in BASELINES:
         try:
-            forecaster = create_baseline(name, exp.train.t_in, None if units is None else units.to_physical,
-                                         None if units is None else units.from_physical)
+            forecaster = create_baseline(name, exp.train.t_in, units)
         except BaselineUnavailable:
             out[name] = None
             continue
