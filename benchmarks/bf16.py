@@ -1,6 +1,6 @@
 """Does bf16 autocast (`train.precision: bf16-mixed`) keep accuracy, and is it faster, at the
-demo's scale? Trains the demo's target task (3 flying digits, 32x32, 5 -> 5 frames, ConvLSTM
-2x16) from scratch and as a TMU distilling from one zoo model (digits2, pretrained in fp32),
+demo's scale? Trains the demo's target task (3 flying digits, 32x32, 5 -> 5 frames, the demo's
+model: ConvLSTM 2x16 when results/bf16.json was made, the advection backbone 2x16 since) from scratch and as a TMU distilling from one zoo model (digits2, pretrained in fp32),
 in fp32 and in bf16-mixed, for each seed, and evaluates on the same test clips in fp32
 (bf16-mixed keeps fp32 weights; only training runs under autocast). Sequential runs, so that
 their wall times compare.

@@ -72,7 +72,8 @@ def training(steps: int) -> dict:
             print(f"[gpu_check] training {precision}: {out[precision]}", flush=True)
     out["mse_bf16_minus_fp32"] = round(out["bf16-mixed"]["mse"] - out["32-true"]["mse"], 4)
     out["setting"] = (f"demo size: flying digits (built-in glyphs, 2 digits), {FULL['size']}x{FULL['size']}, "
-                      f"{FULL['t_in']}->{FULL['frames'] - FULL['t_in']} frames, ConvLSTM 2x16, "
+                      f"{FULL['t_in']}->{FULL['frames'] - FULL['t_in']} frames, {FULL['model']['name']} "
+                      f"{FULL['model']['num_layers']}x{FULL['model']['hidden']}, "
                       f"{steps} steps, batch {FULL['batch']}, seed 0")
     return out
 

@@ -68,6 +68,10 @@ RADAR_METHODS = {
     # the finetuned model of the same fold and seed, averaged with extrapolation (weight fixed at 0.5)
     "blend:advection+extrapolation:log": ("blend", {"model": "advection", "of": "advection:finetune",
                                                     "baseline": "extrapolation", "weight": 0.5}),
+    # the same finetuning with an L1 term (train.l1_weight 1): the loss that made the demo sharp
+    "advection:finetune+l1": ("finetune", {"model": "advection", "train": {"l1_weight": 1.0}}),
+    "blend:advection+l1+extrapolation:log": ("blend", {"model": "advection", "of": "advection:finetune+l1",
+                                                       "baseline": "extrapolation", "weight": 0.5}),
 }
 VIDEO_METHODS = {"persistence": RADAR_METHODS["persistence"],
                  # the frame edge is not the scene's edge: unknown inflow keeps the last frame
@@ -179,6 +183,8 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
     kind, s = table[method]
     test_cfg, datasets = radar_fold(p, fold) if family == "radar" else video_fold(p, fold)
     exp = experiment(p, test_cfg, s.get("model", "convlstm"), seed, p["steps"])
+    for key, value in s.get("train", {}).items():
+        setattr(exp.train, key, value)
     if kind == "baseline":
         forecaster = api.load_baseline(s["name"], exp, physical=not s.get("log"), inflow=s.get("inflow", "zero"))
         t0 = time.time()
