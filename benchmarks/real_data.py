@@ -57,6 +57,9 @@ PRESETS = {
 }
 
 # method -> (kind, settings). kinds: baseline | scratch | finetune | tmu
+LK_PRIOR = {"motion_prior": "lucas_kanade", "prior_radius": 8}
+# pretext zoo entries (synthetic advected rain) -> their model settings
+PRETEXTS = {"advected_rain": {}, "advected_rain_lk": LK_PRIOR}
 RADAR_METHODS = {
     "persistence": ("baseline", {"name": "persistence"}),
     "extrapolation": ("baseline", {"name": "extrapolation"}),              # motion and advection in mm/h
@@ -72,6 +75,12 @@ RADAR_METHODS = {
     "advection:finetune+l1": ("finetune", {"model": "advection", "train": {"l1_weight": 1.0}}),
     "blend:advection+l1+extrapolation:log": ("blend", {"model": "advection", "of": "advection:finetune+l1",
                                                        "baseline": "extrapolation", "weight": 0.5}),
+    # the advection backbone learning a correction to Lucas-Kanade flow between its inputs
+    # (model.motion_prior: lucas_kanade), from scratch and from a pretext model trained the same way
+    "advection+lk:scratch": ("scratch", {"model": "advection", "config": LK_PRIOR}),
+    "advection+lk:finetune": ("finetune", {"model": "advection", "config": LK_PRIOR, "pretext": "advected_rain_lk"}),
+    "blend:advection+lk+extrapolation:log": ("blend", {"model": "advection", "of": "advection+lk:finetune",
+                                                       "baseline": "extrapolation", "weight": 0.5}),
 }
 VIDEO_METHODS = {"persistence": RADAR_METHODS["persistence"],
                  # the frame edge is not the scene's edge: unknown inflow keeps the last frame
@@ -81,15 +90,16 @@ VIDEO_METHODS = {"persistence": RADAR_METHODS["persistence"],
 AUGMENT = {"augment": ["flip", "rot90"], "reverse_time_prob": 0.5}  # every learned row
 
 
-def model_config(p: dict, name: str) -> dict:
-    return {"name": name, "num_layers": p["layers"], "hidden": p["hidden"], "filter_size": 5, "patch_size": 4}
+def model_config(p: dict, name: str, extra: dict | None = None) -> dict:
+    return {"name": name, "num_layers": p["layers"], "hidden": p["hidden"], "filter_size": 5, "patch_size": 4,
+            **(extra or {})}
 
 
-def experiment(p: dict, data: dict, model: str, seed: int, steps: int):
+def experiment(p: dict, data: dict, model: str, seed: int, steps: int, model_extra: dict | None = None):
     from transmem.config import load_experiment
     return load_experiment(base={
         "data": {"size": p["size"], "frames": p["frames"], "stride": 1, **data},
-        "model": model_config(p, model),
+        "model": model_config(p, model, model_extra),
         "train": {"steps": steps, "batch_size": p["batch_size"], "lr": p["lr"], "t_in": p["t_in"], "seed": seed,
                   "val_every": 0, "select_best": False, "ckpt_every": steps, "progress": False, "threads": 1,
                   **AUGMENT},
@@ -144,8 +154,8 @@ def video_fold(p: dict, test_clip: str):
 
 
 def jobs(p: dict, with_video: bool) -> list[tuple[str, str, str, int]]:
-    """(family, fold, method, seed); the pretext zoo model first."""
-    out = [("pretext", "advected_rain", "advection:pretext", 0)]
+    """(family, fold, method, seed); the pretext zoo models first."""
+    out = [("pretext", name, "advection:pretext", 0) for name in PRETEXTS]
     for fold in RADAR:
         for m, (kind, _) in RADAR_METHODS.items():
             out += [("radar", fold, m, s) for s in ([0] if kind == "baseline" else p["seeds"])]
@@ -165,8 +175,8 @@ def commit() -> str:
     return claims.commit(REPO, ["src", "benchmarks/real_data.py", "benchmarks/claims.py"])
 
 
-def pretext_entry(root: Path) -> Path:
-    return root / "zoo" / "advected_rain"
+def pretext_entry(root: Path, name: str = "advected_rain") -> Path:
+    return root / "zoo" / name
 
 
 def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path) -> dict:
@@ -176,13 +186,13 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
         # real echoes at 64x64 move 0.1-0.5 px per 5-minute step: the pretext clips move up to 1
         exp = experiment(p, {"name": "advected_rain", "train_clips": p["pretext_clips"], "val_clips": 8,
                              "test_clips": 64, "extra": {"max_speed": 1.0}}, "advection", seed,
-                         p["pretext_steps"])
+                         p["pretext_steps"], PRETEXTS[fold])
         exp.train.augment, exp.train.reverse_time_prob = [], 0.0  # the generator varies enough
-        return api.run_train(exp, d / "run", zoo_name="advected_rain", zoo_root=root / "zoo", kind="pretrain")
+        return api.run_train(exp, d / "run", zoo_name=fold, zoo_root=root / "zoo", kind="pretrain")
     table = RADAR_METHODS if family == "radar" else VIDEO_METHODS
     kind, s = table[method]
     test_cfg, datasets = radar_fold(p, fold) if family == "radar" else video_fold(p, fold)
-    exp = experiment(p, test_cfg, s.get("model", "convlstm"), seed, p["steps"])
+    exp = experiment(p, test_cfg, s.get("model", "convlstm"), seed, p["steps"], s.get("config"))
     for key, value in s.get("train", {}).items():
         setattr(exp.train, key, value)
     if kind == "baseline":
@@ -203,7 +213,7 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
         m = api.evaluate_forecaster(exp, forecaster, datasets)
         m["train_wall_s"], m["eval_wall_s"] = 0.0, round(time.time() - t0, 1)
         return m
-    entry = pretext_entry(root)
+    entry = pretext_entry(root, s.get("pretext", "advected_rain"))
     while not (entry / "card.json").is_file():  # another worker is pretraining it
         time.sleep(5)
     if kind == "finetune":
@@ -216,8 +226,10 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
 def work(p: dict, root: Path, with_video: bool, only: set | None) -> None:
     code = commit()
     for family, fold, method, seed in jobs(p, with_video):
-        needs_zoo = {m for m, (k, _) in RADAR_METHODS.items() if k in ("finetune", "tmu")}
-        if only and (method not in only if family != "pretext" else not only & needs_zoo):
+        # a pretext entry is needed by the finetune and TMU rows that start from it
+        needs = {m for m, (k, s) in RADAR_METHODS.items() if k in ("finetune", "tmu")
+                 and s.get("pretext", "advected_rain") == fold}
+        if only and (method not in only if family != "pretext" else not only & needs):
             continue
         d = run_dir(root, family, fold, method, seed)
         if (d / "result.json").is_file() or not claim(d):

@@ -17,6 +17,7 @@ truth or the model's own previous prediction, per the sampling mask; L layers; H
     h_l = sigmoid(o) * tanh(c_l)
 
     u_t = upsample_p( box_r( max_flow * tanh(W_u h_L) ) )            motion (x, y), px/step, (B, 2, H, W)
+    u_t = u_t + m_t                  (motion_prior "lucas_kanade": m_t, see below; else m_t = 0)
     s_t = W_s h_L                                                    source, patched (B, p*p*C, h, w)
     X_t = unpatchify(x_t)                                            current frame, (B, C, H, W)
     Y_t(q) = X_t(q - u_t(q))                                         backward warp (bilinear)
@@ -37,6 +38,16 @@ blobs (tests/test_advection.py), warping with the *true* velocity gives a 4-step
 over k steps the edge pixel is replicated k * |u| pixels deep; the source head can correct it.
 ``"zeros"`` stays available for data where nothing should enter from outside.
 
+Motion prior (``motion_prior: lucas_kanade``): the network learns a *correction* to a classical
+optical-flow estimate instead of the whole motion. At step t >= 1, m_t is the Lucas-Kanade flow
+between the previous and the current input frame (brightness constancy I_x u + I_y v + I_t = 0,
+least squares over a (2r+1)^2 window, r = ``prior_radius``, Tikhonov-regularised where the window
+has no texture), averaged with m_{t-1}; m_0 = 0. It is computed without gradient from whatever the
+step reads (ground truth, or the model's own previous forecast in the rollout, which then carries
+the motion on). With both heads at zero an untrained model is then an optical-flow extrapolation
+instead of persistence. Single scale: right for motions below ~1 px per step (radar at 64x64
+moves 0.1-0.5), not for the 1-2.5 px of flying digits.
+
 The memory of layer l is its cell state c_l, the hook is called once per layer per step, and the
 cells are :class:`~transmem.models.convlstm.ConvLSTMCell` used through their public interface, so
 TMU, memory bank, zoo, ``ground_truth_memories`` (depth k runs the bottom k layers only) work as
@@ -55,6 +66,7 @@ from .convlstm import ConvLSTMCell
 from .registry import register_model
 
 PADDING_MODES = ("border", "zeros")
+MOTION_PRIORS = ("none", "lucas_kanade")
 
 
 @dataclass
@@ -63,6 +75,8 @@ class AdvectionConfig(BackboneConfig):
     source: bool = True          # False: pure advection (no source/residual head)
     flow_smoothing: int = 0      # radius of a box filter on the coarse flow (0: none)
     padding: str = "border"      # what the warp reads outside the frame: "border" | "zeros"
+    motion_prior: str = "none"   # "lucas_kanade": learn a correction to optical flow between inputs
+    prior_radius: int = 8        # the Lucas-Kanade window's radius, pixels at full resolution
 
 
 def _layer_hook(hook, layer: int, t: int):
@@ -95,6 +109,27 @@ def warp(frame: torch.Tensor, flow: torch.Tensor, grid: torch.Tensor, padding: s
                          align_corners=False)
 
 
+def lucas_kanade(prev: torch.Tensor, cur: torch.Tensor, radius: int, regularise: float = 0.1) -> torch.Tensor:
+    """Dense Lucas-Kanade flow (B, 2, H, W) in pixels (x, y) from ``prev`` to ``cur`` (B, C, H, W).
+
+    Least squares of I_x u + I_y v + I_t = 0 over a (2r+1)^2 box around each pixel (channels
+    pooled), spatial gradients by central differences of the two frames' mean. The normal
+    matrix gets ``regularise`` times its image-mean trace on the diagonal, so that textureless
+    windows give ~0 instead of noise."""
+    avg = F.pad(0.5 * (prev + cur), (1, 1, 1, 1), mode="replicate")
+    ix = 0.5 * (avg[..., 1:-1, 2:] - avg[..., 1:-1, :-2])
+    iy = 0.5 * (avg[..., 2:, 1:-1] - avg[..., :-2, 1:-1])
+    it = cur - prev
+    products = torch.stack([(ix * ix).sum(1), (ix * iy).sum(1), (iy * iy).sum(1),
+                            (ix * it).sum(1), (iy * it).sum(1)], 1)
+    a, b, c, d, e = F.avg_pool2d(products, 2 * radius + 1, stride=1, padding=radius,
+                                 count_include_pad=False).unbind(1)
+    lam = regularise * (a + c).mean((-2, -1), keepdim=True) + 1e-12
+    a, c = a + lam, c + lam
+    det = a * c - b * b
+    return torch.stack([b * e - c * d, b * d - a * e], 1) / det[:, None]
+
+
 @register_model("advection")
 class AdvectionRNN(PredictiveRNN):
     config_class = AdvectionConfig
@@ -105,8 +140,10 @@ class AdvectionRNN(PredictiveRNN):
         cfg = config
         if cfg.padding not in PADDING_MODES:
             raise ValueError(f"advection padding must be one of {PADDING_MODES}, got '{cfg.padding}'")
-        if cfg.max_flow <= 0 or cfg.flow_smoothing < 0:
-            raise ValueError("advection needs max_flow > 0 and flow_smoothing >= 0")
+        if cfg.motion_prior not in MOTION_PRIORS:
+            raise ValueError(f"advection motion_prior must be one of {MOTION_PRIORS}, got '{cfg.motion_prior}'")
+        if cfg.max_flow <= 0 or cfg.flow_smoothing < 0 or cfg.prior_radius < 1:
+            raise ValueError("advection needs max_flow > 0, flow_smoothing >= 0 and prior_radius >= 1")
         self.cells = nn.ModuleList(
             ConvLSTMCell(self.layer_input_channels(l), cfg.hidden, cfg.filter_size, cfg.norm,
                          cfg.forget_bias)
@@ -122,8 +159,9 @@ class AdvectionRNN(PredictiveRNN):
     def init_state(self, batch, height, width, ref):
         z = ref.new_zeros(batch, self.config.hidden, height, width)
         p = self.config.patch_size
-        # (per-layer (h, c), the full-resolution pixel grid the warp samples from, made once)
-        return [(z, z) for _ in range(self.config.num_layers)], pixel_grid(height * p, width * p, ref)
+        # (per-layer (h, c), the full-resolution pixel grid the warp samples from (made once),
+        #  the previous input frame and motion prior (none yet))
+        return [(z, z) for _ in range(self.config.num_layers)], pixel_grid(height * p, width * p, ref), None, None
 
     def memory_depth(self, layer: int) -> int:
         return layer + 1  # a layer reads only the layers below it; the heads read none back
@@ -142,7 +180,7 @@ class AdvectionRNN(PredictiveRNN):
 
     def step(self, x, state, t, hook=None, depth=None):
         """``depth=k``: only the bottom k layers, no heads (the frame comes back as None)."""
-        layers, grid = state
+        layers, grid, prev_frame, prior = state
         # ConvLSTM stack: c_l = sigmoid(f) c_l + sigmoid(i) tanh(g), hook, h_l = sigmoid(o) tanh(c_l)
         new_layers, memories = [], []
         inp = x
@@ -154,13 +192,20 @@ class AdvectionRNN(PredictiveRNN):
             memories.append(c)
             inp = h
         if depth is not None:
-            return None, (new_layers, grid), memories
+            return None, (new_layers, grid, None, None), memories
         # heads: motion u and source s from the top hidden state
         p = self.config.patch_size
         u = self.motion(inp)
-        # advect the current frame: Y(q) = X(q - u(q)), then x_{t+1} = patchify(Y) + s
         frame = unpatchify(x[:, None], p)[:, 0]
+        if self.config.motion_prior == "lucas_kanade" and prev_frame is not None:
+            with torch.no_grad():  # a fixed input to the correction, not trained through
+                m = lucas_kanade(prev_frame, frame, self.config.prior_radius).clamp(
+                    -self.config.max_flow, self.config.max_flow)
+                prior = m if prior is None else 0.5 * (m + prior)
+            u = u + prior.to(u.dtype)
+        keep = frame.detach() if self.config.motion_prior != "none" else None
+        # advect the current frame: Y(q) = X(q - u(q)), then x_{t+1} = patchify(Y) + s
         moved = patchify(warp(frame, u, grid, self.config.padding)[:, None], p)[:, 0]
         if self.source_head is not None:
             moved = moved + conv1x1(inp, self.source_head.weight, self.source_head.bias)
-        return moved, (new_layers, grid), memories
+        return moved, (new_layers, grid, keep, prior), memories
