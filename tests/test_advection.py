@@ -5,7 +5,7 @@ import torch
 
 from transmem import zoo
 from transmem.models import create_model, list_models, patchify
-from transmem.models.advection import lucas_kanade, pixel_grid, warp
+from transmem.models.advection import box_mean, lucas_kanade, pixel_grid, warp
 
 
 def small(**kw):
@@ -235,6 +235,13 @@ def test_learns_motion_beats_persistence():
 
 
 # --- the Lucas-Kanade motion prior -------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,r", [((2, 5, 64, 64), 8), ((1, 1, 7, 9), 2), ((3, 2, 16, 24), 1), ((1, 1, 5, 5), 8)])
+def test_box_mean_is_avg_pool_without_padding_counted(shape, r):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+    assert torch.allclose(box_mean(x, r), ref, atol=2e-6)
+
 
 def test_lucas_kanade_recovers_a_subpixel_translation():
     """Smooth blobs moved by (0.4, -0.3) px: the flow over the textured pixels is within 0.05 px
