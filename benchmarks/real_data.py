@@ -339,18 +339,21 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, with_video: boo
 
 
 def plot(result: dict, path: Path) -> None:
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     methods = result["methods"]
     fig = Figure(figsize=(10, 3.8))
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for name, v in methods.items():
+    colours = matplotlib.colormaps["tab20"]  # one colour per row (the default cycle repeats after 10)
+    for i, (name, v) in enumerate(methods.items()):
         style = "--" if name.startswith(("persistence", "extrapolation")) else "-"
         lead = np.arange(1, len(v["mse_per_lead"]) + 1) * 5
-        ax1.plot(lead, v["mse_per_lead"], style, marker="o", ms=3, label=name)
+        kw = dict(marker="o", ms=3, label=name, color=colours(i % 20))
+        ax1.plot(lead, v["mse_per_lead"], style, **kw)
         if v.get("csi_1_per_lead"):
-            ax2.plot(lead, v["csi_1_per_lead"], style, marker="o", ms=3, label=name)
+            ax2.plot(lead, v["csi_1_per_lead"], style, **kw)
     ax1.set(xlabel="lead time (min)", ylabel="MSE/frame (log-scaled rain)", title="radar: MSE per lead time")
     ax2.set(xlabel="lead time (min)", ylabel="CSI at 1 mm/h", title="radar: CSI >= 1 mm/h per lead time")
     ax1.legend(fontsize=7)
