@@ -33,6 +33,8 @@ def test_metrics_json_has_every_method(demo):
         assert len(row["mse_per_frame"]) == 5
         assert row["mse"] == pytest.approx(np.mean(row["mse_per_frame"]), rel=1e-6)
     assert m["quick"] is True and m["wall_s"] > 0
+    # the sharp recipe: the advection backbone on MSE + L1 (README, "The demo")
+    assert m["settings"]["model"].startswith("name=advection") and "L1" in m["settings"]["loss"]
     assert (demo / "zoo" / "digits1" / "weights.safetensors").is_file()
 
 
