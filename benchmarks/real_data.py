@@ -86,7 +86,8 @@ VIDEO_METHODS = {"persistence": RADAR_METHODS["persistence"],
                  # the frame edge is not the scene's edge: unknown inflow keeps the last frame
                  "extrapolation": ("baseline", {"name": "extrapolation", "inflow": "last"}),
                  "convlstm:scratch": RADAR_METHODS["convlstm:scratch"],
-                 "advection:scratch": RADAR_METHODS["advection:scratch"]}
+                 "advection:scratch": RADAR_METHODS["advection:scratch"],
+                 "advection+lk:scratch": RADAR_METHODS["advection+lk:scratch"]}
 AUGMENT = {"augment": ["flip", "rot90"], "reverse_time_prob": 0.5}  # every learned row
 
 
