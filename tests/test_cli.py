@@ -187,3 +187,25 @@ def test_api_runs_leave_the_given_experiment_unchanged(tmp_path, cfg):
     api.run_train(exp, tmp_path / "ft", init_from=tmp_path / "zoo" / "a")  # used to overwrite exp.model
     api.run_transfer(exp, tmp_path / "tr", teachers=[tmp_path / "zoo" / "a"])  # and exp.transfer.teachers
     assert exp.to_dict() == before
+
+
+def test_entry_names_are_looked_up_under_zoo_root(tmp_path, cfg, monkeypatch):
+    """`--from NAME`, `--teachers NAME` and `--init-from NAME` find NAME under --zoo-root (not only
+    under ./zoo); the TMU's card records the teacher's folder, so it loads from anywhere."""
+    zoo = tmp_path / "elsewhere" / "zoo"
+    monkeypatch.chdir(tmp_path)  # no ./zoo here
+    monkeypatch.delenv("TRANSMEM_ZOO", raising=False)
+    assert run("pretrain", "--config", cfg, "--out", "p", "--zoo-name", "d1", "--zoo-root", zoo) == 0
+    assert run("finetune", "--config", cfg, "--out", "ft", "--from", "d1", "--zoo-root", zoo) == 0
+    assert json.loads((tmp_path / "ft" / "model" / "card.json").read_text())["kind"] == "finetune"
+    assert run("transfer", "--config", cfg, "--out", "tr", "--teachers", "d1", "--init-from", "d1",
+               "--zoo-root", zoo, "--mode", "bank_read", "--transfer.teacher_inputs", "own",
+               "--transfer.cache_bank", "none") == 0
+    tcard = json.loads((tmp_path / "tr" / "model" / "card.json").read_text())
+    assert tcard["teachers"][0]["entry"] == str(zoo / "d1")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a bank_read model needs its teachers to load
+    assert run("evaluate", "--model", tmp_path / "tr" / "model", "--config", cfg, "--out", tmp_path / "ev") == 0
+    # without --zoo-root the name is looked for under ./zoo: a one-line error, no folder made
+    monkeypatch.chdir(tmp_path)
+    assert run("finetune", "--config", cfg, "--out", "ft2", "--from", "d1") == 2
+    assert not (tmp_path / "ft2").exists()

@@ -129,7 +129,7 @@ def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment 
         raise RunFolderError(f"{out}: --resume asked but there is no earlier run here "
                              f"(no {out}/checkpoints/last.ckpt nor {out}/config.yaml)")
     if resume and exp is not None and (out / "config.yaml").is_file():
-        _check_same_run(out, exp, init_from)
+        _check_same_run(out, exp, init_from, zoo_root)
     if zoo_name is not None:
         name = str(zoo_name)
         if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name:
@@ -140,14 +140,14 @@ def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment 
     return out
 
 
-def _check_same_run(out: Path, exp: Experiment, init_from) -> None:
+def _check_same_run(out: Path, exp: Experiment, init_from, zoo_root=None) -> None:
     try:
         before = read_config_file(out / "config.yaml")
     except ConfigError as e:
         raise RunFolderError(f"cannot --resume: {e}") from None
     now = exp.to_dict()
     if init_from is not None and zoo.parse_auto(init_from) is None:
-        card = zoo.read_card(zoo.resolve(init_from))
+        card = zoo.read_card(zoo.resolve(init_from, zoo_root))
         now["model"] = {"name": card["model"], **card["config"]}
     elif init_from is not None:
         now.pop("model")  # chosen by the ranking kept in the folder
@@ -335,7 +335,7 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         _record_ranking(out, ranking)
         extra["ranking"] = {"from": ranking.summary(chosen, "finetune", RANKING_FILE)}
     if init_from:
-        model, card = zoo.load_entry(init_from)
+        model, card = zoo.load_entry(init_from, zoo_root)
         if not hasattr(model.config, "in_channels"):
             raise zoo.ZooError(f"{init_from}: a '{card['model']}' model (a transfer target with its teachers), "
                                "not a backbone: a finetune starts from a backbone entry")
@@ -356,12 +356,15 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
     return _finish(exp, out, module, datasets, time.time() - t0, kind, extra, zoo_name, zoo_root)
 
 
-def build_transfer(exp: Experiment, teachers: list | None = None):
-    """Load the teachers and build (TMU model, memory bank) for ``exp``."""
+def build_transfer(exp: Experiment, teachers: list | None = None, zoo_root=None):
+    """Load the teachers and build (TMU model, memory bank) for ``exp``. Entry names are looked
+    up under ``zoo_root`` (default: :func:`transmem.zoo.default_root`); the card records each
+    teacher's folder, so that the model loads again from anywhere."""
     tr = exp.transfer
     refs = teachers if teachers is not None else tr.teachers
     if not refs:
         raise ConfigError("transfer needs at least one teacher (--teachers ZOO_A [ZOO_B ...])")
+    refs = [zoo.resolve(r, zoo_root) for r in refs]
     loaded = [zoo.load_entry(r) for r in refs]
     for r, (m, c) in zip(refs, loaded):
         if not hasattr(m.config, "in_channels"):
@@ -370,7 +373,7 @@ def build_transfer(exp: Experiment, teachers: list | None = None):
     names = [c.get("name", Path(str(r)).name) for r, (_, c) in zip(refs, loaded)]
     init_state = None
     if tr.init_from:
-        init_model, init_card = zoo.load_entry(tr.init_from)
+        init_model, init_card = zoo.load_entry(tr.init_from, zoo_root)
         if not hasattr(init_model.config, "in_channels"):
             raise zoo.ZooError(f"{tr.init_from}: a '{init_card['model']}' model (a transfer target with its "
                                "teachers), not a backbone: transfer.init_from takes a backbone entry")
@@ -430,7 +433,7 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
             exp.transfer.init_from = rows[0]["path"]
             auto["init_from"] = ranking.summary(rows, "finetune", RANKING_FILE)
     datasets = datasets or _check_data(exp)
-    model, bank, teachers_card = build_transfer(exp, teachers)
+    model, bank, teachers_card = build_transfer(exp, teachers, zoo_root)
     out = prepare_run_dir(out, resume)
     if ranking is not None:
         _record_ranking(out, ranking)

@@ -100,18 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train starting from a zoo entry")
     _common(p)
     p.add_argument("--from", dest="init_from", required=True,
-                   help="zoo entry to start from, or 'auto': the best for this target by `zoo rank` "
-                        "(under --zoo-root; the ranking goes to ranking.json in --out)")
+                   help="zoo entry to start from (a folder, or a name under --zoo-root), or 'auto': the best "
+                        "for this target by `zoo rank` (under --zoo-root; the ranking goes to ranking.json in --out)")
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
                    help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
     p = sub.add_parser("transfer", help="train a TMU target that draws on frozen zoo teachers")
     _common(p)
     p.add_argument("--teachers", nargs="+",
-                   help="zoo entries (folders or names in the zoo root), or auto[:K]: the K best teachers "
+                   help="zoo entries (folders, or names under --zoo-root), or auto[:K]: the K best teachers "
                         "for this target by `zoo rank` (K = 1 unless given)")
     p.add_argument("--distill-weight", type=float, help="lambda of L_distill (config transfer.distill_weight)")
     p.add_argument("--mode", choices=TMU_MODES, help="config transfer.mode")
-    p.add_argument("--init-from", help="zoo entry to initialise the target backbone (finetune init), "
+    p.add_argument("--init-from", help="zoo entry (folder or name under --zoo-root) to initialise the target backbone, "
                                        "or 'auto': the best finetune entry by `zoo rank`")
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
                    help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
