@@ -6,7 +6,7 @@ The demo's ConvLSTM trained on MSE reached SSIM 0.38-0.46 (below persistence's 0
 rewards a grey blob where the digits may be. This compares backbones (ConvLSTM draws each frame;
 the advection backbone moves the last one), losses (MSE, MSE + w * L1), budget and size.
 
-    python benchmarks/demo_recipe.py            # 13 runs, about 5 min on 2 idle cores
+    python benchmarks/demo_recipe.py            # 14 runs, about 5 min on 2 idle cores
     python benchmarks/demo_recipe.py --only convlstm:mse,advection:mse+l1
 
 Resumable: each finished run is kept under --root and not redone. Writes
@@ -48,6 +48,8 @@ VARIANTS = {
     "advection:mse+l1:no-source": (dict(ADVECTION, source=False), 1.0, 300),
     "advection:mse+l1:no-source:900steps": (dict(ADVECTION, source=False), 1.0, 900),
     "advection:mse+l1:600steps": (ADVECTION, 1.0, 600),
+    # the radar recipe's motion prior (single-scale Lucas-Kanade; the digits move 1-2.5 px/step)
+    "advection+lk:mse+l1": (dict(ADVECTION, motion_prior="lucas_kanade", prior_radius=4), 1.0, 300),
 }
 
 
