@@ -210,8 +210,8 @@ class AdvectionRNN(PredictiveRNN):
         u = self.motion(inp)
         frame = unpatchify(x[:, None], p)[:, 0]
         if self.config.motion_prior == "lucas_kanade" and prev_frame is not None:
-            with torch.no_grad():  # a fixed input to the correction, not trained through
-                m = lucas_kanade(prev_frame, frame, self.config.prior_radius).clamp(
+            with torch.no_grad():  # a fixed input to the correction, not trained through; fp32
+                m = lucas_kanade(prev_frame.float(), frame.float(), self.config.prior_radius).clamp(
                     -self.config.max_flow, self.config.max_flow)
                 prior = m if prior is None else 0.5 * (m + prior)
             u = u + prior.to(u.dtype)
