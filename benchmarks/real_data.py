@@ -79,6 +79,7 @@ RADAR_METHODS = {
     # (model.motion_prior: lucas_kanade), from scratch and from a pretext model trained the same way
     "advection+lk:scratch": ("scratch", {"model": "advection", "config": LK_PRIOR}),
     "advection+lk:finetune": ("finetune", {"model": "advection", "config": LK_PRIOR, "pretext": "advected_rain_lk"}),
+    "advection+lk:tmu": ("tmu", {"model": "advection", "config": LK_PRIOR, "pretext": "advected_rain_lk"}),
     "blend:advection+lk+extrapolation:log": ("blend", {"model": "advection", "of": "advection+lk:finetune",
                                                        "baseline": "extrapolation", "weight": 0.5}),
 }
