@@ -1,6 +1,7 @@
 """Shared fixtures. Real data lives beside the checkout (../shared/data) and is optional."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,3 +20,16 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} is absent (set TRANSMEM_SHARED_DATA to point at it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("transfer_map")``: a script of ``benchmarks/`` imported as a module (the
+    benchmarks are scripts, not a package)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -1,17 +1,6 @@
 """benchmarks/speed_spread.py: aggregation of finished runs (min / median / max, runs where a
 target is met), on fabricated speed.py results -- nothing is timed."""
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_spread.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("speed_spread", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def fake_run(path, ratio, fraction, ratio_big=None):
@@ -24,8 +13,8 @@ def fake_run(path, ratio, fraction, ratio_big=None):
                                 "summary": summary}))
 
 
-def test_finished_runs_are_read_not_rerun_and_summarised(tmp_path, capsys):
-    spread = load()
+def test_finished_runs_are_read_not_rerun_and_summarised(tmp_path, capsys, load_benchmark):
+    spread = load_benchmark("speed_spread")
     runs = tmp_path / "runs"
     runs.mkdir()
     fake_run(runs / "run1.json", 1.12, 0.78, 1.04)
@@ -46,7 +35,7 @@ def test_finished_runs_are_read_not_rerun_and_summarised(tmp_path, capsys):
     assert "| 2x32 | tmu_cached_over_backbone | <= 1.1 | 1.08 | 1.095 | 1.12 | 2/3 |" in capsys.readouterr().out
 
 
-def test_met_compares_in_the_targets_direction():
-    spread = load()
+def test_met_compares_in_the_targets_direction(load_benchmark):
+    spread = load_benchmark("speed_spread")
     assert spread.met(1.10, ("<=", 1.10)) and not spread.met(1.1001, ("<=", 1.10))
     assert spread.met(0.80, (">=", 0.80)) and not spread.met(0.79, (">=", 0.80))

@@ -1,20 +1,14 @@
 """benchmarks/transfer_digits.py: the job list and the aggregation (means, paired differences,
 table), on fabricated run results -- no training."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer_digits.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("transfer_digits", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("transfer_digits")
 
 
 def fake_run(bench, root, name, seed, mse):

@@ -1,24 +1,17 @@
 """benchmarks/transfer_map.py: a tiny map end to end (zoo, runs, rankings, JSON, table, plot),
 its resumption, and the helpers it scores with (mixture weights, Spearman, the ranking's hit)."""
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer_map.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("transfer_map", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("transfer_map")
 
 
 @pytest.fixture(scope="module")
