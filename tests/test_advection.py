@@ -288,3 +288,27 @@ def test_prior_model_trains_its_heads_and_memory_and_rejects_unknown_priors():
     assert all(torch.allclose(mems[l], full[l], atol=1e-6) for l in (0, 1))
     with pytest.raises(ValueError, match="motion_prior"):
         small(motion_prior="farneback")
+
+
+# --- the L1 term of the training loss (the demo's recipe: MSE + L1) ------------------------------
+
+def test_l1_term_is_the_masked_mean_and_its_gradient_reaches_the_model():
+    from transmem.training import forecast_loss
+    torch.manual_seed(0)
+    m = randomise_heads(small())
+    x = torch.rand(2, 5, 1, 16, 16)
+    mask = torch.ones(2, 4)
+    valid = torch.rand(2, 5, 1, 16, 16) > 0.3
+    mse_only, _, _ = forecast_loss(m, x, mask, valid)
+    loss, pred_loss, _ = forecast_loss(m, x, mask, valid, l1_weight=2.0)
+    with torch.no_grad():
+        err = (m(x, mask) - x[:, 1:]).abs()
+        w = valid[:, 1:].float()
+        l1 = (err * w).sum() / w.sum()
+    assert torch.allclose(loss, mse_only + 2.0 * l1, atol=1e-6) and torch.equal(loss, pred_loss)
+    # the L1 term alone (the two MSE graphs are the same function: their gradients cancel)
+    # trains every parameter, heads and cells
+    m.zero_grad()
+    (loss - mse_only).backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
