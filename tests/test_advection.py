@@ -312,3 +312,19 @@ def test_l1_term_is_the_masked_mean_and_its_gradient_reaches_the_model():
     (loss - mse_only).backward()
     for n, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_bad_advection_values_fail_as_the_config_is_read(tmp_path):
+    """From a file or a command-line string, a bad backbone value is a ConfigError naming it,
+    raised before any run folder exists."""
+    from transmem.cli import main
+    from transmem.config import ConfigError, load_experiment
+    base = {"model": {"name": "advection"}}
+    for key, value in [("motion_prior", "farneback"), ("prior_radius", "0"), ("padding", "reflect"),
+                       ("max_flow", "-1")]:
+        with pytest.raises(ConfigError, match=key):
+            load_experiment(base=base, overrides={f"model.{key}": value})
+    assert load_experiment(base=base, overrides={"model.prior_radius": "3"}).model["prior_radius"] == 3
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--model.name", "advection", "--model.motion_prior", "x"]) == 2
+    assert not out.exists()

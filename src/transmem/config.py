@@ -293,12 +293,16 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
         model = {"name": "convlstm", **raw["model"]}
         name = model.pop("name")
         try:
-            cfg = build_config(name, {k: v for k, v in model.items()})
+            # coerce the override strings through the dataclass defaults (unknown keys pass as they
+            # are), then build the model's config: it refuses unknown keys and bad values
+            cfg_default = build_config(name)
+            coerced = {k: _coerce(v, getattr(cfg_default, k), f"model.{k}") if hasattr(cfg_default, k) else v
+                       for k, v in model.items()}
+            build_config(name, coerced)
+        except ConfigError:
+            raise
         except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
-        # coerce the override strings through the dataclass defaults
-        cfg_default = build_config(name)
-        coerced = {k: _coerce(v, getattr(cfg_default, k), f"model.{k}") for k, v in model.items()}
         exp.model = {"name": name, **coerced}
     validate(exp)
     return exp

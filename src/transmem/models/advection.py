@@ -78,6 +78,15 @@ class AdvectionConfig(BackboneConfig):
     motion_prior: str = "none"   # "lucas_kanade": learn a correction to optical flow between inputs
     prior_radius: int = 8        # the Lucas-Kanade window's radius, pixels at full resolution
 
+    def __post_init__(self):
+        # here, not in the model: a config file with a bad value fails as it is read
+        if self.padding not in PADDING_MODES:
+            raise ValueError(f"advection padding must be one of {PADDING_MODES}, got '{self.padding}'")
+        if self.motion_prior not in MOTION_PRIORS:
+            raise ValueError(f"advection motion_prior must be one of {MOTION_PRIORS}, got '{self.motion_prior}'")
+        if self.max_flow <= 0 or self.flow_smoothing < 0 or self.prior_radius < 1:
+            raise ValueError("advection needs max_flow > 0, flow_smoothing >= 0 and prior_radius >= 1")
+
 
 def _layer_hook(hook, layer: int, t: int):
     """The backbone hook bound to one layer and step, in the form a cell calls it. Extra
@@ -150,12 +159,6 @@ class AdvectionRNN(PredictiveRNN):
     def __init__(self, config: AdvectionConfig):
         super().__init__(config)
         cfg = config
-        if cfg.padding not in PADDING_MODES:
-            raise ValueError(f"advection padding must be one of {PADDING_MODES}, got '{cfg.padding}'")
-        if cfg.motion_prior not in MOTION_PRIORS:
-            raise ValueError(f"advection motion_prior must be one of {MOTION_PRIORS}, got '{cfg.motion_prior}'")
-        if cfg.max_flow <= 0 or cfg.flow_smoothing < 0 or cfg.prior_radius < 1:
-            raise ValueError("advection needs max_flow > 0, flow_smoothing >= 0 and prior_radius >= 1")
         self.cells = nn.ModuleList(
             ConvLSTMCell(self.layer_input_channels(l), cfg.hidden, cfg.filter_size, cfg.norm,
                          cfg.forget_bias)
