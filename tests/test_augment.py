@@ -81,3 +81,19 @@ def test_config_refuses_unknown_augmentation(tmp_path):
         load_experiment(overrides={"train.augment": "flip,warp"})
     exp = load_experiment(overrides={"train.augment": "flip,rot90", "train.crop": "8"})
     assert exp.train.augment == ["flip", "rot90"] and exp.train.crop == 8
+
+
+def test_native_frames_that_are_not_square_are_cropped_then_turned():
+    """A 10x14 grid (a radar composite's shape) with rot90: each clip is a square crop of its own
+    frames, then flipped and turned as drawn; masks follow."""
+    frames, valid = _clips(b=6, h=10, w=14)
+    out, vout = augment_clips(frames, valid, ("flip", "rot90"), 6, torch.Generator().manual_seed(2))
+    assert out.shape == (6, 4, 1, 6, 6) and torch.equal(vout, out > 0.5)
+    for x, y in zip(frames, out):
+        crops = [x[..., i:i + 6, j:j + 6] for i in range(5) for j in range(9)]
+        turned = [torch.rot90(c.flip(-1) if lr else c, k, dims=(-2, -1)).flip(-2) if ud else
+                  torch.rot90(c.flip(-1) if lr else c, k, dims=(-2, -1))
+                  for c in crops for lr in (0, 1) for ud in (0, 1) for k in range(4)]
+        assert any(torch.equal(y, t) for t in turned)
+    with pytest.raises(ValueError, match="square"):
+        augment_clips(frames, valid, ("rot90",), 0, torch.Generator())

@@ -119,3 +119,24 @@ def test_evaluate_blend_scores_the_weighted_mean(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "zoo" / "m"), "--input", str(clip),
                  "--out", str(tmp_path / "bad-predict"), "--blend", "nowcast"]) == 2
     assert "--blend" in capsys.readouterr().err and not (tmp_path / "bad-predict").exists()
+
+
+def test_probability_matching_keeps_the_order_and_takes_the_last_frames_values():
+    from transmem.blend import ProbabilityMatched, match_distribution
+    g = torch.Generator().manual_seed(0)
+    field = torch.rand(16, 16, generator=g)
+    ref = torch.rand(16, 16, generator=g) ** 3
+    out = match_distribution(field, ref)
+    assert torch.equal(out.flatten().sort().values, ref.flatten().sort().values)  # the reference's values
+    assert torch.equal(out.flatten().argsort(), field.flatten().argsort())        # the field's order
+    dry = field.clone()
+    dry[:4] = 0
+    assert (match_distribution(dry, ref)[:4] == 0).all()                          # no rain stays no rain
+    frames = torch.rand(2, 5, 1, 8, 8, generator=g)
+    smooth = create_baseline("persistence", 3)
+    pm = ProbabilityMatched(BlendForecaster(smooth, create_baseline("persistence", 2), 0.5))
+    pm.t_in = 3
+    pred = pm.rollout(frames)
+    assert pred.shape == (2, 2, 1, 8, 8)
+    for b in range(2):
+        assert torch.equal(pred[b, 1, 0].flatten().sort().values, frames[b, 2, 0].flatten().sort().values)

@@ -475,19 +475,20 @@ def load_for_inference(ref) -> tuple[ForecastModule, dict]:
     return module, card
 
 
-def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str = "zero"):
-    """A baseline forecaster (persistence, extrapolation) for ``exp``'s data: it works in the
-    physical units the data's reader declares (mm/h for radar), else -- or with ``physical=False``
-    -- on the [0, 1] values. ``inflow``: see :func:`transmem.baselines.extrapolate`."""
-    units = physical_units(exp.data) if physical else None
-    return create_baseline(name, exp.train.t_in, units, inflow)
+def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str | None = None, **options):
+    """The registered reference nowcast ``name`` (:func:`transmem.baselines.list_baselines`) for
+    ``exp``'s data: it works in the scale it declares, through the units the data's reader
+    declares (mm/h for radar), or -- with ``physical=False`` -- on the [0, 1] values. ``inflow``
+    None: the fair default for the kind of data (zero for rain, the last frame otherwise)."""
+    return create_baseline(name, exp.train.t_in, physical_units(exp.data), inflow, physical=physical, **options)
 
 
-def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5) -> BlendForecaster:
+def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5, units=None) -> BlendForecaster:
     """``weight * forecaster + (1 - weight) * baseline``, the baseline run on the model's own
     values (log-scaled rain for radar: extrapolation of those beat extrapolation in mm/h on our
-    radar benchmark, alone and in the blend)."""
-    return BlendForecaster(forecaster, create_baseline(baseline, t_in), weight)
+    radar benchmark, alone and in the blend). ``units``: the data's, for the kind of data (rain
+    or not) that sets the baseline's thresholds and inflow."""
+    return BlendForecaster(forecaster, create_baseline(baseline, t_in, units, physical=False), weight)
 
 
 def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:

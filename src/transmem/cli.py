@@ -18,12 +18,12 @@ import numpy as np
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import api
-from .baselines import BASELINES, BaselineUnavailable
+from .baselines import BASELINES, BaselineUnavailable, list_baselines
 from .bench import run_bench
 from .blend import parse_blend
 from .choices import TMU_MODES
 from .config import ConfigError, load_experiment, validate
-from .data import DataError, adopt_fitted, build_datasets, list_datasets
+from .data import DataError, adopt_fitted, build_datasets, list_datasets, physical_units
 from .demo import run_demo
 from .files import OutputPathError, atomic_write, write_json
 from .models import list_models
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model or a baseline on a dataset")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="zoo entry to evaluate")
-    who.add_argument("--baseline", choices=BASELINES, help="a baseline forecaster instead of a model")
+    who.add_argument("--baseline", choices=list_baselines(),
+                     help="a reference nowcast instead of a model (the registered ones; see docs/baselines.md)")
     p.add_argument("--blend", metavar="BASELINE[:W]",
                    help="score W * model + (1 - W) * BASELINE (W = 0.5 unless given), e.g. extrapolation")
     p.add_argument("--config")
@@ -131,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--baselines", action="store_true",
-                   help="also write the persistence and extrapolation forecasts of the same input")
+    p.add_argument("--baselines", nargs="?", const="default", metavar="NAME[,NAME...]",
+                   help="also write reference nowcasts of the same input: the data's default ones "
+                        f"(persistence, extrapolation; for rain also S-PROG, ANVIL, STEPS mean), or those named "
+                        f"(of {', '.join(BASELINES)})")
     p.add_argument("--format", choices=["npy", "netcdf", "both"], default=None,
                    help="forecast file: prediction.npy, CF-netCDF forecast.nc (with units, times and "
                         "coordinates), or both; default netcdf when the input has coordinates, else npy")
@@ -274,6 +277,10 @@ def _dispatch(args, rest, ap) -> int:
             raise ConfigError(str(e)) from None
         if blend and blend[0] not in BASELINES:
             raise ConfigError(f"--blend {args.blend!r}: the baseline must be one of {', '.join(BASELINES)}")
+        wrong = [n for n in (args.baselines or "default").split(",") if n not in (*BASELINES, "default")]
+        if wrong:
+            raise ConfigError(f"--baselines {args.baselines!r}: unknown {', '.join(wrong)}; "
+                              f"choose from {', '.join(BASELINES)}")
         run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format, blend=blend)
         return 0
 
@@ -332,7 +339,8 @@ def _evaluate(args, exp) -> dict:
         forecaster, card = api.load_for_inference(args.model)
         name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
     if blend:
-        forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1])
+        forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1],
+                                             physical_units(exp.data))
         name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
     metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label, overwrite=args.overwrite)
     method_report(Path(args.out), f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",

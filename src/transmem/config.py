@@ -417,7 +417,7 @@ def validate(exp: "Experiment") -> None:
         _num_in(getattr(t, k), f"train.{k}", 0.0, 1.0)
     _num_in(t.l1_weight, "train.l1_weight", 0.0, 1e6)
     _int_in(t.crop, "train.crop", 0, LIMITS["size"])
-    if t.crop > d.size:
+    if t.crop > d.size and d.resize != "none":  # (native frames: checked against the frames read)
         raise ConfigError(f"train.crop={t.crop} must be at most data.size={d.size}")
     _int_in(t.val_every, "train.val_every", 0)
     _int_in(t.val_batches, "train.val_batches", 0)
@@ -465,7 +465,7 @@ def validate(exp: "Experiment") -> None:
 
     check_model_config(exp.model)
     patch = exp.model.get("patch_size")
-    if isinstance(patch, int) and d.size % patch:
+    if isinstance(patch, int) and d.resize != "none" and d.size % patch:
         raise ConfigError(f"data.size={d.size} is not divisible by model.patch_size={patch}")
     if isinstance(patch, int) and t.crop and t.crop % patch:
         raise ConfigError(f"train.crop={t.crop} must divide by model.patch_size={patch}")

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from . import api
-from .baselines import BASELINES, BaselineUnavailable
+from .baselines import BaselineUnavailable, default_baselines
 from .config import Experiment, load_experiment
-from .data import build_datasets
+from .data import build_datasets, physical_units
 from .files import write_json
 from .run_report import demo_report
 
@@ -91,7 +91,7 @@ def run_demo(out, quick: bool = False, mnist_dir: str | None = None, bank_read: 
         run_dir = out / "runs" / name.replace(":", "-").replace("+", "-")
         record(name, run_dir, api.run_transfer(exp, run_dir, teachers=teachers, datasets=datasets))
     # the baselines every row is compared with, on the same test clips
-    for name in BASELINES:
+    for name in default_baselines(physical_units(target.data)):
         try:
             forecaster = api.load_baseline(name, target)
         except BaselineUnavailable as e:

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .api import RunFolderError, blend_with_baseline, load_for_inference
-from .baselines import BASELINES, BaselineUnavailable, create_baseline
+from .baselines import BASELINES, BaselineUnavailable, create_baseline, default_baselines
 from .data import DataError, physical_units
 from .data.clips import split_at_gaps
 from .data.gridded import read_grid, write_forecast_netcdf
@@ -59,11 +59,12 @@ def last_run_after_gaps(input_path, frames: np.ndarray, t_in: int) -> np.ndarray
     return frames[a:b]
 
 
-def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: str | None = None,
+def run_predict(model_ref, input_path, out_dir, baselines: bool | str | list[str] = False, fmt: str | None = None,
                 blend: tuple[str, float] | None = None) -> Path:
-    """``baselines``: also write the persistence and extrapolation forecasts of the same input
-    (``baseline_<name>.npy``, and as rows of the GIF), for scale; extrapolation is left out, with
-    a line saying so, when its extra is not installed. ``fmt``: ``npy`` (``prediction.npy``),
+    """``baselines``: also write reference nowcasts of the same input (``baseline_<name>.npy``,
+    and as rows of the GIF), for scale: True or ``"default"`` gives the data's default ones
+    (:func:`transmem.baselines.default_baselines`), a list or a comma-separated string names them;
+    one whose extra is not installed is left out, with a line saying so. ``fmt``: ``npy`` (``prediction.npy``),
     ``netcdf`` (CF ``forecast.nc``) or ``both``; default netcdf when the input has coordinates
     (a gridded model's input), else npy. ``forecast.png`` / ``forecast.gif`` are always written.
     ``blend``: ``(baseline, w)``: the forecast is ``w * model + (1 - w) * baseline`` (see
@@ -92,16 +93,16 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool = False, fmt: st
     fmt = fmt or ("netcdf" if grid is not None else "npy")
     if frames.shape[0] < t_in:
         raise DataError(input_path, f"has {frames.shape[0]} frames; the model needs at least T_in={t_in}")
+    units = physical_units(data) if data.get("name") else None
     past = torch.from_numpy(np.ascontiguousarray(frames[-t_in:]))[None]
     clip = torch.cat([past, past.new_zeros(1, t_out, *past.shape[2:])], 1)
     if blend:
-        module = blend_with_baseline(module, blend[0], t_in, blend[1])
+        module = blend_with_baseline(module, blend[0], t_in, blend[1], units)
         print(f"forecast = {blend[1]:g} * model + {1 - blend[1]:g} * {blend[0]}")
     with torch.inference_mode():
         pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)
-    units = physical_units(data) if data.get("name") else None
     others = {}
-    for name in BASELINES if baselines else ():
+    for name in baseline_names(baselines, units):
         try:
             b = create_baseline(name, t_in, units)
         except BaselineUnavailable as e:
@@ -137,6 +138,19 @@ GRID_READERS = ("xarray", "radar_mrms")
 _H5_KEYS = ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a", "b",
             "accumulation_minutes", "r_max", "time_regex", "time_format", "crop", "aspect")
 RAIN_LEVELS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100)
+
+
+def baseline_names(baselines, units) -> list[str]:
+    """The reference nowcasts ``--baselines`` asks for (see :func:`run_predict`)."""
+    if not baselines:
+        return []
+    if baselines is True or baselines == "default":
+        return default_baselines(units)
+    names = baselines.split(",") if isinstance(baselines, str) else list(baselines)
+    wrong = [n for n in names if n not in BASELINES]
+    if wrong:
+        raise DataError(None, f"--baselines: unknown {', '.join(wrong)}; choose from {', '.join(BASELINES)}")
+    return names
 
 
 def read_forecast_input(input_path, data: dict, channels: int, size: int):

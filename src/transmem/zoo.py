@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
-from .baselines import BASELINES, BaselineUnavailable, create_baseline
+from .baselines import BaselineUnavailable, create_baseline, default_baselines
 from .config import ConfigError
 from .data import DataConfig, build_datasets, physical_units
 from .files import OutputPathError, atomic_folder, check_output_dir, read_small_file
@@ -538,7 +538,7 @@ def baseline_mses(exp, val) -> dict:
     a baseline that is not installed."""
     units = physical_units(exp.data)
     out = {}
-    for name in BASELINES:
+    for name in default_baselines(units):
         try:
             forecaster = create_baseline(name, exp.train.t_in, units)
         except BaselineUnavailable:

@@ -124,7 +124,7 @@ def rain_units(cfg: DataConfig) -> Units:
         if hasattr(x, "clamp"):  # a torch tensor (metrics on the device), without importing torch
             return 10.0 ** (x.clamp(0, 1) * np.log10(1.0 + r_max)) - 1.0
         return unit_to_rain(x, r_max)
-    return Units("mm/h", to_mmh, lambda r: rain_to_unit(r, r_max))
+    return Units("mm/h", to_mmh, lambda r: rain_to_unit(r, r_max), precipitation=True)
 
 
 _MCH_LUT = mch_index_to_rainrate(np.arange(256))

@@ -26,10 +26,12 @@ _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be importe
 @dataclass(frozen=True)
 class Units:
     """``name`` (e.g. "mm/h"); ``to_physical`` and ``from_physical`` map arrays or tensors between
-    the model's [0, 1] values and physical values, elementwise."""
+    the model's [0, 1] values and physical values, elementwise. ``precipitation``: the values are
+    a rain rate (the reference nowcasts' thresholds, dB scale and inflow depend on it)."""
     name: str
     to_physical: Callable[[Any], Any]
     from_physical: Callable[[Any], Any]
+    precipitation: bool = False
 
 
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None):

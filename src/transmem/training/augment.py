@@ -44,7 +44,11 @@ def draw_crops(n: int, height: int, width: int, crop: int, generator: torch.Gene
 
 
 def _transform(x: torch.Tensor, p, corner, crop: int) -> torch.Tensor:
-    """One clip (T, C, H, W): flips, then quarter turns, then the crop."""
+    """One clip (T, C, H, W): flips, then quarter turns, then the crop; frames that are not square
+    (a native radar grid) are cropped first, so that the square crop can turn."""
+    if crop and x.shape[-1] != x.shape[-2]:
+        top, left = int(corner[0]), int(corner[1])
+        return _transform(x[..., top:top + crop, left:left + crop], p, None, 0)
     if p[0]:
         x = x.flip(-1)
     if p[1]:
@@ -62,7 +66,7 @@ def augment_clips(frames: torch.Tensor, valid: torch.Tensor | None, ops, crop: i
     """``frames`` (B, T, C, H, W) and ``valid`` (B, T, 1, H, W) or None, each clip transformed
     the same way in both. Returns new tensors (the inputs are not changed)."""
     b, _, _, h, w = frames.shape
-    params = draw_augment(world * b, ops, generator, square=h == w)[rank::world]
+    params = draw_augment(world * b, ops, generator, square=h == w or bool(crop))[rank::world]
     corners = draw_crops(world * b, h, w, crop, generator)[rank::world] if crop else [None] * b
     frames = torch.stack([_transform(f, p, c, crop) for f, p, c in zip(frames, params, corners)])
     if valid is not None:

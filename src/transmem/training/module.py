@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from ..fullfield import pad_to_multiple
 from ..choices import DISTILL_DECAYS, DISTILL_SPANS
 from .samplers import dist_info
 from .augment import augment_clips
@@ -197,12 +198,20 @@ class ForecastModule(L.LightningModule):
             self.log("train/lambda", self.current_distill_weight())
         return loss
 
+    @property
+    def patch_size(self) -> int:
+        backbone = self.model.backbone if self.is_tmu else self.model
+        return int(getattr(backbone.config, "patch_size", 1))
+
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
-        """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too)."""
+        """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too).
+        Frames of any size: padded to a multiple of the patch size, the forecast cropped back
+        (:func:`transmem.fullfield.pad_to_multiple`)."""
+        frames, h, w = pad_to_multiple(frames, self.patch_size)
         if self.is_tmu and self.model.needs_teachers_at_inference:
             bank = self.bank.rollout(frames, self.t_in)
-            return self.model(frames, t_in=self.t_in, bank=bank)[:, self.t_in - 1:]
-        return self.model(frames, t_in=self.t_in)[:, self.t_in - 1:]
+            return self.model(frames, t_in=self.t_in, bank=bank)[:, self.t_in - 1:, ..., :h, :w]
+        return self.model(frames, t_in=self.t_in)[:, self.t_in - 1:, ..., :h, :w]
 
     def validation_step(self, batch, batch_idx):
         frames, valid = batch["frames"], batch.get("mask")

@@ -1,0 +1,311 @@
+"""Nowcasts at the radar's own resolution, an hour ahead, against every registered reference nowcast.
+
+    python benchmarks/nowcast.py                 # everything, resumable (each unit is its own JSON file)
+    python benchmarks/nowcast.py --quick         # smoke run: a 256x256 window, 6 leads, 1 seed (minutes)
+    python benchmarks/nowcast.py --parts baselines --methods sprog,anvil   # one part, some methods
+    python benchmarks/nowcast.py --parts aggregate                         # write the JSON from what is done
+
+Protocol (fixed before any result was seen):
+- the five shared 5-minute events (MeteoSwiss 20150515, 20160711, 20170131; FMI 20160928, 20170509),
+  read at their native 1 km grids (640x710 and 1226x760; no area-averaging), log-scaled rain
+  x = log10(1 + R) / log10(101), no-data masked out of every score;
+- 6 input frames, 12 leads (60 min); forecast windows start every 6 frames (4 per 40-frame event);
+- scores per event, summed over its windows and leads: MSE per valid pixel of the log values,
+  CSI at 1 and 5 mm/h (contingency counts pooled), FSS at 1 mm/h on 5, 15 and 31 km windows, and
+  the MSE per lead;
+- the learned rows are never trained on the event they are scored on: ``recipe:*`` rows come from
+  a model pretrained on synthetic advected rain only (configs/radar_native_pretext.yaml: 128x128
+  crops at a 1 km-like scale), i.e. zero-shot on every event; 3 seeds;
+- the baselines are the registry's defaults for rain (transmem.baselines.default_baselines),
+  each configured once as pysteps' gallery does (docs/baselines.md), kmperpixel 1, timestep 5.
+
+The JSON (benchmarks/results/nowcast.json, or nowcast_quick.json) has the keys the README table is
+made from: commit, command, machine, resolution_km, leads, events, recommended, methods{name:
+{mse_mean, mse_std, csi_1_mean, csi_5_mean, fss, per_event, per_lead_mse, per_seed}}, and
+paired{method: {vs, wins, t, p}} (paired t-test of per-event MSE against the best baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "radar"
+EVENTS = {"mch:20150515": "mch/20150515", "mch:20160711": "mch/20160711", "mch:20170131": "mch/20170131",
+          "fmi:20160928": "fmi/pgm/20160928", "fmi:20170509": "fmi/pgm/20170509"}
+T_IN, LEADS, STRIDE = 6, 12, 6
+THRESHOLDS = (1.0, 5.0)            # mm/h
+FSS_SCALES = (5, 15, 31)           # pixels = km at 1 km
+FSS_THRESHOLD = 1.0
+SEEDS = (0, 1, 2)
+RECOMMENDED = "recipe:blend+pm"    # chosen before the first run (docs/method.md says why)
+PRETEXT_CONFIG = REPO / "configs" / "radar_native_pretext.yaml"
+QUICK = {"window": 256, "leads": 6, "seeds": (0,), "pretext_steps": 40, "windows_per_event": 1}
+
+
+# ----------------------------------------------------------------------------------------- data
+def read_event(event: str, quick: bool):
+    """(values float32 (T, 1, H, W) in [0, 1], valid bool (T, 1, H, W)) at the native grid."""
+    from transmem.data.radar import read_radar_folder
+    values, valid = read_radar_folder(SHARED / EVENTS[event], size=None, resize="none")
+    values, valid = values.astype(np.float32), valid.astype(bool)
+    if quick:  # the window of the field with the most rain in its first frame
+        w = QUICK["window"]
+        h0, w0 = values.shape[-2:]
+        best = max(((i, j) for i in range(0, h0 - w + 1, w // 2) for j in range(0, w0 - w + 1, w // 2)),
+                   key=lambda ij: float(values[0, 0, ij[0]:ij[0] + w, ij[1]:ij[1] + w].sum()))
+        values = values[..., best[0]:best[0] + w, best[1]:best[1] + w]
+        valid = valid[..., best[0]:best[0] + w, best[1]:best[1] + w]
+    return np.nan_to_num(values), valid
+
+
+def windows(n_frames: int, leads: int, quick: bool) -> list[int]:
+    starts = list(range(0, n_frames - (T_IN + leads) + 1, STRIDE))
+    return starts[:QUICK["windows_per_event"]] if quick else starts
+
+
+# --------------------------------------------------------------------------------------- scores
+def box_fraction(binary: torch.Tensor, valid: torch.Tensor, scale: int) -> torch.Tensor:
+    """Fraction of valid pixels above the threshold in a scale x scale window (FSS' neighbourhood)."""
+    k = torch.nn.functional.avg_pool2d
+    num = k(binary.float()[None], scale, stride=1, padding=scale // 2, count_include_pad=True)
+    den = k(valid.float()[None], scale, stride=1, padding=scale // 2, count_include_pad=True)
+    return (num / den.clamp_min(1e-6))[0]
+
+
+def score_window(pred: np.ndarray, obs: np.ndarray, valid: np.ndarray) -> dict:
+    """Sums over one window's leads (pred, obs, valid: (leads, H, W)); per lead where it matters."""
+    from transmem.data.radar import unit_to_rain
+    p, o, v = torch.from_numpy(pred), torch.from_numpy(obs), torch.from_numpy(valid)
+    out = {"se": [], "n": [], "cont": {str(t): [0, 0, 0] for t in THRESHOLDS},
+           "fss": {str(s): [0.0, 0.0] for s in FSS_SCALES}}
+    rp, ro = torch.from_numpy(unit_to_rain(pred)), torch.from_numpy(unit_to_rain(obs))
+    for k in range(p.shape[0]):
+        m = v[k]
+        out["se"].append(float(((p[k] - o[k])[m].double() ** 2).sum()))
+        out["n"].append(int(m.sum()))
+        for t in THRESHOLDS:
+            f, ob = (rp[k] >= t) & m, (ro[k] >= t) & m
+            c = out["cont"][str(t)]
+            c[0] += int((f & ob).sum()); c[1] += int((~f & ob).sum()); c[2] += int((f & ~ob).sum())
+        f, ob = (rp[k] >= FSS_THRESHOLD) & m, (ro[k] >= FSS_THRESHOLD) & m
+        for s in FSS_SCALES:
+            pf, po = box_fraction(f, m, s)[m], box_fraction(ob, m, s)[m]
+            acc = out["fss"][str(s)]
+            acc[0] += float(((pf - po) ** 2).sum()); acc[1] += float((pf ** 2).sum() + (po ** 2).sum())
+    return out
+
+
+def merge(scores: list[dict]) -> dict:
+    out = {"se": np.sum([s["se"] for s in scores], 0).tolist(), "n": np.sum([s["n"] for s in scores], 0).tolist(),
+           "cont": {t: np.sum([s["cont"][t] for s in scores], 0).tolist() for t in scores[0]["cont"]},
+           "fss": {k: np.sum([s["fss"][k] for s in scores], 0).tolist() for k in scores[0]["fss"]}}
+    return out
+
+
+def summary(acc: dict) -> dict:
+    csi = {t: (h / (h + m + f) if h + m + f else None) for t, (h, m, f) in acc["cont"].items()}
+    return {"mse": sum(acc["se"]) / max(1, sum(acc["n"])),
+            "per_lead_mse": [s / max(1, n) for s, n in zip(acc["se"], acc["n"])],
+            "csi_1": csi[str(THRESHOLDS[0])], "csi_5": csi[str(THRESHOLDS[1])],
+            "fss": {k: (1 - a / b if b else None) for k, (a, b) in acc["fss"].items()}}
+
+
+# ------------------------------------------------------------------------------------ forecasters
+def rain_units():
+    from transmem.data import DataConfig
+    from transmem.data.radar import rain_units as units
+    return units(DataConfig(name="radar_mch"))
+
+
+def baseline(name: str):
+    from transmem.baselines import create_baseline
+    return create_baseline(name, T_IN, rain_units(), kmperpixel=1.0, timestep=5.0)
+
+
+def pretext_dir(work: Path, seed: int) -> Path:
+    return work / "pretext" / f"seed{seed}"
+
+
+def train_pretext(work: Path, seed: int, quick: bool) -> Path:
+    """The zero-shot model of this seed: pretrained on synthetic advected rain only."""
+    from transmem import api
+    from transmem.config import load_experiment
+    d = pretext_dir(work, seed)
+    if (d / "model" / "card.json").is_file():
+        return d / "model"
+    overrides = {"train.seed": str(seed), "train.progress": "false"}
+    if quick:
+        overrides.update({"train.steps": str(QUICK["pretext_steps"]), "data.train_clips": "64"})
+    exp = load_experiment(str(PRETEXT_CONFIG), overrides)
+    api.run_train(exp, d, kind="scratch")
+    return d / "model"
+
+
+def recipe(method: str, work: Path, seed: int):
+    """``recipe:model`` (the zero-shot model alone), ``recipe:blend`` (its mean with
+    extrapolation_log), ``recipe:blend+pm`` (that mean, probability-matched to the last input)."""
+    from transmem import api
+    from transmem.blend import ProbabilityMatched
+    model, _ = api.load_for_inference(pretext_dir(work, seed) / "model")
+    if method == "recipe:model":
+        return model
+    blend = api.blend_with_baseline(model, "extrapolation_log", T_IN, 0.5, rain_units())
+    return blend if method == "recipe:blend" else ProbabilityMatched(blend)
+
+
+RECIPES = ("recipe:model", "recipe:blend", "recipe:blend+pm")
+
+
+def unit_path(work: Path, method: str, event: str, seed: int) -> Path:
+    return work / "units" / method.replace(":", "-").replace("+", "_") / event.replace(":", "-") / f"seed{seed}.json"
+
+
+def run_unit(work: Path, method: str, event: str, seed: int, quick: bool, cache: dict) -> None:
+    path = unit_path(work, method, event, seed)
+    if path.is_file() or not claims.claim(path.parent / f"seed{seed}"):
+        return
+    leads = QUICK["leads"] if quick else LEADS
+    if event not in cache:
+        cache.clear()
+        cache[event] = read_event(event, quick)
+    values, valid = cache[event]
+    forecaster = recipe(method, work, seed) if method.startswith("recipe:") else baseline(method)
+    forecaster.t_in = T_IN
+    scores, t0 = [], time.time()
+    for s in windows(values.shape[0], leads, quick):
+        clip = torch.from_numpy(values[s:s + T_IN + leads])[None]
+        with torch.inference_mode():
+            pred = forecaster.rollout(clip)[0, :, 0].float().clamp(0, 1).numpy()
+        scores.append(score_window(pred, values[s + T_IN:s + T_IN + leads, 0], valid[s + T_IN:s + T_IN + leads, 0]))
+    result = {**merge(scores), "windows": len(scores), "wall_s": round(time.time() - t0, 1),
+              "shape": list(values.shape[-2:])}
+    from transmem.files import write_json
+    write_json(path, result)
+    print(f"[nowcast] {method} {event} seed {seed}: mse {summary(result)['mse']:.5f} ({result['wall_s']} s)", flush=True)
+
+
+# -------------------------------------------------------------------------------------- aggregate
+def paired_t(a: list[float], b: list[float]) -> tuple[float, float | None]:
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return float("nan"), None
+    t = float(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))))
+    try:
+        from scipy import stats
+        return t, float(stats.t.sf(abs(t), len(d) - 1) * 2)
+    except ImportError:
+        return t, None
+
+
+def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: bool, command: str) -> dict:
+    out = {}
+    for m in methods:
+        ss = seeds if m.startswith("recipe:") else (0,)
+        per_seed, per_event, fss_acc, leads_acc = {}, {}, [], []
+        complete = all(unit_path(work, m, e, s).is_file() for e in events for s in ss)
+        if not complete:
+            continue
+        for s in ss:
+            units = {e: json.loads(unit_path(work, m, e, s).read_text()) for e in events}
+            sums = {e: summary(u) for e, u in units.items()}
+            per_seed[str(s)] = {"mse": float(np.mean([v["mse"] for v in sums.values()])),
+                                "csi_1": float(np.mean([v["csi_1"] or 0 for v in sums.values()])),
+                                "csi_5": float(np.mean([v["csi_5"] or 0 for v in sums.values()]))}
+            for e, v in sums.items():
+                per_event.setdefault(e, []).append(v)
+            pooled = summary(merge(list(units.values())))
+            fss_acc.append(pooled["fss"])
+            leads_acc.append(pooled["per_lead_mse"])
+        mses = [v["mse"] for v in per_seed.values()]
+        out[m] = {"mse_mean": float(np.mean(mses)), "mse_std": float(np.std(mses)),
+                  "csi_1_mean": float(np.mean([v["csi_1"] for v in per_seed.values()])),
+                  "csi_5_mean": float(np.mean([v["csi_5"] for v in per_seed.values()])),
+                  "fss": {k: float(np.mean([f[k] for f in fss_acc])) for k in fss_acc[0]},
+                  "per_event": {e: {k: float(np.mean([v[k] or 0 for v in vs])) for k in ("mse", "csi_1", "csi_5")}
+                                for e, vs in per_event.items()},
+                  "per_lead_mse": np.mean(leads_acc, 0).tolist(), "per_seed": per_seed}
+    baselines = [m for m in out if not m.startswith("recipe:")]
+    paired = {}
+    if baselines:
+        best = min(baselines, key=lambda m: out[m]["mse_mean"])
+        for m in out:
+            if m == best:
+                continue
+            a = [out[m]["per_event"][e]["mse"] for e in events]
+            b = [out[best]["per_event"][e]["mse"] for e in events]
+            t, p = paired_t(a, b)
+            paired[m] = {"vs": best, "wins": int(sum(x < y for x, y in zip(a, b))), "of": len(events),
+                         "mean_diff": float(np.mean(np.subtract(a, b))), "t": t, "p": p}
+    import torch as _torch
+    return {"commit": claims.commit(REPO, ["src", "benchmarks/nowcast.py", "configs/radar_native_pretext.yaml"]),
+            "command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {_torch.__version__}",
+            "resolution_km": 1.0, "leads": QUICK["leads"] if quick else LEADS, "lead_minutes": 5,
+            "t_in": T_IN, "events": events, "seeds": list(seeds), "recommended": RECOMMENDED,
+            "quick": quick, "methods": out, "paired": paired,
+            "scores": "mse: per valid pixel of log10(1+R)/log10(101); csi at 1 and 5 mm/h; fss at 1 mm/h, "
+                      "windows in km"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="baselines,pretext,recipes,aggregate")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the rows")
+    ap.add_argument("--work", default=None, help="where the units go (default runs/nowcast[_quick])")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transmem.baselines import default_baselines
+    quick = args.quick
+    work = Path(args.work or REPO / "runs" / ("nowcast_quick" if quick else "nowcast"))
+    events = [e for e in EVENTS if (SHARED / EVENTS[e]).is_dir()]
+    if not events:
+        print(f"no shared radar events under {SHARED}", file=sys.stderr)
+        return 2
+    seeds = QUICK["seeds"] if quick else SEEDS
+    all_methods = [*default_baselines(rain_units()), *RECIPES]
+    methods = args.methods.split(",") if args.methods else all_methods
+    parts = args.parts.split(",")
+    cache: dict = {}
+    if "baselines" in parts:
+        for e in events:
+            for m in methods:
+                if not m.startswith("recipe:"):
+                    run_unit(work, m, e, 0, quick, cache)
+    if "pretext" in parts:
+        for s in seeds:
+            train_pretext(work, s, quick)
+    if "recipes" in parts:
+        for e in events:
+            for m in methods:
+                if m.startswith("recipe:"):
+                    for s in seeds:
+                        run_unit(work, m, e, s, quick, cache)
+    if "aggregate" in parts:
+        command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
+        result = aggregate(work, all_methods, events, seeds, quick, command)
+        from transmem.files import write_json
+        out = REPO / "benchmarks" / "results" / ("nowcast_quick.json" if quick else "nowcast.json")
+        write_json(out, result)
+        print(f"wrote {out}")
+        for m, r in sorted(result["methods"].items(), key=lambda kv: kv[1]["mse_mean"]):
+            print(f"{m:20s} mse {r['mse_mean']:.5f}±{r['mse_std']:.5f} csi1 {r['csi_1_mean']:.3f} "
+                  f"csi5 {r['csi_5_mean']:.3f} fss {r['fss']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

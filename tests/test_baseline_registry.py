@@ -1,0 +1,147 @@
+"""The reference-nowcast registry: every registered name swept through the same interface checks
+(as pysteps' interface tests sweep ``get_method``), the fair inflow per kind of data, and a
+baseline added from a file outside transmem reaching the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transmem.baselines import (BaselineUnavailable, create_baseline, default_baselines, get_method, list_baselines,
+                                register_baseline)
+from transmem.data import DataConfig
+from transmem.data.radar import rain_to_unit, rain_units
+
+T, T_IN, N = 10, 6, 64
+RAIN = rain_units(DataConfig(name="radar_mch"))
+
+
+def rain_clips(v=(1.0, 1.5), seeds=(0, 1)) -> torch.Tensor:
+    """(B, T, 1, N, N) log-scaled rain: Gaussian cells up to ~30 mm/h translating at v px/frame."""
+    yy, xx = np.mgrid[0:N, 0:N].astype(np.float64)
+    out = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        cy, cx, s, a = rng.uniform(10, 54, 6), rng.uniform(10, 54, 6), rng.uniform(3, 8, 6), rng.uniform(2, 30, 6)
+        rate = np.stack([sum(a[j] * np.exp(-((yy - cy[j] - v[0] * k) ** 2 + (xx - cx[j] - v[1] * k) ** 2) / (2 * s[j] ** 2))
+                             for j in range(6)) for k in range(T)])
+        out.append(rain_to_unit(np.where(rate > 0.05, rate, 0.0)))
+    return torch.from_numpy(np.stack(out)[:, :, None].astype(np.float32))
+
+
+def make(name, units=RAIN, **kw):
+    try:
+        return create_baseline(name, T_IN, units, **kw)
+    except BaselineUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name", list_baselines())
+def test_every_registered_baseline_keeps_the_interface(name):
+    clips = rain_clips()
+    model = make(name)
+    pred = model.rollout(clips)
+    assert pred.shape == (2, T - T_IN, 1, N, N) and pred.dtype == torch.float32
+    assert torch.isfinite(pred).all() and pred.min() >= 0 and pred.max() <= 1
+    future = clips.clone()
+    future[:, T_IN:] = torch.rand_like(future[:, T_IN:])  # the frames to forecast are never read
+    assert torch.equal(model.rollout(future), pred)
+    assert torch.equal(make(name).rollout(clips), pred)  # a function of the clip (ensembles are seeded)
+    if name != "persistence":  # moving rain: every nowcast beats persistence at the first lead
+        err = ((pred[:, 0] - clips[:, T_IN]) ** 2).mean()
+        assert err < ((clips[:, T_IN - 1] - clips[:, T_IN]) ** 2).mean()
+
+
+@pytest.mark.parametrize("name", list_baselines())
+def test_every_registered_baseline_runs_on_a_field_that_is_not_rain(name):
+    clips = 0.5 + 0.5 * rain_clips()  # e.g. a temperature: no zero, no rain threshold
+    pred = make(name, None).rollout(clips)
+    assert torch.isfinite(pred).all() and pred.shape == (2, T - T_IN, 1, N, N)
+
+
+def test_default_lists_follow_the_kind_of_data():
+    assert default_baselines(None)[:2] == ["persistence", "extrapolation"]
+    assert not any(get_method(n).rain_only for n in default_baselines(None))
+    rain = default_baselines(RAIN)
+    assert {"sprog", "sprog_log", "anvil", "steps_mean"} <= set(rain)
+    assert "linda" not in rain and "linda" in list_baselines()  # slow: by name only
+    with pytest.raises(ValueError, match="choose one of persistence"):
+        get_method("nope")
+
+
+def test_inflow_is_zero_for_rain_and_the_last_frame_otherwise():
+    assert make("extrapolation").inflow == "zero"
+    assert make("extrapolation", None).inflow == "last"
+    assert make("extrapolation", None, inflow="zero").inflow == "zero"
+    # a warm field moving in from the left: zero inflow would paint the bottom of the range
+    yy, xx = np.mgrid[0:N, 0:N]
+    frames = np.stack([0.6 + 0.3 * np.sin((xx - 2 * k) / 9.0) * np.cos(yy / 13.0) for k in range(T)])
+    clips = torch.from_numpy(frames[None, :, None].astype(np.float32))
+    persistence = ((clips[:, T_IN - 1] - clips[:, T_IN]) ** 2).mean()
+    fair = ((make("extrapolation", None).rollout(clips)[:, 0] - clips[:, T_IN]) ** 2).mean()
+    zero = ((make("extrapolation", None, inflow="zero").rollout(clips)[:, 0] - clips[:, T_IN]) ** 2).mean()
+    assert fair <= persistence < zero
+
+
+def test_steps_mean_options_and_seed_reach_pysteps():
+    clips = rain_clips(seeds=(3,))
+    two = make("steps_mean", n_ens_members=2).rollout(clips)
+    assert not torch.equal(two, make("steps_mean").rollout(clips))  # 2 members, not the default 10
+    assert not torch.equal(two, make("steps_mean", n_ens_members=2, seed=5).rollout(clips))
+    assert torch.equal(two, make("steps_mean", n_ens_members=2).rollout(clips))
+
+
+def test_too_few_input_frames_are_refused():
+    with pytest.raises(ValueError, match="anvil needs 4 input frames; t_in is 3"):
+        create_baseline("anvil", 3, RAIN)
+
+
+def test_a_registered_function_is_scored_like_any_baseline():
+    @register_baseline("test_mean_of_inputs")
+    def mean_of_inputs(past, n_leads, ctx):
+        """The mean of the input frames."""
+        return np.repeat(past.mean(axis=0, keepdims=True), n_leads, axis=0)
+    clips = rain_clips()
+    pred = create_baseline("test_mean_of_inputs", T_IN).rollout(clips)
+    assert torch.allclose(pred, clips[:, :T_IN].mean(1, keepdim=True).expand_as(pred), atol=1e-6)
+    assert "test_mean_of_inputs" in list_baselines()
+
+
+def test_a_plugin_baseline_reaches_evaluate_through_an_entry_point(tmp_path):
+    """A package outside transmem adds a baseline by an entry point; `evaluate --baseline` runs it."""
+    plugin = tmp_path / "plugin"
+    (plugin / "shift_nowcast.py").parent.mkdir()
+    (plugin / "shift_nowcast.py").write_text(textwrap.dedent('''
+        import numpy as np
+        from transmem.baselines import register_baseline
+
+        @register_baseline("half_persistence")
+        def half(past, n_leads, ctx):
+            """Half the last frame."""
+            return np.repeat(0.5 * past[-1:], n_leads, axis=0)
+    '''))
+    info = plugin / "shift_nowcast-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shift-nowcast\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[transmem.baselines]\nhalf = shift_nowcast\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: flying_digits, size: 16, frames: 6, num_digits: 1, train_clips: 4, val_clips: 2,"
+                   " test_clips: 3}\ntrain: {t_in: 3, batch_size: 2, progress: false}\neval: {batch_size: 3}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), *sys.path])}
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "transmem.cli", "evaluate", "--baseline", "half_persistence",
+                        "--config", str(cfg), "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "half_persistence" and metrics["mse"] > 0
+    listing = subprocess.run([sys.executable, "-c", "from transmem.baselines import BASELINES; print(BASELINES)"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert "half_persistence" in listing.stdout
+    assert Path(out / "report.md").is_file()
