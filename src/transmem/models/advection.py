@@ -180,6 +180,7 @@ def pyramid_lucas_kanade(prev: torch.Tensor, cur: torch.Tensor, radius: int, lev
 class AdvectionRNN(PredictiveRNN):
     config_class = AdvectionConfig
     supports_depth = True
+    starts_as_persistence = True  # both heads start at zero (see the module doc)
 
     def __init__(self, config: AdvectionConfig):
         super().__init__(config)

@@ -128,6 +128,10 @@ class PredictiveRNN(nn.Module):
     config_class = BackboneConfig
     model_name = "base"
     model_kind = "backbone"
+    #: True for a backbone whose output heads start at zero, so that the untrained model repeats
+    #: the last frame whatever its memory holds: the registry-wide protocol tests randomise those
+    #: heads before checking that the output depends on the memory (a declared opt-out, not a skip)
+    starts_as_persistence = False
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
