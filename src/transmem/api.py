@@ -26,6 +26,7 @@ from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_ou
                     lock_holder, lock_path_beside, write_json)
 from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
+from .training.checkpoints import resume_point
 from .baselines import create_baseline
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
@@ -180,6 +181,8 @@ def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment 
                              f"(no {out}/checkpoints/last.ckpt nor {out}/config.yaml)")
     if resume and exp is not None and (out / "config.yaml").is_file():
         _check_same_run(out, exp, init_from, zoo_root)
+    if resume and finished_run(out) is None:
+        resume_point(out)  # a damaged or refused checkpoint: one line before anything is built
     if zoo_name is not None:
         name = str(zoo_name)
         if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name:

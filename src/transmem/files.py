@@ -72,9 +72,12 @@ class WriteError(OSError):
 
     @classmethod
     def of(cls, path, error: BaseException, kept: str) -> "WriteError":
-        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:160] or type(error).__name__
+        reason = getattr(error, "reason", None) or getattr(error, "strerror", None) \
+            or " ".join(str(error).split())[:160] or type(error).__name__
         code = getattr(error, "errno", None) or errno.EIO
-        return cls(code, f"{path}: cannot write ({reason}; {free_space_text(path)}); {kept}")
+        e = cls(code, f"{path}: cannot write ({reason}; {free_space_text(path)}); {kept}")
+        e.reason, e.path = reason, Path(path)
+        return e
 
     def __str__(self) -> str:
         return self.strerror or super().__str__()
@@ -105,10 +108,15 @@ def _is_write_failure(e: OSError, *inside: Path) -> bool:
     """An OSError raised while writing ``inside`` (a temporary file or folder): not one about
     another file (an input that could not be read)."""
     name = getattr(e, "filename", None)
-    if name is None:
-        return True
-    name = os.path.abspath(os.fspath(name))
-    return any(name == os.path.abspath(p) or name.startswith(os.path.abspath(p) + os.sep) for p in inside)
+    return True if name is None else _inside(name, *inside)
+
+
+def _inside(name, *paths: Path) -> bool:
+    try:
+        name = os.path.abspath(os.fspath(name))
+    except TypeError:
+        return False
+    return any(name == os.path.abspath(p) or name.startswith(os.path.abspath(p) + os.sep) for p in paths)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -145,9 +153,9 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False, keep_others: b
         try:
             yield tmp
         except OSError as e:
-            if isinstance(e, WriteError) or not _is_write_failure(e, tmp):
-                raise
-            name = getattr(e, "filename", None)
+            name = getattr(e, "path", None) if isinstance(e, WriteError) else getattr(e, "filename", None)
+            if not (_inside(name, tmp) if name is not None else not isinstance(e, WriteError)):
+                raise  # about another file (an input), or already said
             where = path / os.path.relpath(os.path.abspath(name), os.path.abspath(tmp)) if name else path
             raise WriteError.of(where, e, kept) from None
         try:

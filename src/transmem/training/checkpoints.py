@@ -313,9 +313,13 @@ def resume_point(out_dir: Path) -> tuple[str, int] | None:
     carrying pickled code is refused with one line before anything is built. A damaged one is
     passed over for the previous good checkpoint kept in ``checkpoints/`` (``stepN.ckpt``,
     ``best.ckpt``), with a line saying which; with none left, the run is refused in one line."""
+    out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     first = [ckpt_dir / "last.ckpt", *sorted(out_dir.glob("hpc_ckpt_*.ckpt"), key=_step_of)]
     kept = sorted(ckpt_dir.glob("step*.ckpt"), key=_step_of, reverse=True) + [ckpt_dir / "best.ckpt"]
+    key = tuple((str(c), c.stat().st_size, c.stat().st_mtime_ns) for c in first + kept if c.is_file())
+    if _RESUME_SEEN.get(str(out_dir), (None,))[0] == key:  # checked already (before anything was built)
+        return _RESUME_SEEN[str(out_dir)][1]
     best, damaged = None, []
     for group in (first, kept):
         for c in group:
@@ -338,7 +342,11 @@ def resume_point(out_dir: Path) -> tuple[str, int] | None:
         for e in damaged:
             print(f"transmem: warning: {e}; resuming from the previous good checkpoint {best[0]} (step {best[1]})",
                   file=sys.stderr)
+    _RESUME_SEEN[str(out_dir)] = (key, best)
     return best
+
+
+_RESUME_SEEN: dict = {}
 
 
 def clean_stale_temps(ckpt_dir: Path) -> None:
