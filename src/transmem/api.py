@@ -255,13 +255,14 @@ def _no_leftovers(run):
             # only a folder this process made and still holds the lock of: never one that another
             # run is writing (a second run into the same --out is refused, not cleaned up)
             ckpts = Path(out) / "checkpoints"
-            mine = os.path.abspath(out) in _MADE and Path(os.path.abspath(Path(out) / LOCK_NAME)) in held_locks()
+            mine = not resume and os.path.abspath(out) in _MADE \
+                and Path(os.path.abspath(Path(out) / LOCK_NAME)) in held_locks()
             if mine and is_launch_rank_zero() and Path(out).is_dir() and not (
                     ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
                 shutil.rmtree(out, ignore_errors=True)  # while still holding its lock
-                _MADE.discard(os.path.abspath(out))
             raise
         finally:
+            _MADE.discard(os.path.abspath(out))
             release_run_dir(out)
     return wrapper
 

@@ -144,7 +144,7 @@ class DamagedCheckpoint(CheckpointError):
 _ADVICE = re.compile(r"weights_only|safe_globals|add_safe_globals|allowlist|trust|Please|Re-running", re.I)
 
 
-def _no_advice(text: str) -> str:
+def no_advice(text: str) -> str:
     """The first line of a torch error without its advice (to unpickle with ``weights_only=False``
     or to allowlist a global): a user must never follow it for a file that failed to load."""
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
@@ -180,12 +180,12 @@ def load_checkpoint_safely(path: str | os.PathLike, map_location="cpu", mmap: bo
         if "Unsupported global" in text or re.search(r"GLOBAL [\w.]+ was not an allowed global", text):
             raise CheckpointError(f"{path}: refused to load: the checkpoint holds pickled objects other "
                                   f"than tensors and plain containers, which could run code "
-                                  f"({_no_advice(text)}); it was not loaded") from None
+                                  f"({no_advice(text)}); it was not loaded") from None
         raise DamagedCheckpoint(f"{path}: damaged checkpoint (its pickled content is corrupt: "
-                                f"{_no_advice(text)})") from None
+                                f"{no_advice(text)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
             AttributeError, UnicodeDecodeError, struct.error) as e:
-        raise DamagedCheckpoint(f"{path}: damaged checkpoint, not readable ({_no_advice(str(e))})") from None
+        raise DamagedCheckpoint(f"{path}: damaged checkpoint, not readable ({no_advice(str(e))})") from None
     if not isinstance(ck, dict):
         raise DamagedCheckpoint(f"{path}: damaged checkpoint (holds a {type(ck).__name__}, not a checkpoint)")
     want = ck.get(CHECKSUM_KEY)
@@ -193,7 +193,7 @@ def load_checkpoint_safely(path: str | os.PathLike, map_location="cpu", mmap: bo
         try:
             got = content_sha256(ck)
         except (RuntimeError, OSError, ValueError) as e:  # e.g. a truncated memory-mapped storage
-            raise DamagedCheckpoint(f"{path}: damaged checkpoint, not readable ({_no_advice(str(e))})") from None
+            raise DamagedCheckpoint(f"{path}: damaged checkpoint, not readable ({no_advice(str(e))})") from None
         if got != want:
             raise DamagedCheckpoint(f"{path}: damaged checkpoint: its content does not match the sha256 it was "
                                     f"written with ({got[:12]}... against {str(want)[:12]}...)")

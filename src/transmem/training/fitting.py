@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .. import signals
 from ..config import TrainConfig
-from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, _no_advice, clean_stale_temps,
+from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, no_advice, clean_stale_temps,
                           keep_logs_before, load_checkpoint_safely, resume_point)
 from .module import ForecastModule
 from ..progress import train_progress
@@ -176,7 +176,7 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
             if trainer.global_step % every != 0 or not last.is_file():
                 trainer.save_checkpoint(last)  # the final state, so that a resume after training is a no-op
     except pickle.UnpicklingError as e:  # a rank that read another file than the one checked above
-        raise CheckpointError(f"{ckpt_path}: refused to load ({_no_advice(str(e))})") from None
+        raise CheckpointError(f"{ckpt_path}: refused to load ({no_advice(str(e))})") from None
     except SIGTERMException:  # Lightning's own SIGTERM stop (a SystemExit without a code)
         raise signals.Interrupted(signal.SIGTERM) from None
     signals.raise_if_pending()
