@@ -600,3 +600,35 @@ def test_predict_reads_only_the_frames_it_needs_from_a_long_npy(world, tmp_path)
                      "--out", str(tmp_path / f"p-{name}")]) == 0
     assert np.array_equal(np.load(tmp_path / "p-long" / "prediction.npy"),
                           np.load(tmp_path / "p-short" / "prediction.npy"))
+
+
+def test_a_video_input_keeps_only_its_last_frames_while_decoding(tmp_path):
+    from PIL import Image
+    from transmem.data.inputs import read_input_frames
+    rng = np.random.default_rng(2)
+    frames = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(40)]
+    frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:], duration=40, loop=0)
+    whole = read_input_frames(tmp_path / "v.gif", size=16)
+    last = read_input_frames(tmp_path / "v.gif", size=16, last=3)
+    assert whole.shape[0] == 40 and np.array_equal(last, whole[-3:])
+
+
+def test_a_gridded_input_decodes_only_the_last_frames(tmp_path, monkeypatch, capsys):
+    xr = pytest.importorskip("xarray")
+    pytest.importorskip("h5netcdf")
+    from transmem.data import gridded
+    from transmem.predict import read_forecast_input
+    times = np.arange(np.datetime64("2024-01-01T00:00"), np.datetime64("2024-01-01T00:00") + np.timedelta64(5 * 300, "m"),
+                      np.timedelta64(5, "m"))
+    times = np.concatenate([times[:200], times[210:]])  # a 55-minute gap, then 90 frames
+    rain = (np.random.default_rng(3).random((len(times), 16, 16)) * 5).astype(np.float32)
+    xr.Dataset({"rain": (("time", "y", "x"), rain, {"units": "mm/h"})}, coords={"time": times}).to_netcdf(
+        tmp_path / "long.nc", engine="h5netcdf")
+    decoded = []
+    real = gridded._Decoder._load
+    monkeypatch.setattr(gridded._Decoder, "_load", lambda self, f, idx: (decoded.extend(idx), real(self, f, idx))[1])
+    frames, mask, grid = read_forecast_input(tmp_path / "long.nc", {"name": "xarray", "extra": {"variable": "rain"}},
+                                             1, 16, last=4)
+    assert sorted(decoded) == list(range(len(times) - 4, len(times)))  # 4 of 290 frames read
+    assert frames.shape == (4, 1, 16, 16) and list(grid.times) == list(times[-4:])
+    assert "1 gap(s) in time; forecasting from the 90 frames" in capsys.readouterr().out

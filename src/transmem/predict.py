@@ -148,7 +148,18 @@ def read_forecast_input(input_path, data: dict, channels: int, size: int, last: 
     a video keeps only them while it is decoded)."""
     extra = data.get("extra") or {}
     if data.get("name") in GRID_READERS:
-        frames, mask, grid = read_grid(input_path, data, size, channels)
+        def pick(times):  # the last gap-free run's last frames: only they are decoded
+            a, b = 0, len(times)
+            if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
+                secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
+                gap = extra.get("max_gap")
+                runs = split_at_gaps(list(secs), float(gap) if gap else None)
+                if len(runs) > 1:
+                    a, b = runs[-1]
+                    print(f"{input_path}: {len(runs) - 1} gap(s) in time; forecasting from the {b - a} frames "
+                          f"after {str(times[a - 1])[:16]}")
+            return slice(max(a, b - last) if last else a, b)
+        frames, mask, grid = read_grid(input_path, data, size, channels, pick=pick)
         times = grid.times
         if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
             secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
