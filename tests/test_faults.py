@@ -124,6 +124,21 @@ class Proc:
         return self._done
 
 
+def _in_imports(proc: Proc, timeout: float = 60.0) -> None:
+    """Wait until ``proc`` is importing torch (its shared library is mapped): the CLI's first
+    statement, which installs the start-up handlers, has run, and the imports have not ended."""
+    maps = Path(f"/proc/{proc.p.pid}/maps")
+    t = time.monotonic()
+    while time.monotonic() - t < timeout and proc.p.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():
+                return
+        except OSError:
+            break
+        time.sleep(0.005)
+    time.sleep(0.5)  # no /proc: half a second in, the imports are still running
+
+
 def _lines(err: str) -> list[str]:
     return [ln for ln in err.strip().splitlines() if ln.strip()]
 
@@ -199,9 +214,9 @@ def procs(world):
     p["startup-SIGTERM"] = Proc([py, "-m", "transmem.cli", *train, "--out", w / "startup-term"], w)
     p["startup-SIGINT"] = Proc([py, "-c", "import sys; from transmem.cli import main; sys.exit(main())",
                                 *train, "--out", w / "startup-int"], w)
-    time.sleep(0.5)
-    p["startup-SIGTERM"].p.send_signal(signal.SIGTERM)
-    p["startup-SIGINT"].p.send_signal(signal.SIGINT)
+    for name, sig in (("startup-SIGTERM", signal.SIGTERM), ("startup-SIGINT", signal.SIGINT)):
+        _in_imports(p[name])
+        p[name].p.send_signal(sig)
     for sig in ("SIGTERM", "SIGINT"):
         p[f"train-{sig}"] = Proc([py, wrapper, *train, "--out", w / f"train-{sig}"], w, TM_SIGNAL=sig,
                                  TM_SIGNAL_AT_STEP=4)

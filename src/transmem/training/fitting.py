@@ -69,8 +69,12 @@ class StopOnSignal(Callback):
         sig = self._signal(trainer)
         if sig is None:
             return
+        if trainer.world_size > 1:  # several processes: Lightning stops them together on SIGTERM
+            if sig == signal.SIGTERM:  # (SIGTERMException, turned into Interrupted by fit), no save
+                return
+            raise signals.Interrupted(sig)
         saved = getattr(self.periodic, "_last_global_step_saved", None)
-        if trainer.world_size == 1 and trainer.global_step > 0 and saved != trainer.global_step:
+        if trainer.global_step > 0 and saved != trainer.global_step:
             trainer.save_checkpoint(self.last)
         raise signals.Interrupted(sig)
 
