@@ -44,6 +44,8 @@ def quiet_lightning() -> None:
     # the run folder is expected to hold the previous checkpoints and logs
     warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+    # a run folder moved or copied, then resumed (also a fallback to stepN.ckpt): nothing is lost
+    warnings.filterwarnings("ignore", ".*dirpath has changed from.*")
 
 
 class StopOnSignal(Callback):
