@@ -97,6 +97,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     (``.<name>.<pid>-<random>.tmp``) by :func:`clean_stale_temps` when the next fit starts."""
     if isinstance(obj, dict):
         obj[CHECKSUM_KEY] = content_sha256(obj)
+    existed = os.path.exists(path)
 
     def save(tmp):
         with open(tmp, "wb") as f:
@@ -118,8 +119,8 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             reason = m.group(1) if m else str(e)
         else:
             reason = f"{reason}; {free_space_text(path)}"
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); "
-                              "the previous checkpoint is kept") from None
+        kept = "the previous checkpoint is kept" if existed else "no checkpoint was written there"
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); {kept}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -5,6 +5,7 @@ progress output in :mod:`transmem.progress` (see ``docs/reliability.md``).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .. import signals
 from ..config import TrainConfig
+from ..files import WriteError
 from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, no_advice, clean_stale_temps,
                           keep_logs_before, load_checkpoint_safely, resume_point)
 from .module import ForecastModule
@@ -79,6 +81,23 @@ class StopOnSignal(Callback):
         if trainer.global_step > 0 and saved != trainer.global_step:
             trainer.save_checkpoint(self.last)
         raise signals.Interrupted(sig)
+
+
+def _write_failure(e: OSError, out_dir: Path) -> BaseException:
+    """The one-line error for an OSError out of ``trainer.fit``: the checkpoint error it followed
+    (Lightning finalises the loggers after a failure, which can fail again on a full disk), else
+    the failed write with its path and the free space."""
+    c = e
+    while c is not None:
+        if isinstance(c, (CheckpointError, WriteError)):
+            return c
+        c = c.__context__
+    if e.errno in _WRITE_ERRNOS or (e.filename and str(e.filename).startswith(str(out_dir))):
+        return WriteError.of(e.filename or out_dir, e, "the last checkpoint is kept; continue with --resume")
+    return e
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
 def run_loggers(out_dir: Path) -> list:
@@ -185,6 +204,8 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
         raise CheckpointError(f"{ckpt_path}: refused to load ({no_advice(str(e))})") from None
     except SIGTERMException:  # Lightning's own SIGTERM stop (a SystemExit without a code)
         raise signals.Interrupted(signal.SIGTERM) from None
+    except OSError as e:  # a log write (CSV, TensorBoard) on a full disk, or one while stopping
+        raise _write_failure(e, out_dir) from None
     signals.raise_if_pending()
     if best is not None and best.best_model_path and os.path.exists(best.best_model_path) \
             and trainer.is_global_zero:
