@@ -97,7 +97,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     (``.<name>.<pid>-<random>.tmp``) by :func:`clean_stale_temps` when the next fit starts."""
     if isinstance(obj, dict):
         obj[CHECKSUM_KEY] = content_sha256(obj)
-    existed = os.path.exists(path)
+    existed = os.path.exists(path) or any(Path(path).parent.glob("*.ckpt"))
 
     def save(tmp):
         with open(tmp, "wb") as f:
@@ -119,7 +119,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             reason = m.group(1) if m else str(e)
         else:
             reason = f"{reason}; {free_space_text(path)}"
-        kept = "the previous checkpoint is kept" if existed else "no checkpoint was written there"
+        kept = "the previous checkpoint is kept" if existed else "no checkpoint was written yet"
         raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); {kept}") from None
 
 
