@@ -117,6 +117,8 @@ def active() -> bool:
 @contextmanager
 def deferred() -> Iterator[None]:
     """Inside: the first SIGINT/SIGTERM is recorded (:func:`pending`) instead of raised."""
+    if _state["defer"] == 0:
+        _state["pending"] = None  # (a stale one, of an earlier fit in this process)
     _state["defer"] += 1
     try:
         yield
