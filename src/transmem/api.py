@@ -22,9 +22,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
 from .data import DataError, build_datasets, physical_units
-from .files import OutputPathError, check_output_dir, write_json
+from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
+                    lock_holder, lock_path_beside, write_json)
 from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
+from .training.checkpoints import resume_point
 from .baselines import create_baseline
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
@@ -70,15 +72,60 @@ def _wait_for_rank_zero(out: Path, timeout_s: float = 600.0) -> None:
     passed its checks once anything appears in it), so that they never make a fresh folder look
     taken to it."""
     deadline = time.monotonic() + timeout_s
-    while not (out.is_dir() and any(out.iterdir())):
+    while not (out.is_dir() and _has_files(out)):
         if time.monotonic() > deadline:
             raise RunFolderError(f"{out}: rank 0 did not create the run folder within {timeout_s:.0f} s")
         time.sleep(0.2)
 
 
+def _has_files(out: Path) -> bool:
+    """Whether ``out`` holds anything but its lock file."""
+    try:
+        return any(n != LOCK_NAME for n in os.listdir(out))
+    except OSError:
+        return False
+
+
+#: run folders this process made (absolute paths): the only ones its cleanup may remove
+_MADE: set[str] = set()
+
+
+def claim_run_dir(out: str | os.PathLike) -> bool:
+    """Make (when absent) and lock the run folder: ``RUN/.transmem.lock`` under an exclusive
+    ``flock`` for as long as this process runs, so that a second run into it is refused with one
+    line (:class:`~transmem.files.FolderBusy`) and never writes or removes anything in it. Returns
+    whether this process made the folder."""
+    out = Path(out)
+    made = False
+    try:
+        out.mkdir(parents=True)
+        made = True
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RunFolderError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
+    try:
+        lock_folder(out / LOCK_NAME, out)
+    except FolderBusy as e:
+        raise RunFolderError(str(e)) from None
+    except OSError as e:
+        raise RunFolderError(f"{out}: cannot write to the run folder ({e.strerror or e})") from None
+    if made:
+        _MADE.add(os.path.abspath(out))
+    return made
+
+
+def release_run_dir(out: str | os.PathLike) -> None:
+    """Unlock the run folder (its lock file is removed)."""
+    lock = held_lock(Path(out) / LOCK_NAME)
+    if lock is not None:
+        lock.release()
+
+
 def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
     """Create the run folder; refuse one that holds a previous run unless resuming, one that
-    cannot be written, and one whose file system has less than ``MIN_FREE_MB`` free.
+    another process is writing (its lock, :func:`claim_run_dir`), one that cannot be written,
+    and one whose file system has less than ``MIN_FREE_MB`` free.
 
     Resuming needs the folder of an earlier run (its ``config.yaml``); a run stopped before its
     first checkpoint resumes from step 0. In a distributed launch only global rank 0 checks the
@@ -89,8 +136,9 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
         return out
     check_run_dir(out, resume)
     _check_free_space(out)
+    claim_run_dir(out)
+    check_run_dir(out, resume)  # again, now that no other process can write into it
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test.{os.getpid()}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
@@ -122,7 +170,10 @@ def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment 
         check_output_dir(out, what="run folder")
     except OutputPathError as e:
         raise RunFolderError(f"{out}: cannot write to the run folder ({e})") from None
-    if out.exists() and any(out.iterdir()) and not resume:
+    busy = lock_holder(out / LOCK_NAME, out)
+    if busy is not None:
+        raise RunFolderError(str(busy))
+    if out.exists() and _has_files(out) and not resume:
         raise RunFolderError(f"{out}: run folder exists and is not empty; pass --resume to continue "
                              "that run, or choose another --out (nothing was changed)")
     if resume and not (out / "checkpoints" / "last.ckpt").is_file() and not (out / "config.yaml").is_file():
@@ -130,6 +181,8 @@ def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment 
                              f"(no {out}/checkpoints/last.ckpt nor {out}/config.yaml)")
     if resume and exp is not None and (out / "config.yaml").is_file():
         _check_same_run(out, exp, init_from, zoo_root)
+    if resume and finished_run(out) is None:
+        resume_point(out)  # a damaged or refused checkpoint: one line before anything is built
     if zoo_name is not None:
         name = str(zoo_name)
         if not name or name in (".", "..") or name.startswith(".") or "/" in name or os.sep in name:
@@ -196,15 +249,21 @@ def _no_leftovers(run):
     without --resume."""
     @functools.wraps(run)
     def wrapper(exp, out, resume=False, *args, **kwargs):
-        fresh = not resume and not Path(out).exists()
         try:
             return run(exp, out, resume, *args, **kwargs)
         except (ConfigError, OutputPathError, zoo.ZooError, DataError, TeacherMismatch, MisconfigurationException):
+            # only a folder this process made and still holds the lock of: never one that another
+            # run is writing (a second run into the same --out is refused, not cleaned up)
             ckpts = Path(out) / "checkpoints"
-            if fresh and is_launch_rank_zero() and Path(out).is_dir() and not (
+            mine = not resume and os.path.abspath(out) in _MADE \
+                and Path(os.path.abspath(Path(out) / LOCK_NAME)) in held_locks()
+            if mine and is_launch_rank_zero() and Path(out).is_dir() and not (
                     ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
-                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)  # while still holding its lock
             raise
+        finally:
+            _MADE.discard(os.path.abspath(out))
+            release_run_dir(out)
     return wrapper
 
 
@@ -513,6 +572,23 @@ def check_eval_out(out, overwrite: bool = False) -> Path:
                                  f"{', ...' if len(earlier) > 4 else ''}); pass --overwrite to replace them, "
                                  "or choose another --out (nothing was changed)")
     return out
+
+
+def claim_output(out) -> "FolderLock":
+    """Lock an output folder that is written as a whole (``evaluate``, ``predict``): the lock file
+    ``.<name>.lock`` beside it is held under an exclusive ``flock`` until the returned lock is
+    released (a context manager), so that a second command into the same ``--out`` is refused
+    with one line before anything is read or written. The path is checked first."""
+    out = Path(out)
+    try:
+        check_output_dir(out, what="--out folder")
+        return lock_folder(lock_path_beside(out), out)
+    except FolderBusy as e:
+        raise RunFolderError(str(e)) from None
+    except OutputPathError as e:
+        raise RunFolderError(str(e)) from None
+    except OSError as e:
+        raise RunFolderError(f"{out}: cannot write the --out folder ({e.strerror or e})") from None
 
 
 def check_model_fits(card: dict, exp: Experiment) -> None:

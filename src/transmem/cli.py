@@ -6,6 +6,10 @@ one-line ``transmem: error: ...`` and exit status 2.
 """
 from __future__ import annotations
 
+from . import signals as _signals
+
+_STARTUP_SIGNALS = _signals.install_startup()  # SIGINT/SIGTERM while the imports below run: one line
+
 import argparse
 import json
 import os
@@ -25,7 +29,7 @@ from .choices import TMU_MODES
 from .config import ConfigError, load_experiment, validate
 from .data import DataError, adopt_fitted, build_datasets, list_datasets, physical_units
 from .demo import run_demo
-from .files import OutputPathError, atomic_write, write_json
+from .files import OutputPathError, atomic_folder, atomic_write, write_json
 from .models import list_models
 from .predict import run_predict
 from .run_report import method_report
@@ -172,56 +176,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-class Interrupted(BaseException):
-    """Ctrl-C (SIGINT). Not a KeyboardInterrupt, so that no library on the way (Lightning turns a
-    KeyboardInterrupt into ``exit(1)``) swallows it: it reaches :func:`main`, which ends with one
-    line and status 130."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+#: SIGINT / SIGTERM (see :mod:`transmem.signals`): raised by the handlers :func:`main` installs
+Interrupted = _signals.Interrupted
 
 
 def _install_signal_handlers() -> dict:
-    old = {}
-    if threading.current_thread() is not threading.main_thread():
-        return old
-    try:
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            old[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
-    except (ValueError, OSError):
-        pass
-    return old
+    return _signals.install()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
+    old = _install_signal_handlers()  # first: a signal from here on ends in one line, 130 / 143
     try:
+        ap = build_parser()
         args, rest = ap.parse_known_args(argv)
-    except UsageError as e:
-        return e.code
-    old = _install_signal_handlers()
-    try:
         return _dispatch(args, rest, ap)
     except UsageError as e:
         return e.code
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"transmem: interrupted ({signal.Signals(signum).name}); a training run continues with "
-              "--resume", file=sys.stderr)
+        print(_signals.message(signum), file=sys.stderr)
         return 128 + int(signum)
+    except SystemExit as e:  # a library's exit without a code (Lightning's SIGTERM) is no success
+        if e.code is None and _signals.pending() is not None:
+            print(_signals.message(_signals.pending()), file=sys.stderr)
+            return 128 + _signals.pending()
+        raise
     except Exception as e:  # known input problems end in one clean line
         if _is_user_error(e):
             print(f"transmem: error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        _signals.restore(old)
 
 
 def _one_line(e: Exception) -> str:
@@ -329,23 +315,27 @@ def _evaluate(args, exp) -> dict:
         raise ConfigError(str(e)) from None
     if blend and (args.baseline or blend[0] not in BASELINES):
         raise ConfigError(f"--blend {args.blend!r}: give --model and one of {', '.join(BASELINES)}")
-    if args.model:  # a field normalised as the model was trained on it (data.adopt_fitted)
-        adopt_fitted(exp.data, read_card(resolve(args.model)).get("data"))
-    datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
-    if args.baseline:
-        forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
-    else:
-        api.check_model_fits(read_card(resolve(args.model)), exp)
-        forecaster, card = api.load_for_inference(args.model)
-        name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
-    if blend:
-        forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1],
-                                             physical_units(exp.data))
-        name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
-    metrics = api.run_evaluate(forecaster, exp, args.out, datasets, label=label, overwrite=args.overwrite)
-    method_report(Path(args.out), f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
-                  {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
-                  examples=exp.eval.examples, settings={"model": label, "data": exp.data.to_dict()})
+    # --out is locked first (a second evaluate into it is refused), and the results are written
+    # into a temporary folder that replaces --out only once complete (Ctrl-C: all or nothing)
+    with api.claim_output(args.out):
+        if args.model:  # a field normalised as the model was trained on it (data.adopt_fitted)
+            adopt_fitted(exp.data, read_card(resolve(args.model)).get("data"))
+        datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
+        if args.baseline:
+            forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
+        else:
+            api.check_model_fits(read_card(resolve(args.model)), exp)
+            forecaster, card = api.load_for_inference(args.model)
+            name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
+        if blend:
+            forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1],
+                                                 physical_units(exp.data))
+            name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
+        with atomic_folder(args.out, replace=True, keep_others=True) as tmp:
+            metrics = api.run_evaluate(forecaster, exp, tmp, datasets, label=label, overwrite=args.overwrite)
+            method_report(tmp, f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
+                          {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
+                          examples=exp.eval.examples, settings={"model": label, "data": exp.data.to_dict()})
     return metrics
 
 
@@ -443,3 +433,4 @@ def format_rank_table(ranking) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+_signals.restore(_STARTUP_SIGNALS)  # imported, not run: main() installs its own handlers

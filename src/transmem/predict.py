@@ -18,14 +18,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .api import RunFolderError, blend_with_baseline, load_for_inference
+from .api import RunFolderError, blend_with_baseline, claim_output, load_for_inference
 from .baselines import BASELINES, BaselineUnavailable, create_baseline, default_baselines
 from .data import DataError, physical_units
 from .data.clips import split_at_gaps
 from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
 from .data.radar import FMI, MCH, find_events, radar_kind
-from .files import OutputPathError, atomic_folder, check_output_dir, remove_stale_temps
+from .files import atomic_folder, remove_stale_temps
 from .zoo import ZooError
 from .viz import save_gif
 
@@ -72,10 +72,11 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool | str | list[str
     if fmt not in (None, "npy", "netcdf", "both"):
         raise DataError(None, f"--format must be npy, netcdf or both, got {fmt!r}")
     out = Path(out_dir)
-    try:
-        check_output_dir(out, what="--out folder")
-    except OutputPathError as e:
-        raise RunFolderError(str(e)) from None
+    with claim_output(out):  # a second predict into the same --out is refused before anything is read
+        return _predict(model_ref, input_path, out, baselines, fmt, blend)
+
+
+def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None, blend) -> Path:
     if out.exists() and (not out.is_dir() or any(n for n in out.iterdir() if not n.name.startswith("."))):
         raise RunFolderError(f"{out}: output folder exists and is not empty; choose another --out")
     remove_stale_temps(out)  # the hidden temporary folder of a killed earlier predict
@@ -87,7 +88,7 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool | str | list[str
     size = int(card["frame_size"][0])
     channels = int(card.get("channels", 1))
     data = card.get("data", {})
-    frames, mask, grid = read_forecast_input(input_path, data, channels, size)
+    frames, mask, grid = read_forecast_input(input_path, data, channels, size, last=t_in)
     frames = last_run_after_gaps(input_path, frames, t_in)
     mask = mask[len(mask) - len(frames):]
     fmt = fmt or ("netcdf" if grid is not None else "npy")
@@ -153,13 +154,26 @@ def baseline_names(baselines, units) -> list[str]:
     return names
 
 
-def read_forecast_input(input_path, data: dict, channels: int, size: int):
+def read_forecast_input(input_path, data: dict, channels: int, size: int, last: int | None = None):
     """``(frames (T, C, S, S) in [0, 1], mask (T, 1, S, S), Grid or None)``: a gridded model
     (``xarray``, ``radar_mrms``) reads its input as it read its data (variable, crop, the fitted
-    normalisation); an HDF5 model with its file conventions; anything else as before."""
+    normalisation); an HDF5 model with its file conventions; anything else as before. ``last``:
+    only the last frames are needed (a ``.npy`` input is memory-mapped and only they are read,
+    a video keeps only them while it is decoded)."""
     extra = data.get("extra") or {}
     if data.get("name") in GRID_READERS:
-        frames, mask, grid = read_grid(input_path, data, size, channels)
+        def pick(times):  # the last gap-free run's last frames: only they are decoded
+            a, b = 0, len(times)
+            if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
+                secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
+                gap = extra.get("max_gap")
+                runs = split_at_gaps(list(secs), float(gap) if gap else None)
+                if len(runs) > 1:
+                    a, b = runs[-1]
+                    print(f"{input_path}: {len(runs) - 1} gap(s) in time; forecasting from the {b - a} frames "
+                          f"after {str(times[a - 1])[:16]}")
+            return slice(max(a, b - last) if last else a, b)
+        frames, mask, grid = read_grid(input_path, data, size, channels, pick=pick)
         times = grid.times
         if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
             secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
@@ -175,6 +189,8 @@ def read_forecast_input(input_path, data: dict, channels: int, size: int):
     opts = {k: extra[k] for k in keys if k in extra}
     if "r_max" in opts:
         opts["r_max"] = float(opts["r_max"])
+    if last:
+        opts["last"] = int(last)
     frames, mask = read_input_frames(input_path, channels=channels, size=size, return_mask=True, **opts)
     return frames, mask, None
 

@@ -72,7 +72,7 @@ def save_entry(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
         raise ZooError(f"{path}: zoo entry already exists (choose another name or folder; nothing was changed)")
     with atomic_folder(path, replace=overwrite) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
+        _save_weights(state, tmp / WEIGHTS)
         full = {
             "card_version": CARD_VERSION,
             "name": path.name,
@@ -84,6 +84,23 @@ def save_entry(model: torch.nn.Module, path: str | os.PathLike, card: dict[str, 
         }
         (tmp / CARD).write_text(json.dumps(full, indent=2, sort_keys=False))
     return path
+
+
+def _save_weights(state: dict, path: Path) -> None:
+    """``save_file`` with safetensors' ``SafetensorError`` (not an OSError) for a failed write
+    turned into the OSError it reports, so that :func:`~transmem.files.atomic_folder` ends it in
+    one line with the free space (disk full while saving an entry)."""
+    try:
+        save_file(state, str(path))
+    except OSError:
+        raise
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        text = " ".join(str(e).split())
+        m = re.search(r"os error (\d+)", text)
+        code = int(m.group(1)) if m else 5
+        raise OSError(code, os.strerror(code) if m else text, str(path)) from None
 
 
 def resolve(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:

@@ -580,10 +580,12 @@ def build_radar_mrms(cfg: DataConfig) -> dict:
 # --------------------------------------------------------------------------------------------
 # one input for predict, and CF-netCDF out
 # --------------------------------------------------------------------------------------------
-def read_grid(path: str | os.PathLike, data: dict, size: int | None, channels: int = 1,
+def read_grid(path: str | os.PathLike, data: dict, size: int | None, channels: int = 1, pick=None,
               **extra_over) -> tuple[np.ndarray, np.ndarray, Grid]:
     """Frames of a gridded input read as the run's data config ``data`` says (variable, crop,
-    normalisation, ...): ``(frames float32 (T, C, S, S) in [0, 1], mask, Grid)``."""
+    normalisation, ...): ``(frames float32 (T, C, S, S) in [0, 1], mask, Grid)``. ``pick(times)``
+    (a slice of the frames in time order) selects the frames to decode: the others are never
+    read (xarray reads lazily), e.g. only the last ``T_in`` of a long archive for ``predict``."""
     extra = dict(data.get("extra") or {}, **extra_over)
     cfg = DataConfig(name=data.get("name", "xarray"), path=os.fspath(path), size=size, channels=channels,
                      resize=data.get("resize", "resize"), extra=extra)
@@ -591,6 +593,8 @@ def read_grid(path: str | os.PathLike, data: dict, size: int | None, channels: i
         cfg = mrms_config(cfg)
     files = _grid_files(cfg)
     cat = _catalogue(cfg, files)
+    if pick is not None:
+        cat = cat[pick([fr.time for fr in cat])]
     dec = _Decoder(cfg)
     vals, masks = [], []
     for _, _, v, m in dec.frames(cat):

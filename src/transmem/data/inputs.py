@@ -21,6 +21,7 @@ folder of HDF5 files                   their 2-D fields, in name order
 from __future__ import annotations
 
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from .hdf5 import is_hdf5_file, read_h5_frames
 from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
 from .registry import DataConfig
 from .stacks import frame_count, read_stack
-from .video import is_video_file, prepare_frames, read_video
+from .video import is_video_file, iter_frames, prepare_frames, read_video
 
 _FIT_KEYS = ("resize", "aspect", "crop")
 
@@ -69,7 +70,9 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
     return unit_floats(a, path, "the array's float values")
 
 
-def _load_array(path: Path, key: str | None) -> np.ndarray:
+def _load_array(path: Path, key: str | None, last: int | None = None) -> np.ndarray:
+    """The array of a ``.npy`` (memory-mapped: with ``last`` only the last frames are read from
+    disk, so that an input larger than memory costs what a short one does) or ``.npz`` file."""
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -81,7 +84,10 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
                 if key not in names:
                     raise DataError(path, f"no array '{key}' in the npz ({', '.join(names)})")
                 return z[key]
-        return np.load(path, allow_pickle=False)
+        a = np.load(path, allow_pickle=False, mmap_mode="r")
+        if last and a.ndim >= 3:
+            a = a[-last:]
+        return np.array(a)  # a copy: the file is not kept open
     except DataError:
         raise
     except Exception as e:  # ValueError (pickled / bad header), EOFError, zipfile errors, ...
@@ -90,6 +96,9 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
 
 def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | None = None, **opts):
     """Frames of one input as float32 ``(T, C, H, W)`` in [0, 1].
+
+    ``last``: only the last frames are wanted: a ``.npy`` is memory-mapped and only they are read;
+    a video is decoded keeping only them (other inputs are read whole: the caller cuts).
 
     ``size`` (None = native) and ``opts["resize"]`` (``"resize"`` | ``"crop"`` | ``"none"``),
     ``aspect``, ``crop`` act as in the dataset readers. Other opts: ``max_frames``; ``key`` (npz
@@ -104,6 +113,9 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
 
     p = Path(path).expanduser()
     return_mask = bool(opts.pop("return_mask", False))
+    last = opts.pop("last", None)  # only the last frames are wanted (predict): read no more
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+        raise DataError(p, f"last must be an integer >= 1, got {last!r}")
     if channels not in (1, 3):
         raise DataError(p, f"channels must be 1 or 3, got {channels}")
     mode = opts.get("resize", "resize" if size is not None else "none")
@@ -120,12 +132,17 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
     if p.is_file():
         name, suf = p.name.lower(), p.suffix.lower()
         if suf in (".npy", ".npz"):
-            a = _unit_array(_load_array(p, opts.get("key")), p)
+            a = _unit_array(_load_array(p, opts.get("key"), None if maxf else last), p)
             if maxf:
                 a = a[:maxf]
             x = fit_frames(to_channels(a, channels, p), size, mode, path=p, **fit)
         elif suf == ".gif" and parse_mch_time(p.name):  # one MeteoSwiss frame: rain rate, not colors
             x, mask = read_radar_files([p], "mch", channels, size, mode, cfg=cfg, where=p, **fit, **radar_kw)
+        elif is_video_file(p) and last:  # decoded in order, keeping only the last frames
+            kept = deque(((p, fr) for fr in iter_frames(p, maxf)), maxlen=last)
+            if not kept:
+                raise DataError(p, "no frames could be decoded (empty or truncated file?)")
+            x = prepare_frames(iter(kept), channels, size, mode, where=p, **fit).astype(np.float32) / 255.0
         elif is_video_file(p):
             x = read_video(p, channels, size, mode, max_frames=maxf, **fit).astype(np.float32) / 255.0
         elif (name.endswith(".pgm.gz") or suf == ".pgm") and parse_fmi_time(p.name):

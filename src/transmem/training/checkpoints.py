@@ -10,9 +10,14 @@ interrupted run.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import pickle
 import random
+import re
+import struct
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..files import atomic_write
+from ..files import WriteError, atomic_write, free_space_text
 from .samplers import StepSampler
 
 
@@ -33,19 +38,89 @@ class CheckpointError(RuntimeError):
 # writing and loading
 
 
+#: the top-level key of a checkpoint that holds the sha256 of the rest of its content
+CHECKSUM_KEY = "transmem_sha256"
+
+
+def _feed(h, obj) -> None:
+    """Feed ``obj`` (what a checkpoint holds: tensors, plain containers, numbers, strings) into
+    the hash ``h`` in a form that survives ``torch.save``/``torch.load`` unchanged."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.layout == torch.strided and t.numel():
+            t = t.cpu().contiguous().reshape(-1)
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+        return
+    if isinstance(obj, Mapping):
+        h.update(b"D%d" % len(obj))
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+        return
+    if isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+        return
+    if isinstance(obj, float):
+        h.update(b"F" + struct.pack("<d", obj))
+        return
+    if isinstance(obj, (bytes, bytearray)):
+        h.update(b"B%d" % len(obj) + bytes(obj))
+        return
+    text = repr(obj).encode("utf-8", "backslashreplace")
+    h.update(f"{type(obj).__name__}:{len(text)}:".encode() + text)
+
+
+def content_sha256(checkpoint: Mapping) -> str:
+    """sha256 of everything in ``checkpoint`` but its own checksum: tensors by dtype, shape and
+    bytes; containers, numbers and strings by value."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def _torch_write_failure(e: BaseException) -> bool:
+    """torch's zip writer reports a failed write (disk full) as a RuntimeError."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text
+                                            or "unexpected pos" in text)
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`transmem.files.atomic_write` (fsynced): a reader (or a later
     resume) sees the old file or the new one, never a partial one, even if the process is killed
-    or the disk fills up mid-write. Leftover temporary files (``.<name>.<pid>-<random>.tmp``) are
-    removed by :func:`clean_stale_temps` when the next fit starts."""
+    or the disk fills up mid-write. A checkpoint dict gets the sha256 of its content
+    (``CHECKSUM_KEY``), checked when it is loaded. A failed write ends in one line naming the
+    file and the free space; the temporary file is removed, and leftovers of killed writers
+    (``.<name>.<pid>-<random>.tmp``) by :func:`clean_stale_temps` when the next fit starts."""
+    if isinstance(obj, dict):
+        obj[CHECKSUM_KEY] = content_sha256(obj)
+    existed = os.path.exists(path) or any(Path(path).parent.glob("*.ckpt"))
+
     def save(tmp):
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                cause = e.__context__ or e.__cause__
+                if isinstance(cause, OSError):  # the OSError behind torch's RuntimeError (ENOSPC, EDQUOT, EIO)
+                    raise cause from None
+                if not _torch_write_failure(e):
+                    raise
+                raise OSError(5, "Input/output error (torch could not write the file)") from None
     try:
         atomic_write(path, save, fsync=True)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
-                              "the previous checkpoint is kept") from None
+        reason = e.strerror if isinstance(e, WriteError) else (e.strerror or str(e))
+        if isinstance(e, WriteError):  # "PATH: cannot write (REASON; FREE); kept"
+            m = re.search(r"cannot write \((.*)\); ", str(e))
+            reason = m.group(1) if m else str(e)
+        else:
+            reason = f"{reason}; {free_space_text(path)}"
+        kept = "the previous checkpoint is kept" if existed else "no checkpoint was written yet"
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); {kept}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,20 +137,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def load_checkpoint_safely(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose bytes are not what was written (checksum, truncation, bad zip or
+    pickle): another kept checkpoint may be used instead."""
+
+
+_ADVICE = re.compile(r"weights_only|safe_globals|add_safe_globals|allowlist|trust|Please|Re-running", re.I)
+
+
+def no_advice(text: str) -> str:
+    """The first line of a torch error without its advice (to unpickle with ``weights_only=False``
+    or to allowlist a global): a user must never follow it for a file that failed to load."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for ln in lines:
+        g = re.search(r"GLOBAL ([\w.]+)", ln)
+        if g:
+            return f"it names the global {g.group(1)}"
+    for ln in lines:
+        ln = re.split(r"(?<=[.:]) ", ln)[0] if _ADVICE.search(ln) else ln
+        if not _ADVICE.search(ln):
+            return ln[:160]
+    return "not a readable checkpoint"
+
+
+def load_checkpoint_safely(path: str | os.PathLike, map_location="cpu", mmap: bool = False,
+                           verify: bool = True) -> dict:
     """``torch.load(weights_only=True)`` with a one-line :class:`CheckpointError` when the file is
-    refused (a pickled object that is not a tensor or a plain container) or unreadable."""
+    refused (a pickled object that is not a tensor or a plain container) and a
+    :class:`DamagedCheckpoint` when it is empty, unreadable, or (``verify``) its content does not
+    match the sha256 it was written with. No message relays torch's advice to unpickle."""
+    p = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        size = p.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if size == 0:
+        raise DamagedCheckpoint(f"{path}: empty file (0 bytes), not a checkpoint: the write that made it did "
+                                "not finish")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln
-                      or "GLOBAL" in ln), str(e).splitlines()[0] if str(e) else "")
-        raise CheckpointError(f"{path}: refused to load: the checkpoint holds pickled objects other "
-                              f"than tensors and plain containers, which could run code "
-                              f"(weights_only=True; {first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: unreadable checkpoint ({msg})") from None
+        text = str(e)
+        if "Unsupported global" in text or re.search(r"GLOBAL [\w.]+ was not an allowed global", text):
+            raise CheckpointError(f"{path}: refused to load: the checkpoint holds pickled objects other "
+                                  f"than tensors and plain containers, which could run code "
+                                  f"({no_advice(text)}); it was not loaded") from None
+        raise DamagedCheckpoint(f"{path}: damaged checkpoint (its pickled content is corrupt: "
+                                f"{no_advice(text)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, UnicodeDecodeError, struct.error) as e:
+        raise DamagedCheckpoint(f"{path}: damaged checkpoint, not readable ({no_advice(str(e))})") from None
+    if not isinstance(ck, dict):
+        raise DamagedCheckpoint(f"{path}: damaged checkpoint (holds a {type(ck).__name__}, not a checkpoint)")
+    want = ck.get(CHECKSUM_KEY)
+    if verify and want is not None:
+        try:
+            got = content_sha256(ck)
+        except (RuntimeError, OSError, ValueError) as e:  # e.g. a truncated memory-mapped storage
+            raise DamagedCheckpoint(f"{path}: damaged checkpoint, not readable ({no_advice(str(e))})") from None
+        if got != want:
+            raise DamagedCheckpoint(f"{path}: damaged checkpoint: its content does not match the sha256 it was "
+                                    f"written with ({got[:12]}... against {str(want)[:12]}...)")
+    return ck
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,20 +301,53 @@ class TrainingState(Callback):
 # the run folder on a (re)start
 
 
+def _step_of(path: Path) -> int:
+    m = re.search(r"(\d+)", path.stem)
+    return int(m.group(1)) if m else -1
+
+
 def resume_point(out_dir: Path) -> tuple[str, int] | None:
     """The checkpoint to resume from and its global step: the most advanced of
     ``checkpoints/last.ckpt`` and the ``hpc_ckpt_N.ckpt`` files Lightning writes into the run
     folder when SLURM signals a job before preempting it. Each candidate is opened with
-    ``weights_only=True`` here, so a checkpoint carrying pickled code is refused with one line
-    before anything is built."""
-    candidates = [out_dir / "checkpoints" / "last.ckpt", *sorted(out_dir.glob("hpc_ckpt_*.ckpt"))]
-    best = None
-    for c in candidates:
-        if c.is_file():
-            step = int(load_checkpoint_safely(c, mmap=True).get("global_step", 0))
+    ``weights_only=True`` and its content checked against its sha256 here, so a checkpoint
+    carrying pickled code is refused with one line before anything is built. A damaged one is
+    passed over for the previous good checkpoint kept in ``checkpoints/`` (``stepN.ckpt``,
+    ``best.ckpt``), with a line saying which; with none left, the run is refused in one line."""
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    first = [ckpt_dir / "last.ckpt", *sorted(out_dir.glob("hpc_ckpt_*.ckpt"), key=_step_of)]
+    kept = sorted(ckpt_dir.glob("step*.ckpt"), key=_step_of, reverse=True) + [ckpt_dir / "best.ckpt"]
+    key = tuple((str(c), c.stat().st_size, c.stat().st_mtime_ns) for c in first + kept if c.is_file())
+    if _RESUME_SEEN.get(str(out_dir), (None,))[0] == key:  # checked already (before anything was built)
+        return _RESUME_SEEN[str(out_dir)][1]
+    best, damaged = None, []
+    for group in (first, kept):
+        for c in group:
+            if not c.is_file():
+                continue
+            try:
+                step = int(load_checkpoint_safely(c, mmap=True).get("global_step", 0))
+            except DamagedCheckpoint as e:
+                damaged.append(e)
+                continue
             if best is None or step > best[1]:
                 best = (str(c), step)
+        if best is not None:
+            break
+    if damaged:
+        if best is None:
+            more = f" (and {len(damaged) - 1} more damaged)" if len(damaged) > 1 else ""
+            raise CheckpointError(f"{damaged[0]}{more}; no good checkpoint is kept to resume from: start the run "
+                                  "again in a new --out")
+        for e in damaged:
+            print(f"transmem: warning: {e}; resuming from the previous good checkpoint {best[0]} (step {best[1]})",
+                  file=sys.stderr)
+    _RESUME_SEEN[str(out_dir)] = (key, best)
     return best
+
+
+_RESUME_SEEN: dict = {}
 
 
 def clean_stale_temps(ckpt_dir: Path) -> None:

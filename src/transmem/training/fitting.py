@@ -5,9 +5,11 @@ progress output in :mod:`transmem.progress` (see ``docs/reliability.md``).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
+import signal
 import warnings
 from pathlib import Path
 
@@ -15,10 +17,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from .. import signals
 from ..config import TrainConfig
-from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, clean_stale_temps,
+from ..files import WriteError
+from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, no_advice, clean_stale_temps,
                           keep_logs_before, load_checkpoint_safely, resume_point)
 from .module import ForecastModule
 from ..progress import train_progress
@@ -40,6 +46,58 @@ def quiet_lightning() -> None:
     # the run folder is expected to hold the previous checkpoints and logs
     warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+    # a run folder moved or copied, then resumed (also a fallback to stepN.ckpt): nothing is lost
+    warnings.filterwarnings("ignore", ".*dirpath has changed from.*")
+
+
+class StopOnSignal(Callback):
+    """SIGTERM / SIGINT during training (see :mod:`transmem.signals`): the step that is running
+    ends, ``last.ckpt`` is written when steps since the last checkpoint would otherwise be lost,
+    and :class:`~transmem.signals.Interrupted` ends the fit (the CLI: one line, status 143 / 130).
+    Lightning by itself turns SIGTERM into a ``SystemExit`` without a code: status 0."""
+
+    def __init__(self, last: Path, periodic: ModelCheckpoint):
+        self.last = last
+        self.periodic = periodic
+
+    @staticmethod
+    def _signal(trainer) -> int | None:
+        if getattr(trainer, "received_sigterm", False):
+            signals.note(signal.SIGTERM)
+        return signals.pending()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        signals.raise_if_pending()  # nothing trained since the resume point: nothing to save
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sig = self._signal(trainer)
+        if sig is None:
+            return
+        if trainer.world_size > 1:  # several processes: Lightning stops them together on SIGTERM
+            if sig == signal.SIGTERM:  # (SIGTERMException, turned into Interrupted by fit), no save
+                return
+            raise signals.Interrupted(sig)
+        saved = getattr(self.periodic, "_last_global_step_saved", None)
+        if trainer.global_step > 0 and saved != trainer.global_step:
+            trainer.save_checkpoint(self.last)
+        raise signals.Interrupted(sig)
+
+
+def _write_failure(e: OSError, out_dir: Path) -> BaseException:
+    """The one-line error for an OSError out of ``trainer.fit``: the checkpoint error it followed
+    (Lightning finalises the loggers after a failure, which can fail again on a full disk), else
+    the failed write with its path and the free space."""
+    c = e
+    while c is not None:
+        if isinstance(c, (CheckpointError, WriteError)):
+            return c
+        c = c.__context__
+    if e.errno in _WRITE_ERRNOS or (e.filename and str(e.filename).startswith(str(out_dir))):
+        return WriteError.of(e.filename or out_dir, e, "the last checkpoint is kept; continue with --resume")
+    return e
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 
 
 def run_loggers(out_dir: Path) -> list:
@@ -102,6 +160,7 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
         val_interval = min(cfg.val_every, batches_per_epoch)
     sampler = StepSampler(n_train, cfg.batch_size, cfg.seed, shuffle=True)
     callbacks.append(TrainingState(sampler))
+    callbacks.append(StopOnSignal(last, callbacks[0]))
     progress_bar, progress_callbacks = train_progress(cfg.progress)
     callbacks.extend(progress_callbacks)
     trainer = L.Trainer(
@@ -136,12 +195,18 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
         val_loader = DataLoader(Indexed(val_ds), batch_size=cfg.batch_size, sampler=ShardSampler(len(val_ds)))
     # weights_only: a checkpoint that carries pickled code is refused, never run
     try:
-        trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
-                    weights_only=True)
+        with signals.deferred():  # a signal ends the running step first (StopOnSignal)
+            trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                        weights_only=True)
+            if trainer.global_step % every != 0 or not last.is_file():
+                trainer.save_checkpoint(last)  # the final state, so that a resume after training is a no-op
     except pickle.UnpicklingError as e:  # a rank that read another file than the one checked above
-        raise CheckpointError(f"{ckpt_path}: refused to load ({str(e).splitlines()[0]})") from None
-    if trainer.global_step % every != 0 or not last.is_file():
-        trainer.save_checkpoint(last)  # the final state, so that a resume after training is a no-op
+        raise CheckpointError(f"{ckpt_path}: refused to load ({no_advice(str(e))})") from None
+    except SIGTERMException:  # Lightning's own SIGTERM stop (a SystemExit without a code)
+        raise signals.Interrupted(signal.SIGTERM) from None
+    except OSError as e:  # a log write (CSV, TensorBoard) on a full disk, or one while stopping
+        raise _write_failure(e, out_dir) from None
+    signals.raise_if_pending()
     if best is not None and best.best_model_path and os.path.exists(best.best_model_path) \
             and trainer.is_global_zero:
         state = load_checkpoint_safely(best.best_model_path)["state_dict"]
