@@ -379,6 +379,93 @@ def group_fns(fns: dict, warm: int, steps: int) -> dict:
             "load_avg_before": load0, "load_avg_after": load_average(), "warmup": warm, "steps": steps}
 
 
+def native_model(hidden: int = 16, layers: int = 2):
+    """The native-resolution recipe's backbone (configs/radar_native_pretext.yaml), random weights
+    with random heads (so the warp and source terms do real work)."""
+    import yaml
+    from transmem.models import create_model
+    cfg = dict(yaml.safe_load((REPO / "configs" / "radar_native_pretext.yaml").read_text())["model"])
+    name = cfg.pop("name")
+    cfg.update(hidden=hidden, num_layers=layers)
+    m = create_model(name, **cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def part_native_crop(ctx: Ctx) -> dict:
+    """A training step of the native recipe on its 128x128 crops (batch 8, 6 -> 6 frames), fp32 and
+    bf16 autocast, interleaved with the conv peak probes; GFLOP/s of the step against that peak.
+    Also the 2x64 width, where the convolutions dominate the step more."""
+    from torch.utils.flop_counter import FlopCounterMode
+    size, batch, frames = (64, 2, 6) if ctx.quick else (128, 8, 12)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, frames, 1, size, size, generator=g)
+    fns, flops = {}, {}
+    for width in (16, 64):
+        m = native_model(hidden=width)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+
+        def step(m=m, opt=opt, bf16=False):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = ((m(x, t_in=6)[:, 5:].float() - x[:, 6:]) ** 2).mean()
+            loss.backward()
+            opt.step()
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops[f"2x{width}"] = int(fc.get_total_flops())
+        fns[f"2x{width}/fp32"] = step
+        fns[f"2x{width}/bf16"] = lambda step=step: step(bf16=True)
+    probes = peak_probes(ctx.quick)
+    warm, steps = (1, 2) if ctx.quick else (2, 8)
+    load0 = load_average()
+    times = interleave({**fns, **{k: fn for k, (fn, _) in probes.items()}}, warm, steps)
+    peak = peak_from_times(probes, {k: times.pop(k) for k in probes})
+    out = {"crop": size, "batch": batch, "frames": frames, "peak": peak, "load_avg_before": load0,
+           "load_avg_after": load_average(), "variants": {}}
+    for name, ms in times.items():
+        med = median(ms)
+        gflop = flops[name.split("/")[0]] / 1e9
+        out["variants"][name] = {"ms": round(med, 1), "gflop": round(gflop, 2),
+                                 "gflops": round(gflop / (med / 1e3), 1),
+                                 "of_peak": round(gflop / (med / 1e3) / peak["peak_gflops"], 3)}
+    return out
+
+
+def part_native_fullfield(ctx: Ctx) -> dict:
+    """Whole-field inference of the native recipe (6 inputs, 12 leads): a MeteoSwiss-size field
+    (640x710) and the OPERA composite (2200x1900), untiled and in 512-pixel tiles; wall time and
+    the peak resident memory of a fresh process for each."""
+    shapes = {"mch_640x710": (640, 710), "opera_2200x1900": (2200, 1900)}
+    if ctx.quick:
+        shapes = {"small_96x130": (96, 130)}
+    out = {"leads": 12, "t_in": 6, "load_avg_before": load_average()}
+    for name, (h, w) in shapes.items():
+        for tile in (None, 512):
+            code = ("import json, resource, time, torch, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
+                    "from speed import native_model; from transmem.fullfield import FullFieldForecaster; "
+                    "from transmem.training import ForecastModule, SamplingSchedule; "
+                    "torch.set_num_threads(%d); m = native_model().eval(); "
+                    "mod = ForecastModule(m, SamplingSchedule(kind='none', t_in=6, frames=18)).eval(); "
+                    "f = FullFieldForecaster(mod, 4, tile=%r, overlap=64); "
+                    "x = torch.rand(1, 18, 1, %d, %d); rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+                    "t = time.perf_counter(); y = f.rollout(x); dt = time.perf_counter() - t; "
+                    "print(json.dumps({'s': round(dt, 2), 'shape': list(y.shape), "
+                    "'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "
+                    "'before_mb': round(rss0 / 1024)}))") % (str(REPO / "src"), str(HERE), torch.get_num_threads(),
+                                                             tile, h, w)
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-2000:])
+            out[f"{name}/{'untiled' if tile is None else f'tile{tile}'}"] = json.loads(r.stdout.strip().splitlines()[-1])
+    out["load_avg_after"] = load_average()
+    return out
+
+
 PARTS = {
     "peak": part_peak,
     "table/2x32": lambda c: part_table(c, "2x32", "all"),
@@ -398,6 +485,8 @@ PARTS = {
     "settings/formats": part_formats,
     "before_after": part_before_after,
     "before_after/prev": lambda c: part_before_after(c, PREV_REV),
+    "native/crop": part_native_crop,
+    "native/fullfield": part_native_fullfield,
 }
 OPTIONAL = {"settings/compile": part_compile}  # slow to compile: only when asked for
 
