@@ -21,7 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
-from .data import DataError, build_datasets, physical_units
+from .data import DataError, build_datasets, frame_size_of, physical_units
 from .files import OutputPathError, check_output_dir, write_json
 from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
@@ -215,14 +215,48 @@ def schedule_for(exp: Experiment) -> SamplingSchedule:
                             start_step=int(t.sampling_start * t.steps))
 
 
-def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
+def data_frame_size(exp: Experiment, datasets: dict | None) -> tuple[int, int]:
+    """``(height, width)`` of the frames the model will see: read from the built ``datasets``
+    (with ``resize: none`` a reader keeps its native size, which ``data.size`` does not say), else
+    ``data.size`` square."""
+    hw = frame_size_of(datasets) if datasets else None
+    return hw or (exp.data.size, exp.data.size)
+
+
+def check_patch_fits(patch, hw: tuple[int, int], exp: Experiment, who: str = "the model's") -> None:
+    """A one-line ConfigError when ``patch`` does not divide the frames ``hw`` the data has (or a
+    training crop does not fit them), before anything is created."""
+    t = exp.train
+    h, w = hw
+    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
+        if exp.data.resize == "none":
+            hint = (f"data.resize is none, so frames keep their native {h}x{w}: give a patch size that divides "
+                    f"both, or set --data.resize resize (or crop) with a data.size divisible by {patch}")
+        else:
+            hint = f"set data.size to a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
+        raise ConfigError(f"{who} patch size {patch} does not divide the data's {h}x{w} frames ({hint}); "
+                          "nothing was trained or written")
+    if t.crop and ((isinstance(patch, int) and patch > 0 and t.crop % patch) or t.crop > min(h, w)):
+        raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
+                          f"most the data's frame size {h}x{w}")
+
+
+def _model_patch(exp: Experiment, init_from=None, zoo_root=None):
+    """The patch size of the model a run will train (the ``init_from`` entry's for a finetune)."""
+    if init_from:
+        cfg = zoo.read_card(zoo.resolve(init_from, zoo_root)).get("config") or {}
+        return (cfg.get("backbone_config") or cfg).get("patch_size")
+    cfg = dict(exp.model)
+    try:
+        return getattr(build_config(cfg.pop("name", "convlstm"), cfg), "patch_size", None)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _module(exp: Experiment, model, bank=None, cache=None, hw: tuple[int, int] | None = None) -> ForecastModule:
     t = exp.train
     patch = getattr(model, "backbone", model).config.patch_size
-    if exp.data.size % patch:
-        raise ConfigError(f"data.size={exp.data.size} is not divisible by the model's patch size {patch}")
-    if t.crop and (t.crop % patch or t.crop > exp.data.size):
-        raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
-                          f"most data.size={exp.data.size}")
+    check_patch_fits(patch, hw or (exp.data.size, exp.data.size), exp)
     return ForecastModule(model, schedule_for(exp), lr=t.lr, bank=bank,
                           distill_weight=exp.transfer.distill_weight if bank is not None else 0.0,
                           bank_cache=cache, reverse_prob=t.reverse_time_prob, l1_weight=t.l1_weight,
@@ -231,12 +265,13 @@ def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
                           distill_span=exp.transfer.distill_span)
 
 
-def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None) -> dict:
+def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None,
+          hw: tuple[int, int] | None = None) -> dict:
     d = exp.data
     return {
         "kind": kind,
         "data": d.to_dict(),
-        "frame_size": [d.size, d.size],
+        "frame_size": list(hw or (d.size, d.size)),
         "channels": d.channels,
         "t_in": exp.train.t_in,
         "t_out": d.frames - exp.train.t_in,
@@ -265,7 +300,7 @@ def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind:
     metrics["train_wall_s"] = round(wall, 2)
     metrics["train_steps"] = exp.train.steps
     write_json(out / "metrics.json", metrics)
-    card = _card(exp, metrics, wall, kind, extra)
+    card = _card(exp, metrics, wall, kind, extra, data_frame_size(exp, datasets))
     zoo.save_entry(module.model, out / "model", card, overwrite=True)
     if zoo_name:
         zoo.save_entry(module.model, Path(zoo_root or zoo.default_root()) / zoo_name, card)
@@ -329,6 +364,9 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         chosen = ranking.top_rows(1, use="finetune")
         init_from = chosen[0]["path"]
     datasets = datasets or _check_data(exp)
+    hw = data_frame_size(exp, datasets)
+    check_patch_fits(_model_patch(exp, init_from, zoo_root), hw, exp,
+                     f"{init_from}: its" if init_from else "the model's")  # before the run folder exists
     out = prepare_run_dir(out, resume)
     extra = {}
     if ranking is not None:
@@ -348,7 +386,7 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         model = create_model(cfg.pop("name"), cfg)
     if model.config.in_channels != exp.data.channels:
         raise ConfigError(f"model reads {model.config.in_channels}-channel frames but data.channels={exp.data.channels}")
-    module = _module(exp, model)
+    module = _module(exp, model, hw=hw)
     exp.save(out / "config.yaml")
     t0 = time.time()
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
@@ -434,6 +472,8 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
             auto["init_from"] = ranking.summary(rows, "finetune", RANKING_FILE)
     datasets = datasets or _check_data(exp)
     model, bank, teachers_card = build_transfer(exp, teachers, zoo_root)
+    hw = data_frame_size(exp, datasets)
+    check_patch_fits(getattr(model, "backbone", model).config.patch_size, hw, exp)  # before the run folder
     out = prepare_run_dir(out, resume)
     if ranking is not None:
         _record_ranking(out, ranking)
@@ -448,7 +488,7 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     if tr.cache_bank != "none" and tr.teacher_inputs == "ground_truth" and not augmented:
         cache = BankCache(len(datasets["train"]),
                           directory=(out / "bank_cache") if tr.cache_bank == "disk" else None)
-    module = _module(exp, model, bank, cache)
+    module = _module(exp, model, bank, cache, hw)
     t0 = time.time()
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
     extra = {"teachers": teachers_card, "transfer": asdict(tr)} | ({"ranking": auto} if auto else {})
@@ -514,14 +554,20 @@ def check_eval_out(out, overwrite: bool = False) -> Path:
     return out
 
 
-def check_model_fits(card: dict, exp: Experiment) -> None:
-    """A zoo model can be evaluated on ``exp``'s data: its patch size divides the frame size and
-    it reads frames of the data's channels (checked before any clip is rolled out)."""
+def check_model_fits(card: dict, exp: Experiment, datasets: dict | None = None) -> None:
+    """A zoo model can be evaluated on ``exp``'s data: its patch size divides the frame size the
+    data has (``datasets``, when built: ``resize: none`` keeps the native size) and it reads
+    frames of the data's channels (checked before any clip is rolled out)."""
     cfg = card.get("config") or {}
     patch = (cfg.get("backbone_config") or cfg).get("patch_size")
-    if isinstance(patch, int) and patch > 0 and exp.data.size % patch:
-        raise ConfigError(f"data.size={exp.data.size}: the model's patch size {patch} does not divide it "
-                          f"(evaluate at a multiple of {patch}, e.g. --data.size {max(patch, exp.data.size // patch * patch)})")
+    h, w = data_frame_size(exp, datasets)
+    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
+        if exp.data.resize == "none":
+            hint = f"data.resize is none, so the frames keep their native {h}x{w}; set --data.resize resize"
+        else:
+            hint = f"evaluate at a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
+        raise ConfigError(f"data.size={exp.data.size}: the model's patch size {patch} does not divide the data's "
+                          f"{h}x{w} frames ({hint})")
     channels = card.get("channels")
     if channels is not None and channels != exp.data.channels:
         raise ConfigError(f"data.channels={exp.data.channels}: the model reads {channels}-channel frames")

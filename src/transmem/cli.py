@@ -328,7 +328,7 @@ def _evaluate(args, exp) -> dict:
     if args.baseline:
         forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
     else:
-        api.check_model_fits(read_card(resolve(args.model)), exp)
+        api.check_model_fits(read_card(resolve(args.model)), exp, datasets)
         forecaster, card = api.load_for_inference(args.model)
         name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
     if blend:

@@ -17,7 +17,7 @@ import yaml
 from lightning.pytorch.strategies import StrategyRegistry
 
 from .choices import CONFIG_CHOICES, NORMS
-from .data.registry import DataConfig
+from .data.registry import GENERATORS, DataConfig
 from .files import read_small_file
 from .models import build_config
 
@@ -417,7 +417,10 @@ def validate(exp: "Experiment") -> None:
         _num_in(getattr(t, k), f"train.{k}", 0.0, 1.0)
     _num_in(t.l1_weight, "train.l1_weight", 0.0, 1e6)
     _int_in(t.crop, "train.crop", 0, LIMITS["size"])
-    if t.crop > d.size:
+    # resize: none keeps a reader's native frame size, which data.size does not describe: the checks
+    # against the real size run once the data is read (api.check_patch_fits)
+    native = d.resize == "none" and d.name not in GENERATORS
+    if t.crop > d.size and not native:
         raise ConfigError(f"train.crop={t.crop} must be at most data.size={d.size}")
     _int_in(t.val_every, "train.val_every", 0)
     _int_in(t.val_batches, "train.val_batches", 0)
@@ -465,7 +468,7 @@ def validate(exp: "Experiment") -> None:
 
     check_model_config(exp.model)
     patch = exp.model.get("patch_size")
-    if isinstance(patch, int) and d.size % patch:
+    if isinstance(patch, int) and d.size % patch and not native:
         raise ConfigError(f"data.size={d.size} is not divisible by model.patch_size={patch}")
     if isinstance(patch, int) and t.crop and t.crop % patch:
         raise ConfigError(f"train.crop={t.crop} must divide by model.patch_size={patch}")

@@ -136,6 +136,8 @@ GRID_READERS = ("xarray", "radar_mrms")
 #: the HDF5 reader's keys a run's config carries into predict (how the file's values are read)
 _H5_KEYS = ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a", "b",
             "accumulation_minutes", "r_max", "time_regex", "time_format", "crop", "aspect")
+#: the other readers' keys that change how an input's values and frames are read
+_READ_KEYS = ("r_max", "a", "b", "white", "aspect", "crop", "time_regex", "time_format")
 RAIN_LEVELS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
@@ -157,11 +159,16 @@ def read_forecast_input(input_path, data: dict, channels: int, size: int):
                       f"after {str(times[a - 1])[:16]}")
                 frames, mask, grid.times = frames[a:b], mask[a:b], times[a:b]
         return frames, mask, grid
-    keys = _H5_KEYS if data.get("name") == "hdf5" else ("r_max",)
+    keys = _H5_KEYS if data.get("name") == "hdf5" else _READ_KEYS
     opts = {k: extra[k] for k in keys if k in extra}
     if "r_max" in opts:
         opts["r_max"] = float(opts["r_max"])
-    frames, mask = read_input_frames(input_path, channels=channels, size=size, return_mask=True, **opts)
+    # read as the model's data was read: resize: none keeps the native size (the card's frame_size
+    # is the data's true size), crop takes the central window, resize scales
+    resize = data.get("resize") or "resize"
+    opts["resize"] = resize
+    frames, mask = read_input_frames(input_path, channels=channels, size=None if resize == "none" else size,
+                                     return_mask=True, **opts)
     return frames, mask, None
 
 

@@ -107,8 +107,25 @@ def build_datasets(cfg: DataConfig) -> dict:
     return _DATASETS[cfg.name](cfg)
 
 
-#: ``extra`` keys a reader fits on the train split and writes into the config (see build_datasets)
-FITTED_KEYS = ("normalization",)
+#: ``extra`` keys a reader fits on the data and writes into the config (see build_datasets): the
+#: ``xarray`` reader's ``normalization``, the frame readers' ``white`` (16-bit images)
+FITTED_KEYS = ("normalization", "white")
+
+
+#: generators: they draw frames of ``size x size`` whatever ``resize`` says
+GENERATORS = ("flying_digits", "advected_rain")
+
+
+def frame_size_of(datasets: dict) -> tuple[int, int] | None:
+    """``(height, width)`` of the frames the datasets hold (the first clip of the first split that
+    has one), or None when every split is empty. With ``resize: none`` this is the data's native
+    size, which ``data.size`` does not describe."""
+    for split in ("train", "val", "test"):
+        ds = datasets.get(split)
+        if ds is not None and len(ds) > 0:
+            h, w = ds[0]["frames"].shape[-2:]
+            return int(h), int(w)
+    return None
 
 
 def adopt_fitted(cfg: DataConfig, model_data: dict | None) -> list[str]:

@@ -1,0 +1,121 @@
+"""A user's own data, read right (issue 27): native frame sizes, patch sizes checked against the
+size the data really has, 16-bit images, ODIM files without gain/offset, ``extra`` keys, scores in
+the data's units, and the smaller rough edges a new user met."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from transmem import zoo
+from transmem.cli import main
+from transmem.models import create_model
+
+TINY_MODEL = {"name": "convlstm", "num_layers": 1, "hidden": 4, "filter_size": 3, "patch_size": 2}
+TRAIN = {"steps": 2, "batch_size": 2, "t_in": 3, "progress": False, "threads": 1}
+
+
+def _frames_folder(root: Path, h: int = 30, w: int = 40, seqs: int = 4, n: int = 10) -> Path:
+    """``seqs`` folders of ``n`` gray PNG frames of ``h`` x ``w``: a bright bar moving right."""
+    for s in range(seqs):
+        d = root / f"seq{s}"
+        d.mkdir(parents=True)
+        for t in range(n):
+            a = np.full((h, w), 10, np.uint8)
+            x = (3 * t + 2 * s) % (w - 8)
+            a[h // 4:h // 2, x:x + 8] = 200
+            Image.fromarray(a).save(d / f"f{t:02d}.png")
+    return root
+
+
+def _config(path: Path, data: dict, model: dict | None = None, **sections) -> Path:
+    cfg = {"data": {"frames": 6, "split": [0.5, 0.25, 0.25], **data}, "train": dict(TRAIN),
+           "eval": {"batch_size": 2, "examples": 0}}
+    if model is not None:
+        cfg["model"] = model
+    cfg.update(sections)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")} if root.exists() else set()
+
+
+def _one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("transmem: error: ") and "Traceback" not in err[0], err
+    assert needle in err[0], err[0]
+    return err[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. resize: none records the true frame size, and predict keeps it
+# --------------------------------------------------------------------------------------------
+def test_native_size_run_records_its_true_size_and_predict_keeps_it(tmp_path, capsys):
+    data = _frames_folder(tmp_path / "fr")
+    cfg = _config(tmp_path / "c.yaml", {"name": "frames", "path": str(data), "resize": "none"}, TINY_MODEL)
+    assert main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    card = json.loads((tmp_path / "run" / "model" / "card.json").read_text())
+    assert card["frame_size"] == [30, 40]
+    capsys.readouterr()
+    assert main(["zoo", "list", "--root", str(tmp_path / "run")]) == 0
+    assert "30x40" in capsys.readouterr().out
+    assert main(["predict", "--model", str(tmp_path / "run" / "model"), "--input", str(data / "seq0"),
+                 "--out", str(tmp_path / "p")]) == 0
+    pred = np.load(tmp_path / "p" / "prediction.npy")
+    assert pred.shape == (3, 1, 30, 40)  # not centre-cropped and rescaled to 64x64
+
+
+# --------------------------------------------------------------------------------------------
+# 3. a patch size that does not divide the real frames: one line, exit 2, nothing created
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """Frames of 30x40 (read at native size) and two zoo entries made on 32x32 frames: patch size
+    4 (does not divide 30) and 2 (divides 30 and 40)."""
+    w = tmp_path_factory.mktemp("native")
+    data = _frames_folder(w / "fr")
+    _config(w / "native.yaml", {"name": "frames", "path": str(data), "resize": "none"})
+    torch.manual_seed(0)
+    for name, patch in (("p4", 4), ("p2", 2)):
+        m = create_model("convlstm", num_layers=1, hidden=4, filter_size=3, patch_size=patch)
+        zoo.save_entry(m, w / "zoo" / name, {"t_in": 3, "t_out": 3, "frame_size": [32, 32], "channels": 1,
+                                             "data": {"name": "frames", "size": 32}})
+    return w
+
+
+@pytest.mark.parametrize("cmd", ["pretrain", "evaluate", "finetune", "finetune-auto"])
+def test_non_dividing_patch_size_is_one_line_and_nothing_created(native, tmp_path, capsys, cmd):
+    cfg, out = str(native / "native.yaml"), tmp_path / "out"
+    argv = {"pretrain": ["pretrain", "--config", cfg, "--model.patch_size", "4", "--model.hidden", "4",
+                         "--model.num_layers", "1"],
+            "evaluate": ["evaluate", "--model", str(native / "zoo" / "p4"), "--config", cfg],
+            "finetune": ["finetune", "--from", str(native / "zoo" / "p4"), "--config", cfg],
+            "finetune-auto": ["finetune", "--from", "auto", "--zoo-root", str(tmp_path / "z"), "--config", cfg,
+                              "--probe-steps", "0"]}[cmd]
+    if cmd == "finetune-auto":  # only the p4 entry in this zoo: auto must not pick it, and say why
+        import shutil
+        shutil.copytree(native / "zoo" / "p4", tmp_path / "z" / "p4")
+    before = _files(native)
+    capsys.readouterr()
+    rc = main(argv + ["--out", str(out)])
+    assert rc == 2
+    line = _one_line_error(capsys, "30x40" if cmd != "finetune-auto" else "p4")
+    assert "patch size 4" in line
+    assert not out.exists()
+    assert _files(native) == before
+
+
+def test_zoo_rank_lists_a_non_dividing_entry_with_the_reason(native, capsys):
+    assert main(["zoo", "rank", "--zoo-root", str(native / "zoo"), "--config", str(native / "native.yaml"),
+                 "--probe-steps", "0"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[1:2] == ["p4"])
+    assert "unusable" in row and "patch size 4 does not divide the target's 30x40 frames" in row
+    assert any(line.split()[:2] == ["1", "p2"] for line in out.splitlines())
