@@ -119,3 +119,47 @@ def test_zoo_rank_lists_a_non_dividing_entry_with_the_reason(native, capsys):
     row = next(line for line in out.splitlines() if line.split()[1:2] == ["p4"])
     assert "unusable" in row and "patch size 4 does not divide the target's 30x40 frames" in row
     assert any(line.split()[:2] == ["1", "p2"] for line in out.splitlines())
+
+
+# --------------------------------------------------------------------------------------------
+# 4. 16-bit images keep their precision; forecast.png shows the data's own range
+# --------------------------------------------------------------------------------------------
+def _dim_16bit(n=12, h=16, w=16, seed=0) -> np.ndarray:
+    """A microscopy-like 16-bit stack: 12-bit values in a narrow band (1000..1400 of 65535)."""
+    rng = np.random.default_rng(seed)
+    return (1000 + rng.integers(0, 400, (n, h, w))).astype(np.uint16)
+
+
+def test_16bit_stack_keeps_more_than_200_levels_and_the_white_level_travels(tmp_path):
+    tifffile = pytest.importorskip("tifffile", reason="16-bit TIFF stacks through tifffile (transmem[io])")
+    from transmem.data import DataConfig, build_datasets
+    root = tmp_path / "stacks"
+    root.mkdir()
+    for k in range(3):
+        tifffile.imwrite(root / f"cells{k}.tif", _dim_16bit(seed=k))
+    cfg = DataConfig(name="frames", path=str(root), frames=6, size=16, split=(1, 1, 1))
+    ds = build_datasets(cfg)
+    values = np.concatenate([ds[s][i]["frames"].numpy().ravel() for s in ds for i in range(len(ds[s]))])
+    assert len(np.unique(values)) > 200  # not 8 bits (was: about 2 grey levels of 256 on this band)
+    assert cfg.extra["white"] == max(int(_dim_16bit(seed=k).max()) for k in range(3))  # fitted, recorded
+    assert values.max() == pytest.approx(1.0, abs=1e-3) and values.min() > 0.6  # the data's own range
+    # a folder of single 16-bit PNG frames too
+    pngs = tmp_path / "pngs" / "seq"
+    pngs.mkdir(parents=True)
+    for t, a in enumerate(_dim_16bit(n=8)):
+        Image.fromarray(a).save(pngs / f"f{t}.png")
+    cfg = DataConfig(name="frames", path=str(tmp_path / "pngs"), frames=4, size=16, split=(1, 0, 0))
+    x = np.concatenate([d["frames"].numpy().ravel() for d in build_datasets(cfg)["train"]])
+    assert len(np.unique(x)) > 200 and "white" in cfg.extra
+
+
+def test_forecast_png_shows_a_dim_input_on_its_own_range(tmp_path):
+    from transmem.predict import save_forecast_figure
+    rng = np.random.default_rng(0)
+    obs = (0.02 + 0.02 * rng.random((3, 16, 16))).astype(np.float32)  # a dim field in [0.02, 0.04]
+    save_forecast_figure(tmp_path / "f.png", tmp_path / "f.gif", obs, np.ones_like(obs, bool), obs[:2],
+                         ["a", "b", "c"], ["+1", "+2"], None, False)
+    img = np.asarray(Image.open(tmp_path / "f.png").convert("L"))
+    # on a fixed 0..1 scale every panel would be near black; on the data's range it spans grey levels
+    panels = img[:, : img.shape[1] * 4 // 5]  # the colour bar left out
+    assert ((panels > 60) & (panels < 190)).sum() > 5000

@@ -191,9 +191,10 @@ def _norm(rain: bool, values: list[np.ndarray], unit_range: bool):
         cmap = colormaps["viridis"].with_extremes(under="white", bad="0.75")
         return cmap, colors.BoundaryNorm(RAIN_LEVELS, cmap.N, extend="max")
     cmap = colormaps["gray" if unit_range else "viridis"].with_extremes(bad="0.75")
-    if unit_range:
-        return cmap, colors.Normalize(0, 1)
     v = np.concatenate([np.ravel(a)[np.isfinite(np.ravel(a))] for a in values]) if values else np.zeros(1)
+    if unit_range:  # the data's own range (a dim 16-bit stack is not shown black on 0..1)
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+        return cmap, colors.Normalize(lo, hi if hi > lo else lo + 1e-6)
     lo, hi = (np.percentile(v, [1, 99]) if v.size else (0, 1))
     return cmap, colors.Normalize(float(lo), float(hi) if hi > lo else float(lo) + 1)
 

@@ -31,8 +31,8 @@ from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
 from .hdf5 import is_hdf5_file, read_h5_frames
 from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
 from .registry import DataConfig
-from .stacks import frame_count, read_stack
-from .video import is_video_file, prepare_frames, read_video
+from .stacks import data_white, frame_count, read_stack
+from .video import as_unit, is_video_file, prepare_frames, read_video
 
 _FIT_KEYS = ("resize", "aspect", "crop")
 
@@ -67,6 +67,12 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
     if a.dtype.kind in "iu":
         raise DataError(path, f"integer array of dtype {a.dtype}: use uint8 (0..255) or uint16, or float in [0, 1]")
     return unit_floats(a, path, "the array's float values")
+
+
+def _white(cfg: DataConfig, files: list[Path], max_frames: int | None) -> float | None:
+    """``extra.white`` (the model's, for predict), else the white level 16-bit images hold."""
+    white = opt_float(cfg, "white", positive=True)
+    return white if white is not None else data_white(files, max_frames)
 
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
@@ -131,12 +137,12 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
         elif (name.endswith(".pgm.gz") or suf == ".pgm") and parse_fmi_time(p.name):
             x, mask = read_radar_files([p], "fmi", channels, size, mode, cfg=cfg, where=p, **fit, **radar_kw)
         elif suf in IMAGE_EXTS and frame_count(p) > 1:  # multi-page TIFF, animated PNG: all frames
-            white = opt_float(cfg, "white", positive=True)
-            x = prepare_frames(((p, f) for f in read_stack(p, maxf, white)), channels, size, mode, where=p, **fit)
-            x = x.astype(np.float32) / 255.0
+            white = _white(cfg, [p], maxf)
+            x = as_unit(prepare_frames(((p, f) for f in read_stack(p, maxf, white)), channels, size, mode, where=p,
+                                       **fit))
         elif suf in IMAGE_EXTS:
-            x = prepare_frames(iter([(p, read_image(p))]), channels, size, mode, where=p, **fit)
-            x = x.astype(np.float32) / 255.0
+            x = as_unit(prepare_frames(iter([(p, read_image(p))]), channels, size, mode, where=p,
+                                       white=_white(cfg, [p], None), **fit))
         elif is_hdf5_file(p):
             x, mask = read_h5_frames(cfg, [p], where=p)
         else:
@@ -159,9 +165,9 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             if stacks:
                 raise DataError(p, f"holds {len(stacks)} image stack(s) ({', '.join(stacks[:3])}"
                                    f"{' ...' if len(stacks) > 3 else ''}): point at one")
-            x = read_frame_folder(p, channels, size, mode, time_regex=opts.get("time_regex"),
-                                  time_format=opts.get("time_format"), max_frames=maxf, **fit)
-            x = x.astype(np.float32) / 255.0
+            x = as_unit(read_frame_folder(p, channels, size, mode, time_regex=opts.get("time_regex"),
+                                          time_format=opts.get("time_format"), max_frames=maxf,
+                                          white=opt_float(cfg, "white", positive=True), **fit))
         elif any(is_hdf5_file(n) for n in names):
             files = sorted((p / n for n in names if is_hdf5_file(n) and (p / n).is_file()), key=lambda q: natural_key(q.name))
             x, mask = read_h5_frames(cfg, files, where=p)
