@@ -163,3 +163,58 @@ def test_forecast_png_shows_a_dim_input_on_its_own_range(tmp_path):
     # on a fixed 0..1 scale every panel would be near black; on the data's range it spans grey levels
     panels = img[:, : img.shape[1] * 4 // 5]  # the colour bar left out
     assert ((panels > 60) & (panels < 190)).sum() > 5000
+
+
+# --------------------------------------------------------------------------------------------
+# 6. every reader declares its extra keys; one long sequence splits by time for every reader
+# --------------------------------------------------------------------------------------------
+def test_a_misspelled_extra_key_is_refused_naming_the_valid_ones(tmp_path, capsys):
+    from transmem.data import DataConfig, DataError, build_datasets, list_datasets
+    from transmem.data.registry import extra_keys
+    data = _frames_folder(tmp_path / "fr")
+    cfg = _config(tmp_path / "c.yaml", {"name": "frames", "path": str(data), "size": 16,
+                                         "extra": {"blokcs": 3}}, TINY_MODEL)
+    assert main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    line = _one_line_error(capsys, "data.extra.blokcs")
+    assert "did you mean blocks?" in line and "time_regex" in line
+    assert not (tmp_path / "run").exists()
+    for name in list_datasets():  # every built-in reader declares its keys, and refuses others
+        assert extra_keys(name) is not None, name
+        with pytest.raises(DataError, match="not a key of"):
+            build_datasets(DataConfig(name=name, path=str(data), extra={"no_such_key": 1}))
+
+
+def test_one_long_sequence_splits_into_time_blocks_for_any_reader(tmp_path):
+    from transmem.data import DataConfig, build_datasets
+    video = np.zeros((60, 8, 8), np.uint8)
+    video[:, 0, 0] = np.arange(60)  # the frame's index, to find where each clip comes from
+    d = tmp_path / "long" / "one"
+    d.mkdir(parents=True)
+    for t, a in enumerate(video):
+        Image.fromarray(a).save(d / f"f{t:03d}.png")
+    np.save(tmp_path / "long.npy", video[:, None])  # (T, N=1, H, W)
+    for cfg in (DataConfig(name="frames", path=str(tmp_path / "long"), frames=5, size=8, resize="none",
+                           split=(6, 2, 2), extra={"blocks": 10}),
+                DataConfig(name="npy", path=str(tmp_path / "long.npy"), frames=5, size=8, resize="none",
+                           split=(6, 2, 2), extra={"blocks": 10})):
+        ds = build_datasets(cfg)
+        first = {s: sorted(int(round(float(ds[s][i]["frames"][0, 0, 0, 0]) * 255)) for i in range(len(ds[s])))
+                 for s in ("train", "val", "test")}
+        assert all(first[s] for s in first), (cfg.name, first)
+        # in time order, no clip across two splits: train before val before test
+        assert max(first["train"]) + 5 <= min(first["val"]) and max(first["val"]) + 5 <= min(first["test"]), first
+    # without blocks, the one sequence cannot be split: said, naming the key
+    from transmem.data import DataError
+    with pytest.raises(DataError, match="extra.blocks"):
+        build_datasets(DataConfig(name="npy", path=str(tmp_path / "long.npy"), frames=5, size=8, resize="none",
+                                  split=(6, 2, 2)))
+
+
+def test_split_shares_are_normalised_everywhere(tmp_path):
+    from transmem.config import load_experiment
+    exp = load_experiment(overrides={"data.split": "[21, 3, 7]"})
+    assert list(exp.data.split) == [21, 3, 7]
+    from transmem.data import DataConfig, build_datasets
+    np.save(tmp_path / "a.npy", np.zeros((6, 31, 8, 8), np.uint8))
+    ds = build_datasets(DataConfig(name="npy", path=str(tmp_path / "a.npy"), frames=6, size=8, split=(21, 3, 7)))
+    assert [len(ds[s]) for s in ("train", "val", "test")] == [21, 3, 7]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
+from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
                     opt_int, parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
@@ -39,6 +39,8 @@ from .registry import DataConfig, register_dataset
 from .stacks import data_white, frame_count, image_array, read_stack
 from .video import find_video_files, prepare_frames, video_specs
 
+#: the ``extra`` keys of the ``frames`` and ``kth`` readers
+FRAME_KEYS = CLIP_KEYS + ("time_regex", "time_format", "max_gap", "white", "group_regex")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
 
 
@@ -189,7 +191,7 @@ def _take_stacks(cfg: DataConfig, files: list[Path], times, name: str, specs: li
     return [files[i] for i in keep], ([times[i] for i in keep] if times else None)
 
 
-@register_dataset("frames")
+@register_dataset("frames", extra=FRAME_KEYS)
 def build_frames(cfg: DataConfig) -> dict:
     """Clips from a folder of frames, or a folder of such folders (each one sequence)."""
     root = require_path(cfg, "a folder of frame images")
@@ -208,7 +210,7 @@ def build_frames(cfg: DataConfig) -> dict:
 KTH_GROUP_REGEX = r"person\d+"
 
 
-@register_dataset("kth")
+@register_dataset("kth", extra=FRAME_KEYS)
 def build_kth(cfg: DataConfig) -> dict:
     """Clips from a KTH-style tree: each video file and each folder of frames is one sequence."""
     root = require_path(cfg, "a folder of action folders (videos or frame folders)")

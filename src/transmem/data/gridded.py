@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (SequenceSpec, read_bytes, build_clip_datasets, fit_frames, fit_masked, fit_options, natural_key, opt,
+from .clips import (CLIP_KEYS, SequenceSpec, read_bytes, build_clip_datasets, fit_frames, fit_masked, fit_options, natural_key, opt,
                     opt_float, opt_int, parse_time, require_path, split_at_gaps, split_events, split_fractions, why)
 from .conventions import refuse_undeclared_fill
 from .errors import DataError
@@ -526,7 +526,7 @@ def build_grid(cfg: DataConfig, reader: str = "xarray") -> dict:
             cfg.extra = dict(cfg.extra or {}, quantity="rain" if opt(cfg, "units") == "dBZ" else "field")
         specs = [SequenceSpec(name, name, _files_of(part), lambda part=part: _pack(cfg, dec, *_decode(dec, part)))
                  for name, part in plan]
-        return build_clip_datasets(cfg, reader, specs, order="name", what="events")
+        return build_clip_datasets(cfg, reader, specs, order="name", what="events", blocks=False)
     seqs = [(name, part, *_decode(dec, part)) for name, part in plan]
     if "quantity" not in (cfg.extra or {}):  # said in the run's config, so units follow it
         cfg.extra = dict(cfg.extra or {}, quantity=dec.quantity)
@@ -541,7 +541,7 @@ def build_grid(cfg: DataConfig, reader: str = "xarray") -> dict:
         cfg.extra = dict(cfg.extra or {}, normalization=norm)  # stored with the run's config and card
     specs = [SequenceSpec(name, name, _files_of(part), lambda data=_pack(cfg, dec, v, m): data)
              for name, part, v, m in seqs]
-    return build_clip_datasets(cfg, reader, specs, order="name", what="events")
+    return build_clip_datasets(cfg, reader, specs, order="name", what="events", blocks=False)
 
 
 def grid_units(cfg: DataConfig) -> Units | None:
@@ -556,7 +556,13 @@ def grid_units(cfg: DataConfig) -> Units | None:
     return None
 
 
-@register_dataset("xarray", units=grid_units)
+#: the ``extra`` keys of the ``xarray`` and ``radar_mrms`` readers
+GRID_KEYS = CLIP_KEYS + ("variable", "engine", "time", "time_regex", "time_format", "select", "isel", "sel",
+                         "nodata", "units", "a", "b", "quantity", "normalize", "normalization", "margin", "span",
+                         "max_gap", "r_max")
+
+
+@register_dataset("xarray", units=grid_units, extra=GRID_KEYS)
 def build_xarray(cfg: DataConfig) -> dict:
     """Clips of any variable of netCDF / GRIB / zarr sources (rain log-scaled, fields normalised)."""
     return build_grid(cfg, "xarray")
@@ -571,7 +577,7 @@ def mrms_config(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
-@register_dataset("radar_mrms", units=rain_units)
+@register_dataset("radar_mrms", units=rain_units, extra=GRID_KEYS)
 def build_radar_mrms(cfg: DataConfig) -> dict:
     """NOAA MRMS PrecipRate GRIB2 → log-scaled rain rate clips with a validity mask."""
     return build_grid(mrms_config(cfg), "radar_mrms")

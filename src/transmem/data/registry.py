@@ -12,6 +12,7 @@ from here, through :func:`physical_units`.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from .errors import DataError
 
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
+_EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
@@ -32,13 +34,42 @@ class Units:
     from_physical: Callable[[Any], Any]
 
 
-def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None):
+def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
+                     extra: tuple[str, ...] | None = None):
+    """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
+    (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
+    leaves the reader's keys unchecked (a reader registered from outside transmem)."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
             _UNITS[name] = units
+        if extra is not None:
+            _EXTRA_KEYS[name] = tuple(sorted(set(extra)))
         return fn
     return deco
+
+
+def extra_keys(name: str) -> tuple[str, ...] | None:
+    """The ``data.extra`` keys the reader ``name`` reads (None: not declared)."""
+    _import_builtin_readers()
+    return _EXTRA_KEYS.get(name)
+
+
+def check_extra(cfg: "DataConfig") -> None:
+    """Refuse a ``data.extra`` key the reader does not read (a typo such as ``blokcs`` would
+    otherwise be ignored silently), naming the valid keys."""
+    extra = cfg.extra or {}
+    if not isinstance(extra, dict):
+        raise DataError(None, f"data.extra: expected a mapping, got {type(extra).__name__}")
+    known = extra_keys(cfg.name)
+    if known is None:
+        return
+    unknown = sorted(str(k) for k in set(extra) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DataError(None, f"data.extra.{unknown[0]}: not a key of the '{cfg.name}' reader{hint}; "
+                              f"its keys: {', '.join(known) or 'none'}")
 
 
 def list_datasets() -> list[str]:
@@ -104,6 +135,7 @@ def build_datasets(cfg: DataConfig) -> dict:
     if cfg.name not in _DATASETS:
         missing = "".join(f"; reader module '{m}' not loaded ({why})" for m, why in _NOT_LOADED.items())
         raise DataError(cfg.path, f"unknown dataset '{cfg.name}'; known: {', '.join(sorted(_DATASETS))}{missing}")
+    check_extra(cfg)
     return _DATASETS[cfg.name](cfg)
 
 

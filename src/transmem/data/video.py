@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key, opt,
+from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key, opt,
                     opt_int, quantize_uint8, require_path, to_channels, why)
 from .errors import DataError
 from ..files import walk
@@ -210,7 +210,7 @@ def video_specs(cfg: DataConfig, files: list[Path], root: Path, *, group_regex: 
     return specs
 
 
-@register_dataset("video")
+@register_dataset("video", extra=CLIP_KEYS + ("group_regex",))
 def build_video(cfg: DataConfig) -> dict:
     """Clips from one video file or a folder of video files (each file one sequence)."""
     root = require_path(cfg, "a video file or a folder of video files")
