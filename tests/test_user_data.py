@@ -218,3 +218,30 @@ def test_split_shares_are_normalised_everywhere(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((6, 31, 8, 8), np.uint8))
     ds = build_datasets(DataConfig(name="npy", path=str(tmp_path / "a.npy"), frames=6, size=8, split=(21, 3, 7)))
     assert [len(ds[s]) for s in ("train", "val", "test")] == [21, 3, 7]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. ODIM HDF5 rain rates without gain / offset / nodata (float32 mm/h, NaN = no data)
+# --------------------------------------------------------------------------------------------
+def test_odim_rates_without_gain_offset_nodata_read(tmp_path):
+    h5py = pytest.importorskip("h5py", reason="HDF5 through h5py (transmem[radar])")
+    from transmem.data import DataConfig, build_datasets, physical_units
+    rng = np.random.default_rng(0)
+    fields = []
+    for k in range(6):
+        a = rng.gamma(0.5, 2.0, (16, 16)).astype(np.float32)
+        a[:, :4] = np.nan  # outside the radar network
+        fields.append(a)
+        with h5py.File(tmp_path / f"qpe_2023010112{5 * k:02d}.h5", "w") as f:
+            f.attrs["Conventions"] = np.bytes_("ODIM_H5/V2_2")
+            f.create_group("what").attrs["object"] = np.bytes_("COMP")
+            d = f.create_group("dataset1/data1")
+            d.create_group("what").attrs["quantity"] = np.bytes_("RATE")  # no gain, offset, nodata
+            d.create_dataset("data", data=a)
+    cfg = DataConfig(name="hdf5", path=str(tmp_path), frames=6, size=16, split=(1, 0, 0))
+    item = build_datasets(cfg)["train"][0]
+    valid = item["mask"].numpy()[:, 0]
+    assert valid.mean() == pytest.approx(12 / 16)  # the NaN columns, nothing else
+    got = np.asarray(physical_units(cfg).to_physical(item["frames"].numpy()[:, 0]), dtype=np.float64)
+    want = np.stack(fields).astype(np.float64)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0.02, atol=0.02)  # gain 1, offset 0
