@@ -245,3 +245,37 @@ def test_odim_rates_without_gain_offset_nodata_read(tmp_path):
     got = np.asarray(physical_units(cfg).to_physical(item["frames"].numpy()[:, 0]), dtype=np.float64)
     want = np.stack(fields).astype(np.float64)
     np.testing.assert_allclose(got[valid], want[valid], rtol=0.02, atol=0.02)  # gain 1, offset 0
+
+
+# --------------------------------------------------------------------------------------------
+# scores in the data's units
+# --------------------------------------------------------------------------------------------
+def test_metrics_hold_rmse_and_mae_in_physical_units():
+    from transmem.metrics import frame_metrics
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.random((2, 3, 1, 8, 8))).float()
+    pred = (target + 0.1 * torch.from_numpy(rng.standard_normal((2, 3, 1, 8, 8))).float()).clamp(0, 1)
+    mask = torch.ones(2, 3, 1, 8, 8, dtype=torch.bool)
+    mask[..., :2] = False
+    m = frame_metrics(pred, target, mask, to_physical=lambda x: 250.0 + 50.0 * x)  # kelvin, say
+    d = (pred - target)[mask.expand_as(pred)].double() * 50.0
+    assert m["rmse_physical"] == pytest.approx(float(d.pow(2).mean().sqrt()), rel=1e-6)
+    assert m["mae_physical"] == pytest.approx(float(d.abs().mean()), rel=1e-6)
+    assert len(m["rmse_physical_per_frame"]) == 3
+    assert "rmse_physical" not in frame_metrics(pred, target)  # no units, no physical scores
+
+
+def test_evaluate_writes_rmse_in_the_datas_units(tmp_path, capsys):
+    tifffile = pytest.importorskip("tifffile", reason="16-bit TIFF stacks through tifffile (transmem[io])")
+    root = tmp_path / "stacks"
+    root.mkdir()
+    for k in range(3):
+        tifffile.imwrite(root / f"cells{k}.tif", _dim_16bit(seed=k))
+    cfg = _config(tmp_path / "c.yaml", {"name": "frames", "path": str(root), "size": 16, "split": [1, 1, 1]})
+    assert main(["evaluate", "--baseline", "persistence", "--config", str(cfg), "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["units"] == "counts" and m["rmse_physical"] > 1.0  # raw 16-bit counts, not [0, 1] values
+    white = max(int(_dim_16bit(seed=k).max()) for k in range(3))
+    assert m["mae_physical"] == pytest.approx(m["mae_pixel"] * white, rel=1e-3)
+    assert "RMSE (counts)" in (tmp_path / "ev" / "report.md").read_text()
+    assert "rmse=" in capsys.readouterr().out

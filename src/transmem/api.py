@@ -277,7 +277,8 @@ def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None,
         "t_out": d.frames - exp.train.t_in,
         "train": {"steps": exp.train.steps, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
                   "seed": exp.train.seed, "wall_s": round(wall_s, 1)},
-        "metrics": {k: metrics[k] for k in ("mse", "mse_pixel", "mae", "ssim", "psnr") if k in metrics},
+        "metrics": {k: metrics[k] for k in ("mse", "mse_pixel", "mae", "ssim", "psnr", "rmse_physical",
+                                            "mae_physical", "units") if k in metrics},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
@@ -285,13 +286,17 @@ def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None,
 
 def evaluate_forecaster(exp: Experiment, module, datasets) -> dict:
     """Per-frame metrics of any forecaster (a trained module or a baseline) on ``exp``'s eval
-    split, with CSI/POD/FAR in physical units where the data declares them."""
+    split, with RMSE / MAE (``rmse_physical``, ``mae_physical``, in ``metrics["units"]``) and
+    CSI/POD/FAR in physical units where the data declares them."""
     split = datasets.get(exp.eval.split)
     if split is None or len(split) == 0:
         raise ConfigError(f"eval.split '{exp.eval.split}' has no clips to evaluate on")
     units = physical_units(exp.data)
-    return evaluate(module, split, exp.eval.batch_size, thresholds=exp.eval.thresholds or None,
-                    to_physical=None if units is None else units.to_physical, progress=exp.train.progress)
+    metrics = evaluate(module, split, exp.eval.batch_size, thresholds=exp.eval.thresholds or None,
+                       to_physical=None if units is None else units.to_physical, progress=exp.train.progress)
+    if units is not None:  # rmse_physical / mae_physical are in these units
+        metrics["units"] = units.name
+    return metrics
 
 
 def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind: str, extra=None,

@@ -35,7 +35,7 @@ from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_options, g
                     opt_int, parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
-from .registry import DataConfig, register_dataset
+from .registry import DataConfig, Units, register_dataset
 from .stacks import data_white, frame_count, image_array, read_stack
 from .video import find_video_files, prepare_frames, video_specs
 
@@ -133,6 +133,17 @@ def find_frame_folders(root: Path) -> list[Path]:
     return found
 
 
+def white_units(cfg: DataConfig) -> Units | None:
+    """Raw counts for data read through a white level (16-bit images: ``extra.white``, fitted
+    or declared): ``count = value * white``, so scores and forecasts are in the file's own values.
+    None for 8-bit images (plain intensities)."""
+    white = (cfg.extra or {}).get("white")
+    if white is None:
+        return None
+    w = float(white)
+    return Units("counts", lambda x: x * w, lambda v: v / w)
+
+
 def fit_white(cfg: DataConfig, folders: list[Path]) -> None:
     """Without ``extra.white``, 16-bit images are scaled by the largest value the data holds
     (:func:`~transmem.data.stacks.data_white`), and that level is written into ``cfg.extra``
@@ -191,7 +202,7 @@ def _take_stacks(cfg: DataConfig, files: list[Path], times, name: str, specs: li
     return [files[i] for i in keep], ([times[i] for i in keep] if times else None)
 
 
-@register_dataset("frames", extra=FRAME_KEYS)
+@register_dataset("frames", units=white_units, extra=FRAME_KEYS)
 def build_frames(cfg: DataConfig) -> dict:
     """Clips from a folder of frames, or a folder of such folders (each one sequence)."""
     root = require_path(cfg, "a folder of frame images")
@@ -210,7 +221,7 @@ def build_frames(cfg: DataConfig) -> dict:
 KTH_GROUP_REGEX = r"person\d+"
 
 
-@register_dataset("kth", extra=FRAME_KEYS)
+@register_dataset("kth", units=white_units, extra=FRAME_KEYS)
 def build_kth(cfg: DataConfig) -> dict:
     """Clips from a KTH-style tree: each video file and each folder of frames is one sequence."""
     root = require_path(cfg, "a folder of action folders (videos or frame folders)")
