@@ -279,3 +279,49 @@ def test_evaluate_writes_rmse_in_the_datas_units(tmp_path, capsys):
     assert m["mae_physical"] == pytest.approx(m["mae_pixel"] * white, rel=1e-3)
     assert "RMSE (counts)" in (tmp_path / "ev" / "report.md").read_text()
     assert "rmse=" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# start-up: --help, --version and config errors without torch
+# --------------------------------------------------------------------------------------------
+def _run_cli(*args, stdin=None, shell_tail: str | None = None):
+    import os
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    t0 = time.perf_counter()
+    if shell_tail is not None:  # the command piped into another (e.g. "| head -3")
+        import shlex
+        cmd = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "transmem.cli", *args)) + " " + shell_tail
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env,
+                           timeout=120)
+    else:
+        r = subprocess.run([sys.executable, "-m", "transmem.cli", *args], capture_output=True, text=True,
+                           env=env, timeout=120)
+    return r, time.perf_counter() - t0
+
+
+def test_help_version_and_config_errors_answer_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys, transmem.cli as c\n"
+            "c.build_parser()\n"
+            "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr  # the parser loads neither
+    r, wall = _run_cli("--help")
+    assert r.returncode == 0 and "pretrain" in r.stdout and wall < 2.0, (wall, r.stderr)
+    import transmem
+    r, _ = _run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"transmem {transmem.__version__}"
+    r, wall = _run_cli("pretrain", "--out", "never-made", "--train.steps", "0")
+    assert r.returncode == 2 and "train.steps=0" in r.stderr and wall < 2.0, (wall, r.stderr)
+    assert not Path("never-made").exists()
+
+
+def test_choices_mirror_their_owners():
+    from transmem import baselines, choices, zoo
+    assert choices.BASELINE_NAMES == baselines.BASELINES
+    assert zoo.PROBE_STEPS == choices.PROBE_STEPS

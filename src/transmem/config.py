@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from lightning.pytorch.strategies import StrategyRegistry
 
 from .choices import CONFIG_CHOICES, NORMS
 from .data.registry import GENERATORS, DataConfig
 from .files import read_small_file
-from .models import build_config
 
 
 class ConfigError(ValueError):
@@ -292,6 +289,7 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     if "model" in raw:
         model = {"name": "convlstm", **raw["model"]}
         name = model.pop("name")
+        from .models import build_config  # torch: only for a config that names a model
         try:
             # coerce the override strings through the dataclass defaults (unknown keys pass as they
             # are), then build the model's config: it refuses unknown keys and bad values
@@ -429,10 +427,14 @@ def validate(exp: "Experiment") -> None:
     _int_in(t.num_nodes, "train.num_nodes", 1, 100_000)
     _int_in(t.num_workers, "train.num_workers", 0, LIMITS["workers"])
     _int_in(t.threads, "train.threads", 0, LIMITS["threads"])
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
-    if t.strategy not in strategies:
+    if t.strategy != "auto":  # Lightning's names (imported only for a strategy other than auto)
+        from lightning.pytorch.strategies import StrategyRegistry
+        strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if t.strategy != "auto" and t.strategy not in strategies:
         raise ConfigError(f"train.strategy: expected one of auto, ddp, ddp_spawn, fsdp, deepspeed, ... "
                           f"(Lightning's names), got {t.strategy!r}")
+    if t.accelerator in ("gpu", "cuda", "mps"):
+        import torch
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator={t.accelerator}: torch sees no CUDA GPU on this machine "
                           "(use auto or cpu)")

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
+from . import choices
 from .baselines import BASELINES, BaselineUnavailable, create_baseline
 from .config import ConfigError
 from .data import DataConfig, build_datasets, frame_size_of, physical_units
@@ -336,7 +337,7 @@ def check_new_entry(path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 # ranking: which zoo entries serve a target, and how well (``transmem zoo rank``, ``auto``)
 
-PROBE_STEPS = 50           # default K of the finetuning probe
+PROBE_STEPS = choices.PROBE_STEPS  # default K of the finetuning probe
 USES = ("finetune", "teacher")
 _AUTO = re.compile(r"auto(?::(\d+))?")
 
