@@ -325,3 +325,85 @@ def test_choices_mirror_their_owners():
     from transmem import baselines, choices, zoo
     assert choices.BASELINE_NAMES == baselines.BASELINES
     assert zoo.PROBE_STEPS == choices.PROBE_STEPS
+
+
+# --------------------------------------------------------------------------------------------
+# 7. smaller rough edges
+# --------------------------------------------------------------------------------------------
+def test_zoo_show_into_a_closed_pipe_is_not_an_error(tmp_path):
+    m = create_model("convlstm", num_layers=1, hidden=4, filter_size=3, patch_size=2)
+    zoo.save_entry(m, tmp_path / "e", {"t_in": 3, "t_out": 3, "frame_size": [8, 8], "channels": 1,
+                                       "notes": ["x" * 100] * 2000})  # a card longer than a pipe's buffer
+    r, _ = _run_cli("zoo", "show", str(tmp_path / "e"), shell_tail="| head -2")
+    assert r.returncode == 0 and "Broken pipe" not in r.stderr and not r.stderr.strip(), r.stderr
+    assert len(r.stdout.splitlines()) == 2
+
+
+def test_evaluate_into_earlier_results_names_overwrite(tmp_path, capsys):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "metrics.json").write_text("{}")
+    from transmem import api
+    with pytest.raises(api.RunFolderError, match="--overwrite"):
+        api.check_eval_out(tmp_path / "ev")
+
+
+TINY_DIGITS = ["--data.size", "16", "--data.frames", "6", "--data.train_clips", "8", "--data.val_clips", "4",
+               "--data.test_clips", "4", "--train.batch_size", "4", "--train.t_in", "3", "--train.progress", "false",
+               "--model.hidden", "4", "--model.num_layers", "1", "--model.patch_size", "4", "--model.filter_size", "3",
+               "--eval.examples", "0", "--train.threads", "1"]
+
+
+def test_val_every_is_honoured_across_epochs(tmp_path):
+    import csv
+    # 8 clips in batches of 4: 2 steps an epoch; validation every 3 steps, not every 2
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--train.steps", "7", "--train.val_every", "3",
+                 *TINY_DIGITS]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "r" / "logs" / "metrics.csv")))
+    assert [int(r["step"]) + 1 for r in rows if r.get("val/mse")] == [3, 6]
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["pretrain", "--out", str(out), "--train.steps", "2", *TINY_DIGITS]) == 0
+    import shutil
+    for name in ("checkpoints", "metrics.json", "model"):  # as if killed before its first checkpoint
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--train.steps", "2", "--resume", *TINY_DIGITS]) == 0
+    said = capsys.readouterr().out
+    assert "found no checkpoint" in said and "starts again from step 0" in said
+    assert (out / "metrics.json").is_file()
+
+
+def test_a_fifo_named_like_the_newest_radar_frame_is_refused(tmp_path):
+    import gzip
+    import os
+    from transmem.data import DataError
+    from transmem.data.inputs import read_input_frames
+    folder = tmp_path / "radar"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for m in (0, 5, 10):
+        a = rng.integers(60, 120, (16, 16)).astype(np.uint8)
+        (folder / f"2016092814{m:02d}_fmi.radar.composite.lowest_FIN_SUOMI1.pgm.gz").write_bytes(
+            gzip.compress(b"P5\n16 16\n255\n" + a.tobytes()))
+    assert read_input_frames(folder).shape[0] == 3
+    os.mkfifo(folder / "201609281415_fmi.radar.composite.lowest_FIN_SUOMI1.pgm.gz")  # the newest "frame"
+    with pytest.raises(DataError, match="201609281415.*not a regular file"):
+        read_input_frames(folder)
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path):
+    import re
+    import subprocess
+    import sys
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "no Python snippet in the README"
+    import os
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    for code in blocks:
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]

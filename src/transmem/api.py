@@ -537,7 +537,8 @@ def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5) -> Ble
 
 def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:
     if (out / "metrics.json").exists() and not overwrite:
-        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
+        raise RunFolderError(f"{out / 'metrics.json'}: exists; pass --overwrite to replace it, or choose another "
+                             "--out (nothing was changed)")
 
 
 def check_eval_out(out, overwrite: bool = False) -> Path:

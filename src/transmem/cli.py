@@ -191,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     old = _install_signal_handlers()
     try:
-        return _dispatch(args, rest, ap)
+        rc = _dispatch(args, rest, ap)
+        sys.stdout.flush()  # a closed pipe (`transmem zoo show X | head`) shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 0
     except UsageError as e:
         return e.code
     except (KeyboardInterrupt, Interrupted) as e:
@@ -207,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _stdout_to_devnull() -> None:
+    """The reader of standard output went away (``| head``): what is left is dropped quietly, as
+    for any command line tool, and Python's flush at exit finds nothing to write."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _one_line(e: Exception) -> str:

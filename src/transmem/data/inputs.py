@@ -21,6 +21,7 @@ folder of HDF5 files                   their 2-D fields, in name order
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,29 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
     if a.dtype.kind in "iu":
         raise DataError(path, f"integer array of dtype {a.dtype}: use uint8 (0..255) or uint16, or float in [0, 1]")
     return unit_floats(a, path, "the array's float values")
+
+
+def _refuse_special_frames(folder: Path, names: list[str]) -> None:
+    """A forecast starts from the newest frames of a folder: an entry named like a frame (an
+    image, radar, HDF5 or video file) that is not a regular file -- a FIFO, a device, a socket --
+    would be skipped and the forecast would start from an older frame without a word; refused
+    instead (checked with ``stat``, so a FIFO never blocks)."""
+    for n in names:
+        if n.startswith("."):
+            continue
+        framelike = (is_image_file(n) or is_hdf5_file(n) or is_video_file(n) or parse_fmi_time(n) is not None
+                     or parse_mch_time(n) is not None)
+        if not framelike:
+            continue
+        q = folder / n
+        try:
+            st = q.stat()
+        except OSError as e:
+            raise DataError(q, f"named like a frame but cannot be read ({e.strerror or e}): remove it or "
+                               "give a folder of regular files") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise DataError(q, "named like a frame but not a regular file (a FIFO, device or socket): the "
+                               "forecast would start from an older frame; remove it or give a folder of regular files")
 
 
 def _white(cfg: DataConfig, files: list[Path], max_frames: int | None) -> float | None:
@@ -153,6 +177,7 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             names = sorted(os.listdir(p))
         except OSError as e:
             raise DataError(p, f"cannot list folder ({e.strerror or e})") from None
+        _refuse_special_frames(p, names)
         kind = opts.get("kind") or radar_kind(p)
         if kind is not None:
             if kind not in ("fmi", "mch"):
