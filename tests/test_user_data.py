@@ -407,3 +407,22 @@ def test_readme_python_snippet_runs_as_written(tmp_path):
         r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# lead times in minutes when file names carry times
+# --------------------------------------------------------------------------------------------
+def test_radar_folder_forecast_is_labelled_in_minutes(tmp_path):
+    import gzip
+    from transmem.predict import input_times, lead_labels
+    from types import SimpleNamespace
+    folder = tmp_path / "radar"
+    folder.mkdir()
+    for m in (0, 5, 10, 15):
+        (folder / f"2016092814{m:02d}_fmi.radar.composite.lowest_FIN_SUOMI1.pgm.gz").write_bytes(
+            gzip.compress(b"P5\n4 4\n255\n" + bytes(16)))
+    times = input_times(folder, {"name": "radar_fmi"}, 4)
+    assert [str(t) for t in times][-1] == "2016-09-28T14:15:00"
+    obs, leads = lead_labels(SimpleNamespace(times=times), 3, 2)
+    assert leads == ["+5 min", "+10 min"] and obs[-1] == "2016-09-28 14:15"
+    assert input_times(folder, {"name": "radar_fmi"}, 5) is None  # not one time per frame: steps
