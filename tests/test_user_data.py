@@ -426,3 +426,34 @@ def test_radar_folder_forecast_is_labelled_in_minutes(tmp_path):
     obs, leads = lead_labels(SimpleNamespace(times=times), 3, 2)
     assert leads == ["+5 min", "+10 min"] and obs[-1] == "2016-09-28 14:15"
     assert input_times(folder, {"name": "radar_fmi"}, 5) is None  # not one time per frame: steps
+
+
+# --------------------------------------------------------------------------------------------
+# the input's projection (CF grid mapping) in forecast.nc
+# --------------------------------------------------------------------------------------------
+def test_forecast_netcdf_carries_the_inputs_grid_mapping(tmp_path):
+    xr = pytest.importorskip("xarray", reason="gridded data through xarray (transmem[io])")
+    from transmem.data.gridded import read_grid, write_forecast_netcdf
+    t = np.arange("2024-01-01T00", "2024-01-01T06", dtype="datetime64[h]")
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset(
+        {"t2m": (("time", "y", "x"), (270 + 5 * rng.random((6, 8, 8))).astype(np.float32),
+                 {"units": "K", "grid_mapping": "lambert"}),
+         "lambert": ((), np.int32(0), {"grid_mapping_name": "lambert_conformal_conic",
+                                       "standard_parallel": [30.0, 60.0], "longitude_of_central_meridian": 10.0,
+                                       "latitude_of_projection_origin": 50.0})},
+        coords={"time": t, "y": ("y", np.arange(8) * 2500.0, {"standard_name": "projection_y_coordinate"}),
+                "x": ("x", np.arange(8) * 2500.0, {"standard_name": "projection_x_coordinate"})})
+    ds.to_netcdf(tmp_path / "in.nc", engine="scipy")
+    data = {"name": "xarray", "resize": "none", "extra": {
+        "variable": "t2m", "quantity": "field",
+        "normalization": {"kind": "minmax", "variable": "t2m", "units": "K", "lo": 260.0, "hi": 290.0}}}
+    frames, mask, grid = read_grid(tmp_path / "in.nc", data, None, 1)
+    assert grid.crs["name"] == "lambert"
+    obs = 260 + 30 * frames[:, 0]
+    write_forecast_netcdf(tmp_path / "f.nc", obs[-3:], obs[-2:], grid, "K", obs_mask=mask[-3:, 0])
+    with xr.open_dataset(tmp_path / "f.nc", decode_coords=False) as out:
+        assert out["forecast"].attrs["grid_mapping"] == "lambert"
+        assert out["lambert"].attrs["grid_mapping_name"] == "lambert_conformal_conic"
+        assert list(out["lambert"].attrs["standard_parallel"]) == [30.0, 60.0]
+        assert out["x"].attrs["standard_name"] == "projection_x_coordinate"
