@@ -457,3 +457,26 @@ def test_forecast_netcdf_carries_the_inputs_grid_mapping(tmp_path):
         assert out["lambert"].attrs["grid_mapping_name"] == "lambert_conformal_conic"
         assert list(out["lambert"].attrs["standard_parallel"]) == [30.0, 60.0]
         assert out["x"].attrs["standard_name"] == "projection_x_coordinate"
+
+
+# --------------------------------------------------------------------------------------------
+# transmem compare RUN... --baselines: one table on the same clips
+# --------------------------------------------------------------------------------------------
+def test_compare_scores_runs_and_baselines_on_the_same_clips(tmp_path, capsys):
+    for name, hidden in (("a", "4"), ("b", "6")):
+        assert main(["pretrain", "--out", str(tmp_path / name), "--train.steps", "2", *TINY_DIGITS[:-4],
+                     "--train.threads", "1", "--eval.examples", "1"]
+                    + (["--model.hidden", hidden] if name == "b" else [])) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--baselines",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    m = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+    assert {"a", "b", "persistence"} <= set(m)
+    assert len({v["count"] for v in m.values()}) == 1  # the same clips for every method
+    run_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["a"]["mse"] == pytest.approx(run_a["mse"], rel=1e-5)  # the run's own test score
+    assert table.splitlines()[0].split()[:2] == ["method", "MSE/frame"] and "persistence" in table
+    assert "persistence" in (tmp_path / "cmp" / "report.md").read_text()
+    assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "cmp")]) == 2  # earlier results
+    assert "--overwrite" in capsys.readouterr().err

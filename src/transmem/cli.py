@@ -115,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the earlier results (metrics.json, report, figures) in --out")
 
+    p = sub.add_parser("compare", help="score several models (and the baselines) on the same clips, side by side")
+    p.add_argument("runs", nargs="+", help="run folders (their model/) or zoo entries (folders or names under --zoo-root)")
+    p.add_argument("--baselines", action="store_true", help="also score persistence and extrapolation")
+    p.add_argument("--config", help="the data to compare on (default: the first run's config.yaml, else its card's "
+                                    "data), plus --section.key overrides")
+    p.add_argument("--out", required=True, help="folder for metrics.json (one entry per method) and the report")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--zoo-root", help="zoo root for entry names (default: $TRANSMEM_ZOO or ./zoo)")
+
     p = sub.add_parser("predict", help="forecast from the last T_in frames of a file or folder")
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
@@ -249,6 +258,8 @@ def _is_user_error(e: Exception) -> bool:
 
 def _dispatch(args, rest, ap) -> int:
     zoo_rank = args.cmd == "zoo" and args.action == "rank"  # takes the config's overrides
+    if args.cmd == "compare":
+        return _compare(args, _split_overrides(rest, ap))
     if args.cmd in ("demo", "zoo", "predict", "bench", "models") and rest and not zoo_rank:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     overrides = _split_overrides(rest, ap)
@@ -372,6 +383,74 @@ def _evaluate(args, exp) -> dict:
                   {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
                   examples=exp.eval.examples, settings={"model": label, "data": exp.data.to_dict()})
     return metrics
+
+
+def _compare(args, overrides) -> int:
+    """``compare``: every model (and with ``--baselines`` every baseline) scored on the same
+    clips of one dataset; ``metrics.json`` maps method -> metrics, the report holds the side-by-side
+    table, the per-lead plots and the example forecasts, and the table is printed."""
+    from . import api
+    from .baselines import BaselineUnavailable
+    from .config import load_experiment
+    from .data import adopt_fitted
+    from .files import write_json
+    from .run_report import method_report
+    from .zoo import read_card, resolve
+    entries = []
+    for ref in args.runs:
+        p = Path(ref)
+        entry = p / "model" if (p / "model" / "card.json").is_file() else resolve(ref, args.zoo_root)
+        label = p.name if entry != p / "model" else p.name or str(p)
+        while label in [e[0] for e in entries]:
+            label += "'"
+        entries.append((label, p, entry, read_card(entry)))
+    config = args.config or next((str(p / "config.yaml") for _, p, _, _ in entries if (p / "config.yaml").is_file()),
+                                 None)
+    if config is not None:
+        exp = load_experiment(config, overrides)
+    else:  # a zoo entry: the data its card records
+        card = entries[0][3]
+        exp = load_experiment(None, overrides, base={"data": dict(card.get("data") or {}),
+                                                     "train": {"t_in": int(card.get("t_in", 10))}})
+    adopt_fitted(exp.data, entries[0][3].get("data"))
+    datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
+    forecasters = {}
+    for label, _, entry, card in entries:
+        api.check_model_fits(card, exp, datasets)
+        forecasters[label] = api.load_for_inference(entry)[0]
+    for name in BASELINES if args.baselines else ():
+        try:
+            forecasters[name] = api.load_baseline(name, exp)
+        except BaselineUnavailable as e:
+            print(f"baseline {name} left out: {e}")
+    metrics = {}
+    for name, f in forecasters.items():
+        f.t_in = exp.train.t_in
+        metrics[name] = api.evaluate_forecaster(exp, f, datasets)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    method_report(out, f"transmem compare on {exp.data.name} ({exp.eval.split}, {len(datasets[exp.eval.split])} clips)",
+                  metrics, forecasters, datasets[exp.eval.split], exp.train.t_in, examples=exp.eval.examples,
+                  settings={"runs": [str(e[2]) for e in entries], "data": exp.data.to_dict()})
+    print(format_compare_table(metrics))
+    return 0
+
+
+def format_compare_table(metrics: dict) -> str:
+    """Methods side by side (best MSE first): MSE/frame, MSE/pixel, SSIM, and RMSE in the data's
+    units where it declares them."""
+    units = next((m["units"] for m in metrics.values() if isinstance(m.get("units"), str)), None)
+    head = ("method", "MSE/frame", "MSE/pixel", "SSIM") + ((f"RMSE ({units})", f"MAE ({units})") if units else ())
+
+    def num(x):
+        return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
+    order = sorted(metrics, key=lambda n: (metrics[n].get("mse") is None, metrics[n].get("mse") or 0.0))
+    rows = [head] + [(n, num(metrics[n].get("mse")), num(metrics[n].get("mse_pixel")), num(metrics[n].get("ssim")))
+                     + ((num(metrics[n].get("rmse_physical")), num(metrics[n].get("mae_physical"))) if units else ())
+                     for n in order]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _export(exp, split: str, out: str) -> int:
