@@ -480,3 +480,13 @@ def test_compare_scores_runs_and_baselines_on_the_same_clips(tmp_path, capsys):
     assert "persistence" in (tmp_path / "cmp" / "report.md").read_text()
     assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "cmp")]) == 2  # earlier results
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_transfer_with_a_teacher_whose_patch_does_not_divide_the_frames(native, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["transfer", "--config", str(native / "native.yaml"), "--teachers", str(native / "zoo" / "p4"),
+               "--model.patch_size", "2", "--model.hidden", "4", "--model.num_layers", "1", "--out", str(out)])
+    assert rc == 2
+    line = _one_line_error(capsys, "teacher")
+    assert "patch size 4 does not divide the data's 30x40 frames" in line
+    assert not out.exists()

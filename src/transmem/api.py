@@ -479,6 +479,9 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     model, bank, teachers_card = build_transfer(exp, teachers, zoo_root)
     hw = data_frame_size(exp, datasets)
     check_patch_fits(getattr(model, "backbone", model).config.patch_size, hw, exp)  # before the run folder
+    for t in teachers_card:  # the teachers run on the target's frames too
+        cfg = zoo.read_card(t["entry"]).get("config") or {}
+        check_patch_fits(cfg.get("patch_size"), hw, exp, f"teacher {t['entry']}: its")
     out = prepare_run_dir(out, resume)
     if ranking is not None:
         _record_ranking(out, ranking)
