@@ -490,3 +490,14 @@ def test_transfer_with_a_teacher_whose_patch_does_not_divide_the_frames(native, 
     line = _one_line_error(capsys, "teacher")
     assert "patch size 4 does not divide the data's 30x40 frames" in line
     assert not out.exists()
+
+
+def test_predict_reads_its_input_with_the_models_white_level(tmp_path):
+    tifffile = pytest.importorskip("tifffile", reason="16-bit TIFF stacks through tifffile (transmem[io])")
+    from transmem.predict import read_forecast_input
+    a = _dim_16bit(n=6, h=12, w=20)
+    tifffile.imwrite(tmp_path / "s.tif", a)
+    data = {"name": "frames", "resize": "none", "size": 64, "extra": {"white": 2000}}
+    frames, _, _ = read_forecast_input(tmp_path / "s.tif", data, 1, 64)
+    assert frames.shape == (6, 1, 12, 20)  # native size, as the model's data was read
+    np.testing.assert_allclose(frames[:, 0], a / 2000.0, rtol=1e-3, atol=1e-4)  # the model's white, not 65535
