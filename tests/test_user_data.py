@@ -278,7 +278,7 @@ def test_evaluate_writes_rmse_in_the_datas_units(tmp_path, capsys):
     white = max(int(_dim_16bit(seed=k).max()) for k in range(3))
     assert m["mae_physical"] == pytest.approx(m["mae_pixel"] * white, rel=1e-3)
     assert "RMSE (counts)" in (tmp_path / "ev" / "report.md").read_text()
-    assert "rmse=" in capsys.readouterr().out
+    assert "rmse_physical=" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------

@@ -347,7 +347,7 @@ def _dispatch(args, rest, ap) -> int:
 def _summary_line(m: dict) -> str:
     parts = [f"{k}={m[k]:.4g}" for k in ("mse", "mse_pixel", "mae", "ssim", "psnr") if isinstance(m.get(k), float)]
     units = f" {m['units']}" if isinstance(m.get("units"), str) else ""
-    parts += [f"{k.split('_')[0]}={m[k]:.4g}{units}" for k in ("rmse_physical", "mae_physical")
+    parts += [f"{k}={m[k]:.4g}{units}" for k in ("rmse_physical", "mae_physical")
               if isinstance(m.get(k), float)]
     return "test: " + " ".join(parts)
 
