@@ -501,3 +501,15 @@ def test_predict_reads_its_input_with_the_models_white_level(tmp_path):
     frames, _, _ = read_forecast_input(tmp_path / "s.tif", data, 1, 64)
     assert frames.shape == (6, 1, 12, 20)  # native size, as the model's data was read
     np.testing.assert_allclose(frames[:, 0], a / 2000.0, rtol=1e-3, atol=1e-4)  # the model's white, not 65535
+
+
+def test_slow_data_reading_says_how_far_it_is(tmp_path, monkeypatch, capsys):
+    import transmem.data.clips as clips
+    from transmem.data import DataConfig, build_datasets
+    data = _frames_folder(tmp_path / "fr")
+    build_datasets(DataConfig(name="frames", path=str(data), size=16, frames=4, split=(1, 0, 0)))
+    assert "reading" not in capsys.readouterr().err  # quick: silent
+    monkeypatch.setattr(clips, "_PROGRESS_AFTER_S", 0.0)  # as if each sequence took long
+    build_datasets(DataConfig(name="frames", path=str(data), size=16, frames=4, split=(1, 0, 0)))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("reading frames data")]
+    assert lines and lines[-1].startswith("reading frames data sequence 4/4")

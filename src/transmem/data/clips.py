@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..files import atomic_folder
+from ..progress import BlockProgress
 from .errors import DataError
 from .registry import DataConfig
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
+_PROGRESS_AFTER_S = 5.0  # reading expected to take longer than this shows its progress
 # ``extra`` keys that only steer the split / windowing; they do not change the prepared frames,
 # so they stay out of the cache key.
 SPLIT_ONLY_KEYS = frozenset({"splits", "split_order", "group_regex"})
@@ -462,8 +464,12 @@ def prepare(cfg: DataConfig, reader: str, specs: list[SequenceSpec], params: dic
             return hit
     datas, masks, lengths = [], [], []
     shape0 = None
-    for s in specs:
+    # reading that will take more than a few seconds says how far it is (a bar on a terminal, else
+    # a plain line per ~10 %, on standard error); judged after the first sequence
+    bar = BlockProgress(len(specs), f"reading {reader} data", unit="sequence", after_s=_PROGRESS_AFTER_S)
+    for k, s in enumerate(specs):
         data, mask = s.load()
+        bar.update(k + 1, len(specs))
         if data.ndim != 4 or data.shape[0] == 0:
             raise DataError(s.files[0] if s.files else cfg.path, "no frames decoded")
         if shape0 is None:
@@ -475,6 +481,7 @@ def prepare(cfg: DataConfig, reader: str, specs: list[SequenceSpec], params: dic
         datas.append(data)
         masks.append(mask)
         lengths.append(int(data.shape[0]))
+    bar.close()
     has_mask = [m is not None for m in masks]
     if any(has_mask) and not all(has_mask):
         raise DataError(cfg.path, "internal: some sequences have a mask and some do not")
