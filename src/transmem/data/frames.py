@@ -36,7 +36,7 @@ from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_options, g
 from .errors import DataError
 from ..files import walk
 from .registry import DataConfig, Units, register_dataset
-from .stacks import data_white, frame_count, image_array, read_stack
+from .stacks import data_white, frame_count, image_array, is_wide_image, read_stack
 from .video import find_video_files, prepare_frames, video_specs
 
 #: the ``extra`` keys of the ``frames`` and ``kth`` readers
@@ -151,8 +151,11 @@ def fit_white(cfg: DataConfig, folders: list[Path]) -> None:
     ``evaluate`` read new files on the same scale). 8-bit data is left alone."""
     if opt(cfg, "white") is not None:
         return
-    files = [Path(d) / f for d in folders for f in sorted(os.listdir(d))
-             if is_image_file(f) and (Path(d) / f).is_file()]
+    files = []
+    for d in folders:  # a folder's first image says whether it holds 16-bit data (headers only)
+        names = [Path(d) / f for f in sorted(os.listdir(d)) if is_image_file(f) and (Path(d) / f).is_file()]
+        if names and is_wide_image(names[0]):
+            files += names
     white = data_white(files, opt_int(cfg, "max_frames"))
     if white is not None:
         cfg.extra = dict(cfg.extra or {}, white=white)
