@@ -400,7 +400,7 @@ def _compare(args, overrides) -> int:
     for ref in args.runs:
         p = Path(ref)
         entry = p / "model" if (p / "model" / "card.json").is_file() else resolve(ref, args.zoo_root)
-        label = p.name if entry != p / "model" else p.name or str(p)
+        label = p.name or str(p)
         while label in [e[0] for e in entries]:
             label += "'"
         entries.append((label, p, entry, read_card(entry)))
