@@ -49,6 +49,24 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--zoo-root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
 
 
+class _RegisteredModels:
+    """``bench --model``'s choices: the model registry, read when a choice is checked or listed
+    (so building the parser, and ``transmem --help``, import no torch)."""
+
+    def _names(self) -> list[str]:
+        from .models import list_models
+        return list_models()
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
 class UsageError(SystemExit):
     """A bad command line (argparse's error), already reported in one line; exit status 2."""
 
@@ -147,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rank: replace an existing --json file")
 
     p = sub.add_parser("bench", help="time training steps and inference rollouts")
-    p.add_argument("--model", default="convlstm", help="a registered model (see `transmem models`)")
+    p.add_argument("--model", default="convlstm", choices=_RegisteredModels(), metavar="MODEL",
+                   help="a registered model (`transmem models`)")
     p.add_argument("--backbone", default="convlstm", help="TMU target backbone")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=32)
@@ -292,9 +311,6 @@ def _dispatch(args, rest, ap) -> int:
 
     if args.cmd == "bench":
         from .bench import run_bench
-        from .models import list_models
-        if args.model not in list_models():
-            ap.error(f"argument --model: invalid choice: {args.model!r} (choose from {', '.join(list_models())})")
         run_bench(args)
         return 0
 
