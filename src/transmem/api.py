@@ -21,7 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
-from .data import DataError, build_datasets, physical_units
+from .data import DataError, build_datasets, frame_size_of, physical_units
 from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
                     lock_holder, lock_path_beside, write_json)
 from .models import build_config, create_model
@@ -274,14 +274,48 @@ def schedule_for(exp: Experiment) -> SamplingSchedule:
                             start_step=int(t.sampling_start * t.steps))
 
 
-def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
+def data_frame_size(exp: Experiment, datasets: dict | None) -> tuple[int, int]:
+    """``(height, width)`` of the frames the model will see: read from the built ``datasets``
+    (with ``resize: none`` a reader keeps its native size, which ``data.size`` does not say), else
+    ``data.size`` square."""
+    hw = frame_size_of(datasets) if datasets else None
+    return hw or (exp.data.size, exp.data.size)
+
+
+def check_patch_fits(patch, hw: tuple[int, int], exp: Experiment, who: str = "the model's") -> None:
+    """A one-line ConfigError when ``patch`` does not divide the frames ``hw`` the data has (or a
+    training crop does not fit them), before anything is created."""
+    t = exp.train
+    h, w = hw
+    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
+        if exp.data.resize == "none":
+            hint = (f"data.resize is none, so frames keep their native {h}x{w}: give a patch size that divides "
+                    f"both, or set --data.resize resize (or crop) with a data.size divisible by {patch}")
+        else:
+            hint = f"set data.size to a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
+        raise ConfigError(f"{who} patch size {patch} does not divide the data's {h}x{w} frames ({hint}); "
+                          "nothing was trained or written")
+    if t.crop and ((isinstance(patch, int) and patch > 0 and t.crop % patch) or t.crop > min(h, w)):
+        raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
+                          f"most the data's frame size {h}x{w}")
+
+
+def _model_patch(exp: Experiment, init_from=None, zoo_root=None):
+    """The patch size of the model a run will train (the ``init_from`` entry's for a finetune)."""
+    if init_from:
+        cfg = zoo.read_card(zoo.resolve(init_from, zoo_root)).get("config") or {}
+        return (cfg.get("backbone_config") or cfg).get("patch_size")
+    cfg = dict(exp.model)
+    try:
+        return getattr(build_config(cfg.pop("name", "convlstm"), cfg), "patch_size", None)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _module(exp: Experiment, model, bank=None, cache=None, hw: tuple[int, int] | None = None) -> ForecastModule:
     t = exp.train
     patch = getattr(model, "backbone", model).config.patch_size
-    if exp.data.size % patch:
-        raise ConfigError(f"data.size={exp.data.size} is not divisible by the model's patch size {patch}")
-    if t.crop and (t.crop % patch or t.crop > exp.data.size):
-        raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
-                          f"most data.size={exp.data.size}")
+    check_patch_fits(patch, hw or (exp.data.size, exp.data.size), exp)
     return ForecastModule(model, schedule_for(exp), lr=t.lr, bank=bank,
                           distill_weight=exp.transfer.distill_weight if bank is not None else 0.0,
                           bank_cache=cache, reverse_prob=t.reverse_time_prob, l1_weight=t.l1_weight,
@@ -290,18 +324,20 @@ def _module(exp: Experiment, model, bank=None, cache=None) -> ForecastModule:
                           distill_span=exp.transfer.distill_span)
 
 
-def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None) -> dict:
+def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None,
+          hw: tuple[int, int] | None = None) -> dict:
     d = exp.data
     return {
         "kind": kind,
         "data": d.to_dict(),
-        "frame_size": [d.size, d.size],
+        "frame_size": list(hw or (d.size, d.size)),
         "channels": d.channels,
         "t_in": exp.train.t_in,
         "t_out": d.frames - exp.train.t_in,
         "train": {"steps": exp.train.steps, "batch_size": exp.train.batch_size, "lr": exp.train.lr,
                   "seed": exp.train.seed, "wall_s": round(wall_s, 1)},
-        "metrics": {k: metrics[k] for k in ("mse", "mse_pixel", "mae", "ssim", "psnr") if k in metrics},
+        "metrics": {k: metrics[k] for k in ("mse", "mse_pixel", "mae", "ssim", "psnr", "rmse_physical",
+                                            "mae_physical", "units") if k in metrics},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
@@ -309,13 +345,17 @@ def _card(exp: Experiment, metrics: dict, wall_s: float, kind: str, extra=None) 
 
 def evaluate_forecaster(exp: Experiment, module, datasets) -> dict:
     """Per-frame metrics of any forecaster (a trained module or a baseline) on ``exp``'s eval
-    split, with CSI/POD/FAR in physical units where the data declares them."""
+    split, with RMSE / MAE (``rmse_physical``, ``mae_physical``, in ``metrics["units"]``) and
+    CSI/POD/FAR in physical units where the data declares them."""
     split = datasets.get(exp.eval.split)
     if split is None or len(split) == 0:
         raise ConfigError(f"eval.split '{exp.eval.split}' has no clips to evaluate on")
     units = physical_units(exp.data)
-    return evaluate(module, split, exp.eval.batch_size, thresholds=exp.eval.thresholds or None,
-                    to_physical=None if units is None else units.to_physical, progress=exp.train.progress)
+    metrics = evaluate(module, split, exp.eval.batch_size, thresholds=exp.eval.thresholds or None,
+                       to_physical=None if units is None else units.to_physical, progress=exp.train.progress)
+    if units is not None:  # rmse_physical / mae_physical are in these units
+        metrics["units"] = units.name
+    return metrics
 
 
 def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind: str, extra=None,
@@ -324,7 +364,7 @@ def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind:
     metrics["train_wall_s"] = round(wall, 2)
     metrics["train_steps"] = exp.train.steps
     write_json(out / "metrics.json", metrics)
-    card = _card(exp, metrics, wall, kind, extra)
+    card = _card(exp, metrics, wall, kind, extra, data_frame_size(exp, datasets))
     zoo.save_entry(module.model, out / "model", card, overwrite=True)
     if zoo_name:
         zoo.save_entry(module.model, Path(zoo_root or zoo.default_root()) / zoo_name, card)
@@ -388,6 +428,9 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         chosen = ranking.top_rows(1, use="finetune")
         init_from = chosen[0]["path"]
     datasets = datasets or _check_data(exp)
+    hw = data_frame_size(exp, datasets)
+    check_patch_fits(_model_patch(exp, init_from, zoo_root), hw, exp,
+                     f"{init_from}: its" if init_from else "the model's")  # before the run folder exists
     out = prepare_run_dir(out, resume)
     extra = {}
     if ranking is not None:
@@ -407,7 +450,7 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         model = create_model(cfg.pop("name"), cfg)
     if model.config.in_channels != exp.data.channels:
         raise ConfigError(f"model reads {model.config.in_channels}-channel frames but data.channels={exp.data.channels}")
-    module = _module(exp, model)
+    module = _module(exp, model, hw=hw)
     exp.save(out / "config.yaml")
     t0 = time.time()
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
@@ -493,6 +536,11 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
             auto["init_from"] = ranking.summary(rows, "finetune", RANKING_FILE)
     datasets = datasets or _check_data(exp)
     model, bank, teachers_card = build_transfer(exp, teachers, zoo_root)
+    hw = data_frame_size(exp, datasets)
+    check_patch_fits(getattr(model, "backbone", model).config.patch_size, hw, exp)  # before the run folder
+    for t in teachers_card:  # the teachers run on the target's frames too
+        cfg = zoo.read_card(t["entry"]).get("config") or {}
+        check_patch_fits(cfg.get("patch_size"), hw, exp, f"teacher {t['entry']}: its")
     out = prepare_run_dir(out, resume)
     if ranking is not None:
         _record_ranking(out, ranking)
@@ -507,7 +555,7 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     if tr.cache_bank != "none" and tr.teacher_inputs == "ground_truth" and not augmented:
         cache = BankCache(len(datasets["train"]),
                           directory=(out / "bank_cache") if tr.cache_bank == "disk" else None)
-    module = _module(exp, model, bank, cache)
+    module = _module(exp, model, bank, cache, hw)
     t0 = time.time()
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
     extra = {"teachers": teachers_card, "transfer": asdict(tr)} | ({"ranking": auto} if auto else {})
@@ -552,7 +600,8 @@ def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5, units=
 
 def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:
     if (out / "metrics.json").exists() and not overwrite:
-        raise RunFolderError(f"{out / 'metrics.json'}: exists; choose another --out (nothing was changed)")
+        raise RunFolderError(f"{out / 'metrics.json'}: exists; pass --overwrite to replace it, or choose another "
+                             "--out (nothing was changed)")
 
 
 def check_eval_out(out, overwrite: bool = False) -> Path:
@@ -591,14 +640,20 @@ def claim_output(out) -> "FolderLock":
         raise RunFolderError(f"{out}: cannot write the --out folder ({e.strerror or e})") from None
 
 
-def check_model_fits(card: dict, exp: Experiment) -> None:
-    """A zoo model can be evaluated on ``exp``'s data: its patch size divides the frame size and
-    it reads frames of the data's channels (checked before any clip is rolled out)."""
+def check_model_fits(card: dict, exp: Experiment, datasets: dict | None = None) -> None:
+    """A zoo model can be evaluated on ``exp``'s data: its patch size divides the frame size the
+    data has (``datasets``, when built: ``resize: none`` keeps the native size) and it reads
+    frames of the data's channels (checked before any clip is rolled out)."""
     cfg = card.get("config") or {}
     patch = (cfg.get("backbone_config") or cfg).get("patch_size")
-    if isinstance(patch, int) and patch > 0 and exp.data.size % patch:
-        raise ConfigError(f"data.size={exp.data.size}: the model's patch size {patch} does not divide it "
-                          f"(evaluate at a multiple of {patch}, e.g. --data.size {max(patch, exp.data.size // patch * patch)})")
+    h, w = data_frame_size(exp, datasets)
+    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
+        if exp.data.resize == "none":
+            hint = f"data.resize is none, so the frames keep their native {h}x{w}; set --data.resize resize"
+        else:
+            hint = f"evaluate at a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
+        raise ConfigError(f"data.size={exp.data.size}: the model's patch size {patch} does not divide the data's "
+                          f"{h}x{w} frames ({hint})")
     channels = card.get("channels")
     if channels is not None and channels != exp.data.channels:
         raise ConfigError(f"data.channels={exp.data.channels}: the model reads {channels}-channel frames")

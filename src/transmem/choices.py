@@ -16,6 +16,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's
 EVAL_SPLITS = ("train", "val", "test")                 # the splits every dataset builder returns
 RESIZE_MODES = ("resize", "crop", "none")             # how readers bring frames to data.size
 NORMS = ("none", "group")                              # a backbone's normalisation
+PROBE_STEPS = 50                                      # default K of zoo rank's finetuning probe
 
 #: config key -> allowed values (checked by :func:`transmem.config.load_experiment`)
 CONFIG_CHOICES = {

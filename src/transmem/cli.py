@@ -15,27 +15,13 @@ import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
-import numpy as np
-from lightning.fabric.utilities.exceptions import MisconfigurationException
+import transmem
+from .choices import PROBE_STEPS, TMU_MODES
 
-from . import api
-from .baselines import BASELINES, BaselineUnavailable, list_baselines
-from .bench import run_bench
-from .blend import parse_blend
-from .choices import TMU_MODES
-from .config import ConfigError, load_experiment, validate
-from .data import DataError, adopt_fitted, build_datasets, list_datasets, physical_units
-from .demo import run_demo
-from .files import OutputPathError, atomic_folder, atomic_write, write_json
-from .models import list_models
-from .predict import run_predict
-from .run_report import method_report
-from .training import CheckpointError
-from .transfer import TeacherMismatch
-from .zoo import PROBE_STEPS, ZooError, candidates, rank, read_card, resolve, scan_entries
+# torch, Lightning and the rest are imported where a command needs them: `transmem --help`,
+# `--version` and argument errors answer without loading torch (about 0.1 s instead of 8-14 s)
 
 
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -66,6 +52,31 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--zoo-root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
 
 
+class _Registered:
+    """Choices read from a registry (``list_models``, ``list_baselines``) when a choice is checked
+    or listed, so that building the parser, and ``transmem --help``, import no torch; and so that
+    a backbone or baseline added by a file or a plugin is a valid choice with no edit here."""
+
+    def __init__(self, module: str, function: str):
+        self.module, self.function = module, function
+
+    def _names(self) -> list[str]:
+        import importlib
+        return list(getattr(importlib.import_module(self.module, __package__), self.function)())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+BASELINES = _Registered(".baselines", "list_baselines")
+
+
 class UsageError(SystemExit):
     """A bad command line (argparse's error), already reported in one line; exit status 2."""
 
@@ -82,6 +93,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="transmem", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"transmem {transmem.__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("demo", help="pretrain two zoo models, transfer to a new task, compare, report")
@@ -123,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model or a baseline on a dataset")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="zoo entry to evaluate")
-    who.add_argument("--baseline", choices=list_baselines(),
+    who.add_argument("--baseline", choices=BASELINES,
                      help="a reference nowcast instead of a model (the registered ones; see docs/baselines.md)")
     p.add_argument("--blend", metavar="BASELINE[:W]",
                    help="score W * model + (1 - W) * BASELINE (W = 0.5 unless given), e.g. extrapolation")
@@ -132,14 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the earlier results (metrics.json, report, figures) in --out")
 
+    p = sub.add_parser("compare", help="score several models (and the baselines) on the same clips, side by side")
+    p.add_argument("runs", nargs="+", help="run folders (their model/) or zoo entries (folders or names under --zoo-root)")
+    p.add_argument("--baselines", action="store_true", help="also score persistence and extrapolation")
+    p.add_argument("--config", help="the data to compare on (default: the first run's config.yaml, else its card's "
+                                    "data), plus --section.key overrides")
+    p.add_argument("--out", required=True, help="folder for metrics.json (one entry per method) and the report")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
+    p.add_argument("--zoo-root", help="zoo root for entry names (default: $TRANSMEM_ZOO or ./zoo)")
+
     p = sub.add_parser("predict", help="forecast from the last T_in frames of a file or folder")
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--baselines", nargs="?", const="default", metavar="NAME[,NAME...]",
                    help="also write reference nowcasts of the same input: the data's default ones "
-                        f"(persistence, extrapolation; for rain also S-PROG, ANVIL, STEPS mean), or those named "
-                        f"(of {', '.join(BASELINES)})")
+                        "(persistence, extrapolation; for rain also S-PROG, ANVIL, STEPS mean), or those named "
+                        "(`transmem evaluate --help` lists them)")
     p.add_argument("--format", choices=["npy", "netcdf", "both"], default=None,
                    help="forecast file: prediction.npy, CF-netCDF forecast.nc (with units, times and "
                         "coordinates), or both; default netcdf when the input has coordinates, else npy")
@@ -157,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rank: replace an existing --json file")
 
     p = sub.add_parser("bench", help="time training steps and inference rollouts")
-    p.add_argument("--model", default="convlstm", choices=list_models())
+    p.add_argument("--model", default="convlstm", choices=_Registered(".models", "list_models"), metavar="MODEL",
+                   help="a registered model (`transmem models`)")
     p.add_argument("--backbone", default="convlstm", help="TMU target backbone")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=32)
@@ -189,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ap = build_parser()
         args, rest = ap.parse_known_args(argv)
-        return _dispatch(args, rest, ap)
+        rc = _dispatch(args, rest, ap)
+        sys.stdout.flush()  # a closed pipe (`transmem zoo show X | head`) shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 0
     except UsageError as e:
         return e.code
     except (KeyboardInterrupt, Interrupted) as e:
@@ -210,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         _signals.restore(old)
 
 
+def _stdout_to_devnull() -> None:
+    """The reader of standard output went away (``| head``): what is left is dropped quietly, as
+    for any command line tool, and Python's flush at exit finds nothing to write."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def _one_line(e: Exception) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         msg = f"{e.filename}: {e.strerror}"
@@ -218,23 +256,36 @@ def _one_line(e: Exception) -> str:
     return " ".join(msg.split())
 
 
+#: (module, class) of every user-error type; only those of modules already imported are looked at
+#: (an exception can only come from a loaded module), so that checking imports nothing
+_USER_ERRORS = (("transmem.files", "OutputPathError"), ("transmem.config", "ConfigError"),
+                ("transmem.data.errors", "DataError"), ("transmem.transfer.bank", "TeacherMismatch"),
+                ("transmem.zoo", "ZooError"), ("transmem.training.checkpoints", "CheckpointError"),
+                ("transmem.baselines", "BaselineUnavailable"),
+                ("lightning.fabric.utilities.exceptions", "MisconfigurationException"))
+
+
 def _is_user_error(e: Exception) -> bool:
-    return isinstance(e, (api.RunFolderError, OutputPathError, ConfigError, DataError, TeacherMismatch, ZooError,
-                          CheckpointError, BaselineUnavailable, FloatingPointError, OSError,
-                          MisconfigurationException))
+    types = tuple(getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules)
+    return isinstance(e, types + (FloatingPointError, OSError))
 
 
 def _dispatch(args, rest, ap) -> int:
     zoo_rank = args.cmd == "zoo" and args.action == "rank"  # takes the config's overrides
+    if args.cmd == "compare":
+        return _compare(args, _split_overrides(rest, ap))
     if args.cmd in ("demo", "zoo", "predict", "bench", "models") and rest and not zoo_rank:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     overrides = _split_overrides(rest, ap)
+    from .config import ConfigError, load_experiment, validate
 
     if args.cmd == "demo":
+        from .demo import run_demo
         run_demo(args.out, quick=args.quick, mnist_dir=args.mnist, bank_read=not args.no_bank_read)
         return 0
 
     if args.cmd == "models":
+        from .models import list_models
         names = list_models(kind=args.kind)
         if not names:
             raise ConfigError(f"--kind {args.kind}: no models of this kind; kinds: backbone, transfer")
@@ -242,6 +293,7 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "zoo":
+        from .zoo import read_card, resolve, scan_entries
         if args.action == "rank":
             return _zoo_rank(args, overrides, ap)
         if args.action == "list":
@@ -253,10 +305,13 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "bench":
+        from .bench import run_bench
         run_bench(args)
         return 0
 
     if args.cmd == "predict":
+        from .blend import parse_blend
+        from .predict import run_predict
         try:
             blend = parse_blend(args.blend) if args.blend else None
         except ValueError as e:
@@ -270,9 +325,11 @@ def _dispatch(args, rest, ap) -> int:
         run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format, blend=blend)
         return 0
 
-    exp = load_experiment(args.config, overrides)
+    exp = load_experiment(args.config, overrides)  # config errors answer before Lightning is loaded
+    from . import api
 
     if args.cmd == "data":
+        from .data import list_datasets
         if args.action == "list":
             print("\n".join(list_datasets()))
             return 0
@@ -304,11 +361,21 @@ def _dispatch(args, rest, ap) -> int:
 
 def _summary_line(m: dict) -> str:
     parts = [f"{k}={m[k]:.4g}" for k in ("mse", "mse_pixel", "mae", "ssim", "psnr") if isinstance(m.get(k), float)]
+    units = f" {m['units']}" if isinstance(m.get("units"), str) else ""
+    parts += [f"{k}={m[k]:.4g}{units}" for k in ("rmse_physical", "mae_physical")
+              if isinstance(m.get(k), float)]
     return "test: " + " ".join(parts)
 
 
 def _evaluate(args, exp) -> dict:
     """``evaluate``: metrics.json and the report (plots, forecast GIFs, TMU maps) in --out."""
+    from . import api
+    from .blend import parse_blend
+    from .config import ConfigError
+    from .data import adopt_fitted, physical_units
+    from .files import atomic_folder
+    from .run_report import method_report
+    from .zoo import read_card, resolve
     try:
         blend = parse_blend(args.blend) if args.blend else None
     except ValueError as e:
@@ -324,7 +391,7 @@ def _evaluate(args, exp) -> dict:
         if args.baseline:
             forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
         else:
-            api.check_model_fits(read_card(resolve(args.model)), exp)
+            api.check_model_fits(read_card(resolve(args.model)), exp, datasets)
             forecaster, card = api.load_for_inference(args.model)
             name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
         if blend:
@@ -339,7 +406,79 @@ def _evaluate(args, exp) -> dict:
     return metrics
 
 
+def _compare(args, overrides) -> int:
+    """``compare``: every model (and with ``--baselines`` every baseline) scored on the same
+    clips of one dataset; ``metrics.json`` maps method -> metrics, the report holds the side-by-side
+    table, the per-lead plots and the example forecasts, and the table is printed."""
+    from . import api
+    from .baselines import BaselineUnavailable, default_baselines
+    from .config import load_experiment
+    from .data import adopt_fitted, physical_units
+    from .files import write_json
+    from .run_report import method_report
+    from .zoo import read_card, resolve
+    entries = []
+    for ref in args.runs:
+        p = Path(ref)
+        entry = p / "model" if (p / "model" / "card.json").is_file() else resolve(ref, args.zoo_root)
+        label = p.name or str(p)
+        while label in [e[0] for e in entries]:
+            label += "'"
+        entries.append((label, p, entry, read_card(entry)))
+    config = args.config or next((str(p / "config.yaml") for _, p, _, _ in entries if (p / "config.yaml").is_file()),
+                                 None)
+    if config is not None:
+        exp = load_experiment(config, overrides)
+    else:  # a zoo entry: the data its card records
+        card = entries[0][3]
+        exp = load_experiment(None, overrides, base={"data": dict(card.get("data") or {}),
+                                                     "train": {"t_in": int(card.get("t_in", 10))}})
+    adopt_fitted(exp.data, entries[0][3].get("data"))
+    datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
+    forecasters = {}
+    for label, _, entry, card in entries:
+        api.check_model_fits(card, exp, datasets)
+        forecasters[label] = api.load_for_inference(entry)[0]
+    for name in default_baselines(physical_units(exp.data)) if args.baselines else ():
+        try:
+            forecasters[name] = api.load_baseline(name, exp)
+        except BaselineUnavailable as e:
+            print(f"baseline {name} left out: {e}")
+    metrics = {}
+    for name, f in forecasters.items():
+        f.t_in = exp.train.t_in
+        metrics[name] = api.evaluate_forecaster(exp, f, datasets)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    method_report(out, f"transmem compare on {exp.data.name} ({exp.eval.split}, {len(datasets[exp.eval.split])} clips)",
+                  metrics, forecasters, datasets[exp.eval.split], exp.train.t_in, examples=exp.eval.examples,
+                  settings={"runs": [str(e[2]) for e in entries], "data": exp.data.to_dict()})
+    print(format_compare_table(metrics))
+    return 0
+
+
+def format_compare_table(metrics: dict) -> str:
+    """Methods side by side (best MSE first): MSE/frame, MSE/pixel, SSIM, and RMSE in the data's
+    units where it declares them."""
+    units = next((m["units"] for m in metrics.values() if isinstance(m.get("units"), str)), None)
+    head = ("method", "MSE/frame", "MSE/pixel", "SSIM") + ((f"RMSE ({units})", f"MAE ({units})") if units else ())
+
+    def num(x):
+        return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
+    order = sorted(metrics, key=lambda n: (metrics[n].get("mse") is None, metrics[n].get("mse") or 0.0))
+    rows = [head] + [(n, num(metrics[n].get("mse")), num(metrics[n].get("mse_pixel")), num(metrics[n].get("ssim")))
+                     + ((num(metrics[n].get("rmse_physical")), num(metrics[n].get("mae_physical"))) if units else ())
+                     for n in order]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def _export(exp, split: str, out: str) -> int:
+    import numpy as np
+
+    from .data import build_datasets
+    from .files import atomic_write
     if os.path.exists(out):
         raise FileExistsError(f"{out}: exists; not overwriting")
     ds = build_datasets(exp.data)[split]
@@ -382,6 +521,10 @@ def format_zoo_table(entries) -> str:
 
 def _zoo_rank(args, overrides, ap) -> int:
     """``zoo rank``: the table (and ``--json``) of :func:`transmem.zoo.rank` for a target."""
+    from . import api
+    from .config import ConfigError, load_experiment
+    from .files import write_json
+    from .zoo import ZooError, candidates, rank
     if not args.config:
         ap.error("zoo rank needs --config TARGET.yaml (the target task)")
     if args.name:

@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from lightning.pytorch.strategies import StrategyRegistry
 
 from .choices import CONFIG_CHOICES, NORMS
-from .data.registry import DataConfig
+from .data.registry import GENERATORS, DataConfig
 from .files import read_small_file
-from .models import build_config
 
 
 class ConfigError(ValueError):
@@ -292,6 +289,7 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     if "model" in raw:
         model = {"name": "convlstm", **raw["model"]}
         name = model.pop("name")
+        from .models import build_config  # torch: only for a config that names a model
         try:
             # coerce the override strings through the dataclass defaults (unknown keys pass as they
             # are), then build the model's config: it refuses unknown keys and bad values
@@ -400,8 +398,8 @@ def validate(exp: "Experiment") -> None:
     _int_in(d.stride, "data.stride", 1, LIMITS["frames"])
     if len(d.split) != 3:
         raise ConfigError(f"data.split: expected 3 fractions (train, val, test), got {list(d.split)!r}")
-    for v in d.split:
-        _num_in(v, "data.split", 0.0, 1.0)
+    for v in d.split:  # fractions, or shares normalised to sum 1 ([21, 3, 7]: as the readers cut them)
+        _num_in(v, "data.split", 0.0, 1e9)
     if sum(d.split) <= 0:
         raise ConfigError(f"data.split: the fractions {list(d.split)!r} sum to 0")
     if not isinstance(d.extra, dict):
@@ -417,7 +415,10 @@ def validate(exp: "Experiment") -> None:
         _num_in(getattr(t, k), f"train.{k}", 0.0, 1.0)
     _num_in(t.l1_weight, "train.l1_weight", 0.0, 1e6)
     _int_in(t.crop, "train.crop", 0, LIMITS["size"])
-    if t.crop > d.size and d.resize != "none":  # (native frames: checked against the frames read)
+    # resize: none keeps a reader's native frame size, which data.size does not describe: the checks
+    # against the real size run once the data is read (api.check_patch_fits)
+    native = d.resize == "none" and d.name not in GENERATORS
+    if t.crop > d.size and not native:
         raise ConfigError(f"train.crop={t.crop} must be at most data.size={d.size}")
     _int_in(t.val_every, "train.val_every", 0)
     _int_in(t.val_batches, "train.val_batches", 0)
@@ -426,10 +427,14 @@ def validate(exp: "Experiment") -> None:
     _int_in(t.num_nodes, "train.num_nodes", 1, 100_000)
     _int_in(t.num_workers, "train.num_workers", 0, LIMITS["workers"])
     _int_in(t.threads, "train.threads", 0, LIMITS["threads"])
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
-    if t.strategy not in strategies:
+    if t.strategy != "auto":  # Lightning's names (imported only for a strategy other than auto)
+        from lightning.pytorch.strategies import StrategyRegistry
+        strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if t.strategy != "auto" and t.strategy not in strategies:
         raise ConfigError(f"train.strategy: expected one of auto, ddp, ddp_spawn, fsdp, deepspeed, ... "
                           f"(Lightning's names), got {t.strategy!r}")
+    if t.accelerator in ("gpu", "cuda", "mps"):
+        import torch
     if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator={t.accelerator}: torch sees no CUDA GPU on this machine "
                           "(use auto or cpu)")
@@ -465,7 +470,7 @@ def validate(exp: "Experiment") -> None:
 
     check_model_config(exp.model)
     patch = exp.model.get("patch_size")
-    if isinstance(patch, int) and d.resize != "none" and d.size % patch:
+    if isinstance(patch, int) and d.size % patch and not native:
         raise ConfigError(f"data.size={d.size} is not divisible by model.patch_size={patch}")
     if isinstance(patch, int) and t.crop and t.crop % patch:
         raise ConfigError(f"train.crop={t.crop} must divide by model.patch_size={patch}")

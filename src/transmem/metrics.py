@@ -28,6 +28,10 @@ Conventions
   any valid value are left out of the PSNR and SSIM averages (and of nothing else).
 * Overall scalars (``mse``, ``ssim``, ...): pooled over all (sequence, lead time) pairs that have a
   value; without a mask this is the mean of the per-frame values.
+* ``rmse_physical`` / ``mae_physical`` (and ``*_per_frame``), only with ``to_physical`` (the
+  data's units: mm/h, K, ...): the root-mean-square and mean absolute error **per value** in those
+  units, pooled over the valid values (``sqrt`` of the pooled mean square). The caller names the
+  unit (``metrics["units"]``).
 * Categorical scores, for each threshold ``th`` (physical units after ``to_physical``): an event is
   ``value >= th``. Hits, misses, false alarms and correct negatives are counted per lead time over
   all valid values; ``csi``, ``pod``, ``far`` and ``hss`` are computed from the summed counts
@@ -203,6 +207,9 @@ class FrameMetrics(Metric):
         self.add_state("psnr_sum", default=zeros(t), dist_reduce_fx="sum")
         self.add_state("ssim_sum", default=zeros(t), dist_reduce_fx="sum")
         self.add_state("n_frames", default=zeros(t), dist_reduce_fx="sum")  # (seq, t) with a valid value
+        if to_physical is not None:  # errors in the data's own units
+            self.add_state("phys_sq_sum", default=zeros(t), dist_reduce_fx="sum")
+            self.add_state("phys_abs_sum", default=zeros(t), dist_reduce_fx="sum")
         if self.thresholds:
             k = len(self.thresholds)
             # contingency counts, shape (K thresholds, T); float64 holds integers exactly to 2**53
@@ -267,9 +274,22 @@ class FrameMetrics(Metric):
         self.ssim_sum += ssim_bt.sum(0)
         self.n_frames += has.to(_ACC).sum(0)
 
+        phys_p = phys_t = None
+        if self.to_physical is not None:
+            phys_p = torch.as_tensor(self.to_physical(pred), device=pred.device)
+            phys_t = torch.as_tensor(self.to_physical(target), device=pred.device)
+            pdiff = phys_p.to(_ACC) - phys_t.to(_ACC)
+            psq, pab = pdiff * pdiff, pdiff.abs()
+            if valid is not None:
+                psq = torch.where(valid, psq, torch.zeros((), dtype=_ACC, device=pred.device))
+                pab = torch.where(valid, pab, torch.zeros((), dtype=_ACC, device=pred.device))
+            # a non-finite physical value (a model's value past the top of a log scale) counts as
+            # a NaN error, not silently as 0
+            self.phys_sq_sum += psq.reshape(b, t, -1).sum(-1).sum(0)
+            self.phys_abs_sum += pab.reshape(b, t, -1).sum(-1).sum(0)
         if self.thresholds:
-            phys_p = self.to_physical(pred) if self.to_physical is not None else pred
-            phys_t = self.to_physical(target) if self.to_physical is not None else target
+            if phys_p is None:
+                phys_p, phys_t = pred, target
             dims = (0, 2, 3, 4)  # everything but the lead time
             rows: list[list[Tensor]] = [[], [], [], []]
             for thr in self.thresholds:  # K is small: a loop keeps memory at one (B, T, C, H, W) mask
@@ -305,6 +325,12 @@ class FrameMetrics(Metric):
         both("mae_pixel", self.abs_sum, self.n_values)
         both("ssim", self.ssim_sum, self.n_frames)
         both("psnr", self.psnr_sum, self.n_frames)
+        if self.to_physical is not None:
+            out["rmse_physical_per_frame"] = [_finite(math.sqrt(v) if v is not None and v >= 0 else None)
+                                              for v in (_finite(x) for x in _ratio(self.phys_sq_sum, self.n_values))]
+            ms = _finite(_scalar_ratio(self.phys_sq_sum.sum(), self.n_values.sum()))
+            out["rmse_physical"] = None if ms is None else _finite(math.sqrt(ms))
+            both("mae_physical", self.phys_abs_sum, self.n_values)
 
         if self.thresholds:
             hits, misses = self.hits, self.misses

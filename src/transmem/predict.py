@@ -8,8 +8,11 @@ beside it. Everything is written to a temporary folder first, so a failure leave
 """
 from __future__ import annotations
 
-from datetime import datetime
+import os
+import re
+from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -21,10 +24,10 @@ from PIL import Image
 from .api import RunFolderError, blend_with_baseline, claim_output, load_for_inference
 from .baselines import BASELINES, BaselineUnavailable, create_baseline, default_baselines
 from .data import DataError, physical_units
-from .data.clips import split_at_gaps
+from .data.clips import parse_time, split_at_gaps
 from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
-from .data.radar import FMI, MCH, find_events, radar_kind
+from .data.radar import FMI, MCH, find_events, parse_fmi_time, parse_mch_time, radar_kind
 from .files import atomic_folder, remove_stale_temps
 from .zoo import ZooError
 from .viz import save_gif
@@ -89,7 +92,9 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
     channels = int(card.get("channels", 1))
     data = card.get("data", {})
     frames, mask, grid = read_forecast_input(input_path, data, channels, size, last=t_in)
+    times = input_times(input_path, data, len(frames)) if grid is None else None
     frames = last_run_after_gaps(input_path, frames, t_in)
+    times = times[len(times) - len(frames):] if times else None
     mask = mask[len(mask) - len(frames):]
     fmt = fmt or ("netcdf" if grid is not None else "npy")
     if frames.shape[0] < t_in:
@@ -112,7 +117,7 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
         others[name] = b.rollout(clip)[0].numpy()
     with atomic_folder(out) as tmp:
         written = write_pictures_and_netcdf(tmp, fmt, past[0].numpy(), mask[-t_in:], pred, units, grid,
-                                            others, t_in)
+                                            others, t_in, times)
         if fmt == "netcdf":
             print(f"wrote the forecast to {out / 'forecast.nc'} ({', '.join(written)})")
             return out
@@ -138,6 +143,8 @@ GRID_READERS = ("xarray", "radar_mrms")
 #: the HDF5 reader's keys a run's config carries into predict (how the file's values are read)
 _H5_KEYS = ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a", "b",
             "accumulation_minutes", "r_max", "time_regex", "time_format", "crop", "aspect")
+#: the other readers' keys that change how an input's values and frames are read
+_READ_KEYS = ("r_max", "a", "b", "white", "aspect", "crop", "time_regex", "time_format")
 RAIN_LEVELS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
@@ -185,14 +192,50 @@ def read_forecast_input(input_path, data: dict, channels: int, size: int, last: 
                       f"after {str(times[a - 1])[:16]}")
                 frames, mask, grid.times = frames[a:b], mask[a:b], times[a:b]
         return frames, mask, grid
-    keys = _H5_KEYS if data.get("name") == "hdf5" else ("r_max",)
+    keys = _H5_KEYS if data.get("name") == "hdf5" else _READ_KEYS
     opts = {k: extra[k] for k in keys if k in extra}
     if "r_max" in opts:
         opts["r_max"] = float(opts["r_max"])
     if last:
         opts["last"] = int(last)
-    frames, mask = read_input_frames(input_path, channels=channels, size=size, return_mask=True, **opts)
+    # read as the model's data was read: resize: none keeps the native size (the card's frame_size
+    # is the data's true size), crop takes the central window, resize scales
+    resize = data.get("resize") or "resize"
+    opts["resize"] = resize
+    frames, mask = read_input_frames(input_path, channels=channels, size=None if resize == "none" else size,
+                                     return_mask=True, **opts)
     return frames, mask, None
+
+
+def input_times(input_path, data: dict, n: int) -> list | None:
+    """The times of the ``n`` frames of a folder input, from their file names -- FMI and
+    MeteoSwiss radar names, or the model's ``extra.time_regex`` / ``time_format`` -- as
+    ``datetime64`` in frame order; None when the names carry no date for every frame."""
+    p = Path(input_path)
+    if not p.is_dir():
+        return None
+    extra = data.get("extra") or {}
+    regex, fmt = extra.get("time_regex"), extra.get("time_format")
+    if regex and not fmt:
+        return None  # numbers, not dates
+    stamps = []
+    for name in os.listdir(p):
+        if name.startswith(".") or not (p / name).is_file():
+            continue
+        if regex:
+            try:
+                s = parse_time(name, regex, fmt)
+            except re.error:
+                return None
+            t = None if s is None else datetime(1970, 1, 1) + timedelta(seconds=s)
+        else:
+            t = parse_fmi_time(name) or parse_mch_time(name)
+        if t is not None:
+            stamps.append(t)
+    stamps = sorted(set(stamps))
+    if len(stamps) != n:
+        return None
+    return [np.datetime64(t, "s") for t in stamps]
 
 
 def lead_labels(grid, t_in: int, t_out: int) -> tuple[list[str], list[str]]:
@@ -214,9 +257,10 @@ def _norm(rain: bool, values: list[np.ndarray], unit_range: bool):
         cmap = colormaps["viridis"].with_extremes(under="white", bad="0.75")
         return cmap, colors.BoundaryNorm(RAIN_LEVELS, cmap.N, extend="max")
     cmap = colormaps["gray" if unit_range else "viridis"].with_extremes(bad="0.75")
-    if unit_range:
-        return cmap, colors.Normalize(0, 1)
     v = np.concatenate([np.ravel(a)[np.isfinite(np.ravel(a))] for a in values]) if values else np.zeros(1)
+    if unit_range:  # the data's own range (a dim 16-bit stack is not shown black on 0..1)
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+        return cmap, colors.Normalize(lo, hi if hi > lo else lo + 1e-6)
     lo, hi = (np.percentile(v, [1, 99]) if v.size else (0, 1))
     return cmap, colors.Normalize(float(lo), float(hi) if hi > lo else float(lo) + 1)
 
@@ -271,12 +315,14 @@ def save_forecast_figure(png, gif, observed: np.ndarray, obs_mask: np.ndarray, f
 
 
 def write_pictures_and_netcdf(tmp: Path, fmt: str, past: np.ndarray, past_mask: np.ndarray, pred: np.ndarray,
-                              units, grid, others: dict, t_in: int) -> list[str]:
+                              units, grid, others: dict, t_in: int, times=None) -> list[str]:
     """The forecast figure and GIF (always) and ``forecast.nc`` (``fmt`` netcdf/both), in physical
-    units when the model's data declares them; returns the names written."""
+    units when the model's data declares them; returns the names written. ``times``: the input
+    frames' times (from their file names) when ``grid`` has none, so leads are labelled in minutes."""
     to_phys = (lambda a: np.asarray(units.to_physical(a), dtype=np.float32)) if units is not None else (lambda a: a)
     obs, fc = to_phys(past[:, 0]), to_phys(pred[:, 0])
-    obs_labels, leads = lead_labels(grid, t_in, len(pred))
+    obs_labels, leads = lead_labels(grid if grid is not None else SimpleNamespace(times=list(times or [])),
+                                    t_in, len(pred))
     rain = units is not None and units.name == "mm/h"
     save_forecast_figure(tmp / "forecast.png", tmp / "forecast.gif", obs, past_mask[:, 0], fc, obs_labels, leads,
                          units.name if units is not None else None, rain)

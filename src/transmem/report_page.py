@@ -12,6 +12,8 @@ key                column                                           best
 ``mae_pixel``      MAE/pixel                                       lowest
 ``ssim``           SSIM                                            highest
 ``psnr``           PSNR (dB)                                       highest
+``rmse_physical``  RMSE in the data's units (``units``: mm/h, K)   lowest
+``mae_physical``   MAE in the data's units                         lowest
 ``csi[th].mean``   CSI >= th, one column per threshold             highest
 =================  ==============================================  ==========
 
@@ -47,6 +49,8 @@ _KNOWN: list[tuple[str, str, bool]] = [
     ("mae_pixel", "MAE/pixel", False),
     ("ssim", "SSIM", True),
     ("psnr", "PSNR (dB)", True),
+    ("rmse_physical", "RMSE ({units})", False),
+    ("mae_physical", "MAE ({units})", False),
 ]
 _SKIP = {"count"}
 _MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -92,9 +96,10 @@ def build_table(table: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list
     values: dict[str, list[float | None]] = {}
 
     present = {k for m in methods for k in table[m]}
+    units = next((table[m]["units"] for m in methods if isinstance(table[m].get("units"), str)), "data units")
     for key, header, hib in _KNOWN:
         if key in present:
-            cols.append((key, header, hib))
+            cols.append((key, header.format(units=units), hib))
             values[key] = [_num(table[m].get(key)) for m in methods]
     thresholds: list[str] = []
     for m in methods:

@@ -80,7 +80,8 @@ def method_report(out: Path, title: str, methods: dict, forecasters: dict, datas
     frames = None
     for name, module in forecasters.items():
         module.t_in = t_in
-        frames, preds[name] = forecasts(module, dataset, examples)
+        if examples > 0:  # eval.examples: 0 draws no clip (and rolls none out)
+            frames, preds[name] = forecasts(module, dataset, examples)
         if hasattr(getattr(module, "model", None), "transfer"):  # a TMU: draw its transfer maps
             maps = transfer_maps(module, dataset)
             names = module.model.config.source_names

@@ -27,9 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
+from . import choices
 from .baselines import BaselineUnavailable, create_baseline, default_baselines
 from .config import ConfigError
-from .data import DataConfig, build_datasets, physical_units
+from .data import DataConfig, build_datasets, frame_size_of, physical_units
 from .files import OutputPathError, atomic_folder, check_output_dir, read_small_file
 from .models import PredictiveRNN, create_model
 from .models.tmu import resolve_layers
@@ -353,7 +354,7 @@ def check_new_entry(path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 # ranking: which zoo entries serve a target, and how well (``transmem zoo rank``, ``auto``)
 
-PROBE_STEPS = 50           # default K of the finetuning probe
+PROBE_STEPS = choices.PROBE_STEPS  # default K of the finetuning probe
 USES = ("finetune", "teacher")
 _AUTO = re.compile(r"auto(?::(\d+))?")
 
@@ -445,17 +446,20 @@ class _Adapted(torch.nn.Module):
         return convert_channels(self.model(x, sampling_mask, t_in=t_in), self.channels)
 
 
-def serves(model: torch.nn.Module, card: dict, exp, target_probe: torch.nn.Module) -> tuple[list[str], str | None]:
+def serves(model: torch.nn.Module, card: dict, exp, target_probe: torch.nn.Module,
+           hw: tuple[int, int] | None = None) -> tuple[list[str], str | None]:
     """``(uses, reason)``: how a loaded entry can serve ``exp``'s target -- ``finetune`` (start
     the target from it: a backbone reading the target's channels) and ``teacher`` (a frozen
     source in a memory bank, through the bank's adapters, for a TMU on ``target_probe``'s
-    backbone) -- and, when it serves neither way, why not (one line)."""
+    backbone) -- and, when it serves neither way, why not (one line). ``hw``: the target's frame
+    size as its data has it (``resize: none`` keeps the native size), default ``data.size``."""
     if not isinstance(model, PredictiveRNN):
         return [], (f"a '{card.get('model')}' model (a transfer target with its own teachers), not a "
                     "backbone: it can neither start a finetune nor be a teacher (rank its teachers instead)")
-    p, size = model.config.patch_size, exp.data.size
-    if size % p:
-        return [], f"its patch size {p} does not divide the target's {size}x{size} frames"
+    p = model.config.patch_size
+    h, w = hw or (exp.data.size, exp.data.size)
+    if h % p or w % p:
+        return [], f"its patch size {p} does not divide the target's {h}x{w} frames"
     uses, reason = [], None
     if model.config.in_channels == exp.data.channels:
         uses.append("finetune")
@@ -520,7 +524,7 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _score_entry(path: Path, exp, datasets, probe_steps: int, seed: int, target_probe) -> dict:
+def _score_entry(path: Path, exp, datasets, probe_steps: int, seed: int, target_probe, hw=None) -> dict:
     row = {"name": path.name, "path": str(path), "usable": False, "reason": None, "uses": [],
            "model": None, "zero_shot_mse": None, "probe_mse": None, "score": None, "rank": None}
     try:
@@ -529,7 +533,7 @@ def _score_entry(path: Path, exp, datasets, probe_steps: int, seed: int, target_
         row["reason"] = " ".join(str(e).split())
         return row
     row["model"] = card.get("model")
-    row["uses"], row["reason"] = serves(model, card, exp, target_probe)
+    row["uses"], row["reason"] = serves(model, card, exp, target_probe, hw)
     if not row["uses"]:
         return row
     forecaster = _forecaster(model, exp)
@@ -597,6 +601,7 @@ def rank(target, zoo_root=None, entries=None, probe_steps: int = PROBE_STEPS, se
         target_probe = create_model(cfg.pop("name", None), cfg)
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"model: the target's backbone does not build ({' '.join(str(e).split())})") from None
+    hw = frame_size_of(datasets)  # the frames as the data has them (resize: none keeps the native size)
     jobs = [("entry", p) for p in paths] + [("baselines", None)]
     if progress:
         jobs = eval_progress(jobs, len(jobs), "zoo rank", unit="entry")
@@ -605,7 +610,7 @@ def rank(target, zoo_root=None, entries=None, probe_steps: int = PROBE_STEPS, se
         if kind == "baselines":
             base = baseline_mses(target, datasets["val"])
         else:
-            rows.append(_score_entry(path, target, datasets, probe_steps, seed, target_probe))
+            rows.append(_score_entry(path, target, datasets, probe_steps, seed, target_probe, hw))
     good = sorted((r for r in rows if r["usable"]), key=lambda r: (r["score"], r["name"]))
     bad = sorted((r for r in rows if not r["usable"]), key=lambda r: r["name"])
     for i, r in enumerate(good):

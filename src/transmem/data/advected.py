@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -487,7 +488,8 @@ class AdvectedRain(Dataset):
         return {"frames": x, "mask": torch.ones((self.frames, 1, self.size, self.size), dtype=torch.bool)}
 
 
-@register_dataset("advected_rain", units=rain_units)
+@register_dataset("advected_rain", units=rain_units,
+                  extra=tuple(f.name for f in dataclasses.fields(AdvectedOptions)))
 def build_advected_rain(cfg: DataConfig) -> dict:
     """Train / val / test :class:`AdvectedRain` from ``size, frames, channels, seed``,
     ``train_clips, val_clips, test_clips`` and ``extra`` (see the module docstring)."""

@@ -13,7 +13,9 @@ uint8). Other layouts through ``cfg.extra["layout"]``: ``"TNHW"`` (default), ``"
 An uncompressed archive (``np.savez``) is memory-mapped; a compressed one is read into memory.
 
 Both: values are uint8 (divided by 255) or float already in [0, 1] (checked once, at build);
-sequences are split contiguously, in file order, into train / val / test by ``cfg.split``; each
+sequences are split contiguously, in file order, into train / val / test by ``cfg.split`` (normalised
+to sum 1; with ``extra.blocks: N`` each sequence is first cut into N contiguous time blocks, so one
+long sequence splits by time: train first, then val, then test); each
 sequence gives windows of ``cfg.frames`` frames starting every ``cfg.stride`` frames (a sequence
 shorter than ``cfg.frames`` is an error); frames are resized (``cfg.resize = "resize"``, area
 interpolation to ``size × size``), centre-cropped (``"crop"``) or kept (``"none"``); channels
@@ -139,17 +141,41 @@ def _check_values(path: Path, arr: np.ndarray) -> None:
         raise DataError(path, f"float values must be in [0, 1], found [{lo:g}, {hi:g}]; rescale them first")
 
 
-def _split_counts(path: Path, n: int, fractions) -> list[int]:
-    fr = [float(f) for f in fractions]
-    if len(fr) != 3 or min(fr) < 0 or sum(fr) > 1 + 1e-9 or sum(fr) <= 0:
-        raise DataError(path, f"split must be three non-negative fractions summing to at most 1, got {list(fractions)}")
+def _split_counts(path: Path, n: int, fractions, what: str = "sequences") -> list[int]:
+    """Units (sequences, or time blocks) per split: the fractions normalised to sum 1, as every
+    reader cuts them (``split: [21, 3, 7]`` is 21/31, 3/31, 7/31)."""
+    try:
+        fr = [float(f) for f in fractions]
+    except (TypeError, ValueError):
+        fr = []
+    if len(fr) != 3 or min(fr) < 0 or sum(fr) <= 0 or not all(np.isfinite(fr)):
+        raise DataError(path, f"split must be three non-negative fractions (train, val, test), got {list(fractions)}")
+    total = sum(fr)
+    fr = [f / total for f in fr]
     n_train, n_val = int(n * fr[0]), int(n * fr[1])
-    n_test = n - n_train - n_val if abs(sum(fr) - 1) < 1e-9 else int(n * fr[2])
-    counts = [n_train, n_val, n_test]
+    counts = [n_train, n_val, n - n_train - n_val]
     for name, f, c in zip(("train", "val", "test"), fr, counts):
         if f > 0 and c == 0:
-            raise DataError(path, f"{n} sequences are too few for a {name} split of {f:g}")
+            hint = ("; cut long sequences into time blocks with extra.blocks: N" if what == "sequences" else "")
+            raise DataError(path, f"{n} {what} are too few for a {name} split of {f:.3g}{hint}")
     return counts
+
+
+def _units(lengths: np.ndarray, frames: int, n_blocks: int | None) -> list[tuple[int, int, int]]:
+    """``(sequence, start, stop)`` in file order: whole sequences, or with ``extra.blocks`` each
+    cut into that many contiguous time blocks of at least ``frames`` (a short tail joins the block
+    before it), so that one long sequence splits into train / val / test by time."""
+    out = []
+    for s, n in enumerate(int(v) for v in lengths):
+        if not n_blocks:
+            out.append((s, 0, n))
+            continue
+        size = max(frames, -(-n // n_blocks))
+        parts = [[a, min(a + size, n)] for a in range(0, n, size)]
+        if len(parts) > 1 and parts[-1][1] - parts[-1][0] < frames:
+            parts[-2][1] = parts.pop()[1]
+        out += [(s, a, b) for a, b in parts]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,10 +269,14 @@ def _build(cfg: DataConfig, source: _Source, lengths: np.ndarray, in_channels: i
         raise DataError(path, f"frames of {hw[0]}x{hw[1]} are smaller than the crop size {cfg.size}")
     if in_channels != cfg.channels and {in_channels, cfg.channels} != {1, 3}:
         raise DataError(path, f"data has {in_channels} channels, cannot convert to channels={cfg.channels}")
-    counts = _split_counts(path, len(lengths), cfg.split)
+    n_blocks = (cfg.extra or {}).get("blocks")
+    if n_blocks is not None and (isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1):
+        raise DataError(path, f"extra.blocks must be an integer >= 1, got {n_blocks!r}")
+    units = _units(lengths, frames, n_blocks)
+    counts = _split_counts(path, len(units), cfg.split, "time blocks" if n_blocks else "sequences")
     out, first = {}, 0
     for name, count in zip(("train", "val", "test"), counts):
-        wins = [(s, t0) for s in range(first, first + count) for t0 in range(0, int(lengths[s]) - frames + 1, stride)]
+        wins = [(s, t0) for s, a, b in units[first:first + count] for t0 in range(a, b - frames + 1, stride)]
         windows = np.asarray(wins, dtype=np.int64).reshape(-1, 2)
         out[name] = ArrayClips(source, windows, frames, in_channels, int(cfg.channels), cfg.resize, int(cfg.size), hw)
         first += count
@@ -259,7 +289,7 @@ def _require_path(cfg: DataConfig) -> Path:
     return Path(cfg.path)
 
 
-@register_dataset("npy")
+@register_dataset("npy", extra=("layout", "blocks"))
 def build_npy(cfg: DataConfig) -> dict:
     """Moving MNIST style ``.npy`` (default layout ``[T, N, H, W]``), memory-mapped."""
     path = _require_path(cfg)
@@ -280,7 +310,7 @@ def build_npy(cfg: DataConfig) -> dict:
     return _build(cfg, _Source(path, "npy", layout, arr), lengths, C, (dims["H"], dims["W"]))
 
 
-@register_dataset("npz")
+@register_dataset("npz", extra=("blocks",))
 def build_npz(cfg: DataConfig) -> dict:
     """PredRNN ``.npz`` (``clips``, ``dims``, ``input_raw_data``)."""
     path = _require_path(cfg)

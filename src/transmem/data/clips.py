@@ -39,14 +39,19 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..files import atomic_folder
+from ..progress import BlockProgress
 from .errors import DataError
 from .registry import DataConfig
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
+_PROGRESS_AFTER_S = 5.0  # reading expected to take longer than this shows its progress
 # ``extra`` keys that only steer the split / windowing; they do not change the prepared frames,
 # so they stay out of the cache key.
 SPLIT_ONLY_KEYS = frozenset({"splits", "split_order", "group_regex"})
+#: ``extra`` keys every reader built on :func:`build_clip_datasets` reads: the region and aspect
+#: (:func:`fit_options`), the split (:func:`make_splits`: ``splits``, ``split_order``, ``blocks``)
+CLIP_KEYS = ("aspect", "crop", "splits", "split_order", "blocks", "max_frames")
 # ITU-R BT.601 luma weights (the same as Pillow's "L" conversion).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -459,8 +464,12 @@ def prepare(cfg: DataConfig, reader: str, specs: list[SequenceSpec], params: dic
             return hit
     datas, masks, lengths = [], [], []
     shape0 = None
-    for s in specs:
+    # reading that will take more than a few seconds says how far it is (a bar on a terminal, else
+    # a plain line per ~10 %, on standard error); judged after the first sequence
+    bar = BlockProgress(len(specs), f"reading {reader} data", unit="sequence", after_s=_PROGRESS_AFTER_S)
+    for k, s in enumerate(specs):
         data, mask = s.load()
+        bar.update(k + 1, len(specs))
         if data.ndim != 4 or data.shape[0] == 0:
             raise DataError(s.files[0] if s.files else cfg.path, "no frames decoded")
         if shape0 is None:
@@ -472,6 +481,7 @@ def prepare(cfg: DataConfig, reader: str, specs: list[SequenceSpec], params: dic
         datas.append(data)
         masks.append(mask)
         lengths.append(int(data.shape[0]))
+    bar.close()
     has_mask = [m is not None for m in masks]
     if any(has_mask) and not all(has_mask):
         raise DataError(cfg.path, "internal: some sequences have a mask and some do not")
@@ -551,7 +561,9 @@ def split_events(events: list[str], fractions, *, explicit: dict | None = None, 
                               f"{len(positive)} splits with a positive fraction ({need}); one {one} never goes "
                               f"into two splits: give more {what}, set a zero fraction (e.g. split=[1, 0, 0]), "
                               f"or name the {what} of each split with "
-                              f"extra.splits={{'train': [...], 'val': [...], 'test': [...]}}")
+                              f"extra.splits={{'train': [...], 'val': [...], 'test': [...]}}"
+                              + ("" if what == "blocks" else ", or cut each sequence into time blocks "
+                                 "(train first, then val, then test) with extra.blocks: N"))
     counts = [0, 0, 0]
     for i in positive:
         counts[i] = max(1, int(math.floor(fr[i] * n)))
@@ -610,8 +622,28 @@ class ClipDataset(Dataset):
         return item
 
 
-def make_splits(cfg: DataConfig, prep: Prepared, *, order: str = "hash", what: str = "events") -> dict[str, ClipDataset]:
-    """Window the prepared sequences and split them by event (see :func:`split_events`)."""
+def _time_blocks(cfg: DataConfig, prep: Prepared, usable: list[int], n_blocks: int):
+    """``[(sequence, start, stop, event)]``: every usable sequence cut into ``n_blocks``
+    contiguous blocks of at least ``frames`` (a short tail joins the block before it), each its own
+    event ``<event>/bNNN``, as the ``xarray`` reader cuts a long series."""
+    T = int(cfg.frames)
+    out = []
+    for i in usable:
+        n = prep.lengths[i]
+        size = max(T, math.ceil(n / n_blocks))
+        parts = [[a, min(a + size, n)] for a in range(0, n, size)]
+        if len(parts) > 1 and parts[-1][1] - parts[-1][0] < T:
+            parts[-2][1] = parts.pop()[1]
+        out += [(i, a, b, f"{prep.events[i]}/b{k:03d}") for k, (a, b) in enumerate(parts)]
+    return out
+
+
+def make_splits(cfg: DataConfig, prep: Prepared, *, order: str = "hash", what: str = "events",
+                blocks: bool = True) -> dict[str, ClipDataset]:
+    """Window the prepared sequences and split them by event (see :func:`split_events`). With
+    ``extra.blocks`` (and ``blocks``, for readers that do not cut their series themselves) every
+    sequence is first cut into that many contiguous time blocks, the events of the split, put in
+    time order (``split_order`` default ``name``): one long sequence splits without cutting a clip."""
     T = cfg.frames
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise DataError(cfg.path, f"frames must be a positive integer, got {T!r}")
@@ -627,25 +659,31 @@ def make_splits(cfg: DataConfig, prep: Prepared, *, order: str = "hash", what: s
     if short:
         warnings.warn(f"{cfg.path}: {len(short)} sequence(s) shorter than frames={T} are left out: "
                       f"{', '.join(short[:5])}{' ...' if len(short) > 5 else ''}")
+    n_blocks = opt_int(cfg, "blocks") if blocks else None
+    if n_blocks:
+        parts = _time_blocks(cfg, prep, usable, n_blocks)
+        order = "name"
+    else:
+        parts = [(i, 0, prep.lengths[i], prep.events[i]) for i in usable]
     explicit = opt(cfg, "splits")
     # explicit names are checked against every event found; fractions share out the usable ones
-    events = list(dict.fromkeys(prep.events if explicit is not None else [prep.events[i] for i in usable]))
+    every = prep.events if explicit is not None and not n_blocks else [p[3] for p in parts]
+    events = list(dict.fromkeys(every))
     groups = split_events(events, fractions, explicit=explicit, order=opt(cfg, "split_order", order),
-                          path=cfg.path, what=what)
+                          path=cfg.path, what=what if not n_blocks else "blocks")
     out = {}
     for sp in SPLITS:
         evs = set(groups[sp])
-        clips = [(i, s) for i in usable if prep.events[i] in evs
-                 for s in window_starts(prep.lengths[i], T, cfg.stride)]
+        clips = [(i, a + s) for i, a, b, ev in parts if ev in evs for s in window_starts(b - a, T, cfg.stride)]
         out[sp] = ClipDataset(prep, clips, T, groups[sp])
     return out
 
 
 def build_clip_datasets(cfg: DataConfig, reader: str, specs: list[SequenceSpec], *, order: str = "hash",
-                        what: str = "events", params: dict | None = None) -> dict[str, ClipDataset]:
+                        what: str = "events", params: dict | None = None, blocks: bool = True) -> dict[str, ClipDataset]:
     """:func:`prepare` then :func:`make_splits`: what every reader's registered builder returns."""
     prep = prepare(cfg, reader, specs, params)
-    return make_splits(cfg, prep, order=order, what=what)
+    return make_splits(cfg, prep, order=order, what=what, blocks=blocks)
 
 
 def group_events(names: list[str], regex: str | None, path=None) -> list[str]:

@@ -55,6 +55,10 @@ def _text(v) -> str:
 
 
 def _num(v) -> np.ndarray | None:
+    """An attribute as float64 numbers; None when absent (``np.asarray(None, float)`` would be NaN:
+    a missing ODIM ``gain`` read that way made every pixel NaN) or not numeric."""
+    if v is None:
+        return None
     try:
         a = np.asarray(v, dtype=np.float64).ravel()
     except (TypeError, ValueError):

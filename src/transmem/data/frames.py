@@ -17,8 +17,10 @@ folder directly holding images is one sequence. Sequences are grouped into event
 end up in two splits; names without a match are their own event. The KTH ``00sequences.txt``
 sub-clip boundaries are not read: every file is one sequence.
 
-Frames are read as RGB or gray (16-bit gray scaled to [0, 1]), converted to ``cfg.channels``,
-brought to ``cfg.size`` by ``cfg.resize`` and stored as uint8. Frames of different sizes in
+Frames are read as RGB or gray, converted to ``cfg.channels``, brought to ``cfg.size`` by
+``cfg.resize`` and stored as uint8 (8-bit images) or float16 (16-bit images, scaled to [0, 1] by
+``extra.white``, the raw value shown as white, else by the largest value the data holds, which is
+then written into ``extra.white``: see :func:`fit_white`). Frames of different sizes in
 one sequence are an error.
 """
 from __future__ import annotations
@@ -29,14 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
+from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_options, group_events, natural_key, opt, opt_float,
                     opt_int, parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
-from .registry import DataConfig, register_dataset
-from .stacks import frame_count, image_array, read_stack
+from .registry import DataConfig, Units, register_dataset
+from .stacks import data_white, frame_count, image_array, is_wide_image, read_stack
 from .video import find_video_files, prepare_frames, video_specs
 
+#: the ``extra`` keys of the ``frames`` and ``kth`` readers
+FRAME_KEYS = CLIP_KEYS + ("time_regex", "time_format", "max_gap", "white", "group_regex")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
 
 
@@ -92,26 +96,31 @@ def list_frames(folder: str | os.PathLike, *, time_regex: str | None = None,
 
 
 def read_frames(files: list[Path], channels: int = 1, size: int | None = None, resize: str = "resize", *,
-                aspect: str = "crop", crop=None, where=None) -> np.ndarray:
-    """Read image files (in the given order) into prepared uint8 frames ``(T, channels, H, W)``."""
+                aspect: str = "crop", crop=None, where=None, white: float | None = None) -> np.ndarray:
+    """Read image files (in the given order) into prepared frames ``(T, channels, H, W)``: uint8
+    for 8-bit images, float16 in [0, 1] for 16-bit ones (scaled by ``white``, else 1/65535)."""
     if not files:
         raise DataError(where, "empty folder: no frame images found")
     return prepare_frames(((f, read_image(f)) for f in files), channels, size, resize, aspect, crop,
-                          where=where or files[0].parent)
+                          where=where or files[0].parent, white=white)
 
 
 def read_frame_folder(folder: str | os.PathLike, channels: int = 1, size: int | None = None,
                       resize: str = "resize", *, time_regex: str | None = None, time_format: str | None = None,
-                      max_frames: int | None = None, aspect: str = "crop", crop=None) -> np.ndarray:
-    """All frames of one folder (see :func:`list_frames` for the order) as uint8 ``(T, C, H, W)``."""
+                      max_frames: int | None = None, aspect: str = "crop", crop=None,
+                      white: float | None = None) -> np.ndarray:
+    """All frames of one folder (see :func:`list_frames` for the order) as prepared frames
+    ``(T, C, H, W)`` (see :func:`read_frames`); 16-bit frames are scaled by ``white``, else by
+    the largest value they hold."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "no such folder")
     files, _ = list_frames(folder, time_regex=time_regex, time_format=time_format)
     if not files:
         raise DataError(folder, f"empty folder: no frame images ({', '.join(sorted(IMAGE_EXTS))})")
-    return read_frames(files[:max_frames] if max_frames else files, channels, size, resize, aspect=aspect,
-                       crop=crop, where=folder)
+    files = files[:max_frames] if max_frames else files
+    white = white if white is not None else data_white(files)
+    return read_frames(files, channels, size, resize, aspect=aspect, crop=crop, where=folder, white=white)
 
 
 def find_frame_folders(root: Path) -> list[Path]:
@@ -124,11 +133,40 @@ def find_frame_folders(root: Path) -> list[Path]:
     return found
 
 
+def white_units(cfg: DataConfig) -> Units | None:
+    """Raw counts for data read through a white level (16-bit images: ``extra.white``, fitted
+    or declared): ``count = value * white``, so scores and forecasts are in the file's own values.
+    None for 8-bit images (plain intensities)."""
+    white = (cfg.extra or {}).get("white")
+    if white is None:
+        return None
+    w = float(white)
+    return Units("counts", lambda x: x * w, lambda v: v / w)
+
+
+def fit_white(cfg: DataConfig, folders: list[Path]) -> None:
+    """Without ``extra.white``, 16-bit images are scaled by the largest value the data holds
+    (:func:`~transmem.data.stacks.data_white`), and that level is written into ``cfg.extra``
+    (a fitted key: the run's ``config.yaml`` and the card carry it, so ``predict`` and
+    ``evaluate`` read new files on the same scale). 8-bit data is left alone."""
+    if opt(cfg, "white") is not None:
+        return
+    files = []
+    for d in folders:  # a folder's first image says whether it holds 16-bit data (headers only)
+        names = [Path(d) / f for f in sorted(os.listdir(d)) if is_image_file(f) and (Path(d) / f).is_file()]
+        if names and is_wide_image(names[0]):
+            files += names
+    white = data_white(files, opt_int(cfg, "max_frames"))
+    if white is not None:
+        cfg.extra = dict(cfg.extra or {}, white=white)
+
+
 def _folder_specs(cfg: DataConfig, folders: list[Path], root: Path, names: list[str], events: list[str]) -> list[SequenceSpec]:
     fo = fit_options(cfg)
     regex, fmt = opt(cfg, "time_regex"), opt(cfg, "time_format")
     max_gap = opt_float(cfg, "max_gap", positive=True)
     maxf = opt_int(cfg, "max_frames")
+    white = opt_float(cfg, "white", positive=True)
     specs = []
     for folder, name, event in zip(folders, names, events):
         files, times = list_frames(folder, time_regex=regex, time_format=fmt)
@@ -143,7 +181,7 @@ def _folder_specs(cfg: DataConfig, folders: list[Path], root: Path, names: list[
 
             def load(part=part, folder=folder):
                 return read_frames(part, cfg.channels, fo["size"], fo["mode"], aspect=fo["aspect"],
-                                   crop=fo["crop"], where=folder), None
+                                   crop=fo["crop"], where=folder, white=white), None
             specs.append(SequenceSpec(name if len(runs) == 1 else f"{name}#{k}", event, part, load))
     return specs
 
@@ -167,7 +205,7 @@ def _take_stacks(cfg: DataConfig, files: list[Path], times, name: str, specs: li
     return [files[i] for i in keep], ([times[i] for i in keep] if times else None)
 
 
-@register_dataset("frames")
+@register_dataset("frames", units=white_units, extra=FRAME_KEYS)
 def build_frames(cfg: DataConfig) -> dict:
     """Clips from a folder of frames, or a folder of such folders (each one sequence)."""
     root = require_path(cfg, "a folder of frame images")
@@ -178,6 +216,7 @@ def build_frames(cfg: DataConfig) -> dict:
         raise DataError(root, f"empty folder: no frame images ({', '.join(sorted(IMAGE_EXTS))})")
     names = [root.name if f == root else os.path.relpath(f, root) for f in folders]
     events = group_events(names, opt(cfg, "group_regex"), cfg.path)
+    fit_white(cfg, folders)
     specs = _folder_specs(cfg, folders, root, names, events)
     return build_clip_datasets(cfg, "frames", specs, what="sequences")
 
@@ -185,7 +224,7 @@ def build_frames(cfg: DataConfig) -> dict:
 KTH_GROUP_REGEX = r"person\d+"
 
 
-@register_dataset("kth")
+@register_dataset("kth", units=white_units, extra=FRAME_KEYS)
 def build_kth(cfg: DataConfig) -> dict:
     """Clips from a KTH-style tree: each video file and each folder of frames is one sequence."""
     root = require_path(cfg, "a folder of action folders (videos or frame folders)")
@@ -197,6 +236,7 @@ def build_kth(cfg: DataConfig) -> dict:
         raise DataError(root, "empty folder: no video files or frame folders found")
     regex = opt(cfg, "group_regex", KTH_GROUP_REGEX)
     fnames = [root.name if f == root else os.path.relpath(f, root) for f in folders]
+    fit_white(cfg, folders)
     specs = video_specs(cfg, videos, root, group_regex=regex)
     specs += _folder_specs(cfg, folders, root, fnames, group_events(fnames, regex, cfg.path))
     # one order for all, whatever the kind of source

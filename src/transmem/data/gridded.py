@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (SequenceSpec, read_bytes, build_clip_datasets, fit_frames, fit_masked, fit_options, natural_key, opt,
+from .clips import (CLIP_KEYS, SequenceSpec, read_bytes, build_clip_datasets, fit_frames, fit_masked, fit_options, natural_key, opt,
                     opt_float, opt_int, parse_time, require_path, split_at_gaps, split_events, split_fractions, why)
 from .conventions import refuse_undeclared_fill
 from .errors import DataError
@@ -143,6 +143,7 @@ class Grid:
     x: np.ndarray | None = None
     y_attrs: dict = field(default_factory=dict)
     x_attrs: dict = field(default_factory=dict)
+    crs: dict = field(default_factory=dict)          # CF grid mapping: {"name": ..., "attrs": {...}}
 
 
 def _pick_variable(ds, name: str | None, path):
@@ -299,6 +300,30 @@ def _seconds(t) -> float:
     return float(t)
 
 
+def _grid_mapping(da, ds) -> dict:
+    """The CF grid mapping (projection) of a variable, ``{"name", "attrs"}``, or ``{}``: the
+    variable named by its ``grid_mapping`` attribute (kept in ``attrs`` or, once xarray decoded
+    it, in ``encoding``), with its numbers and strings (``grid_mapping_name``, ``crs_wkt``, ...)."""
+    name = da.attrs.get("grid_mapping") or da.encoding.get("grid_mapping")
+    if not isinstance(name, str) or not name.strip():
+        return {}
+    name = name.split(":")[0].split()[0]  # the extended form "crs: x y" names the variable first
+    var = None
+    for holder in (da.coords, getattr(ds, "variables", {})):
+        if name in holder:
+            var = holder[name]
+            break
+    if var is None:
+        return {}
+    keep = {}
+    for k, v in var.attrs.items():
+        if isinstance(v, (str, int, float, np.number)):
+            keep[k] = v.item() if isinstance(v, np.generic) else v
+        elif isinstance(v, (list, tuple, np.ndarray)) and np.asarray(v).dtype.kind in "iuf":
+            keep[k] = [float(x) for x in np.asarray(v).ravel()]
+    return {"name": name, "attrs": keep} if keep else {}
+
+
 class _Decoder:
     """Reads frames (physical values, NaN = missing) at the final size, one file open at a time."""
 
@@ -315,7 +340,7 @@ class _Decoder:
         self.a = opt_float(cfg, "a", FMI_A, positive=True)
         self.b = opt_float(cfg, "b", FMI_B, positive=True)
 
-    def _describe(self, da, space, f):
+    def _describe(self, da, space, f, ds=None):
         attrs = {k: v for k, v in da.attrs.items() if isinstance(v, (str, int, float, np.number))}
         units = str(da.attrs.get("units", "") or "")
         if units.lower() == "unknown":
@@ -339,6 +364,7 @@ class _Decoder:
                 g.y, g.y_attrs = fitted[:, 0].astype(np.float64), cattrs
             else:
                 g.x, g.x_attrs = fitted[0, :].astype(np.float64), cattrs
+        g.crs = _grid_mapping(da, ds)
         self.grid = g
 
     def frames(self, items: list[_Frame]):
@@ -362,7 +388,7 @@ class _Decoder:
             tname = _time_name(da, opt(cfg, "time"), f) if not opt(cfg, "time_regex") else None
             da, tdim, space = _frames_of(da, tname, f)
             if self.grid is None:
-                self._describe(da, space, f)
+                self._describe(da, space, f, ds)
             out = {}
             for k in indices:
                 try:
@@ -526,7 +552,7 @@ def build_grid(cfg: DataConfig, reader: str = "xarray") -> dict:
             cfg.extra = dict(cfg.extra or {}, quantity="rain" if opt(cfg, "units") == "dBZ" else "field")
         specs = [SequenceSpec(name, name, _files_of(part), lambda part=part: _pack(cfg, dec, *_decode(dec, part)))
                  for name, part in plan]
-        return build_clip_datasets(cfg, reader, specs, order="name", what="events")
+        return build_clip_datasets(cfg, reader, specs, order="name", what="events", blocks=False)
     seqs = [(name, part, *_decode(dec, part)) for name, part in plan]
     if "quantity" not in (cfg.extra or {}):  # said in the run's config, so units follow it
         cfg.extra = dict(cfg.extra or {}, quantity=dec.quantity)
@@ -541,7 +567,7 @@ def build_grid(cfg: DataConfig, reader: str = "xarray") -> dict:
         cfg.extra = dict(cfg.extra or {}, normalization=norm)  # stored with the run's config and card
     specs = [SequenceSpec(name, name, _files_of(part), lambda data=_pack(cfg, dec, v, m): data)
              for name, part, v, m in seqs]
-    return build_clip_datasets(cfg, reader, specs, order="name", what="events")
+    return build_clip_datasets(cfg, reader, specs, order="name", what="events", blocks=False)
 
 
 def grid_units(cfg: DataConfig) -> Units | None:
@@ -556,7 +582,13 @@ def grid_units(cfg: DataConfig) -> Units | None:
     return None
 
 
-@register_dataset("xarray", units=grid_units)
+#: the ``extra`` keys of the ``xarray`` and ``radar_mrms`` readers
+GRID_KEYS = CLIP_KEYS + ("variable", "engine", "time", "time_regex", "time_format", "select", "isel", "sel",
+                         "nodata", "units", "a", "b", "quantity", "normalize", "normalization", "margin", "span",
+                         "max_gap", "r_max")
+
+
+@register_dataset("xarray", units=grid_units, extra=GRID_KEYS)
 def build_xarray(cfg: DataConfig) -> dict:
     """Clips of any variable of netCDF / GRIB / zarr sources (rain log-scaled, fields normalised)."""
     return build_grid(cfg, "xarray")
@@ -571,7 +603,7 @@ def mrms_config(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
-@register_dataset("radar_mrms", units=rain_units)
+@register_dataset("radar_mrms", units=rain_units, extra=GRID_KEYS)
 def build_radar_mrms(cfg: DataConfig) -> dict:
     """NOAA MRMS PrecipRate GRIB2 → log-scaled rain rate clips with a validity mask."""
     return build_grid(mrms_config(cfg), "radar_mrms")
@@ -650,9 +682,16 @@ def write_forecast_netcdf(path: str | os.PathLike, observed: np.ndarray, forecas
                                    {"long_name": "observed frame (0 = last)"})
     name = g.variable or "field"
     fattrs = {"units": units, "long_name": f"forecast of {name}"}
+    oattrs = {"units": units, "long_name": f"observed {name}"}
+    crs_var = {}
+    if g.crs and g.y is not None:  # the input's projection, as a CF grid-mapping variable
+        cname = g.crs["name"] if g.crs["name"] not in ("forecast", "observed", ty, tx) else "crs"
+        crs_var[cname] = ((), np.int32(0), dict(g.crs["attrs"]))
+        fattrs["grid_mapping"] = oattrs["grid_mapping"] = cname
     data_vars = {
         "forecast": (("time", ty, tx), forecast.astype(np.float32), fattrs),
-        "observed": (("time_observed", ty, tx), obs, {"units": units, "long_name": f"observed {name}"}),
+        "observed": (("time_observed", ty, tx), obs, oattrs),
+        **crs_var,
     }
     for k, f in (extra_forecasts or {}).items():
         data_vars[f"forecast_{k}"] = (("time", ty, tx), f.astype(np.float32), dict(fattrs, long_name=f"{k} forecast"))

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (SequenceSpec, read_bytes, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
+from .clips import (CLIP_KEYS, SequenceSpec, read_bytes, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
                     parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
@@ -299,7 +299,12 @@ def _h5_specs(cfg: DataConfig) -> list[SequenceSpec]:
     return specs
 
 
-@register_dataset("hdf5", units=rain_units)
+#: the ``extra`` keys of the HDF5 reader
+HDF5_KEYS = CLIP_KEYS + ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a",
+                         "b", "accumulation_minutes", "r_max", "time_regex", "time_format", "max_gap")
+
+
+@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS)
 def build_hdf5(cfg: DataConfig) -> dict:
     """Clips of log-scaled rain rate (+ mask) from HDF5 / NetCDF4 arrays."""
     specs = _h5_specs(cfg)

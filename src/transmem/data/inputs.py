@@ -21,6 +21,7 @@ folder of HDF5 files                   their 2-D fields, in name order
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
 from .hdf5 import is_hdf5_file, read_h5_frames
 from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
 from .registry import DataConfig
-from .stacks import frame_count, read_stack
-from .video import is_video_file, iter_frames, prepare_frames, read_video
+from .stacks import data_white, frame_count, read_stack
+from .video import as_unit, is_video_file, iter_frames, prepare_frames, read_video
 
 _FIT_KEYS = ("resize", "aspect", "crop")
 
@@ -68,6 +69,35 @@ def _unit_array(a: np.ndarray, path) -> np.ndarray:
     if a.dtype.kind in "iu":
         raise DataError(path, f"integer array of dtype {a.dtype}: use uint8 (0..255) or uint16, or float in [0, 1]")
     return unit_floats(a, path, "the array's float values")
+
+
+def _refuse_special_frames(folder: Path, names: list[str]) -> None:
+    """A forecast starts from the newest frames of a folder: an entry named like a frame (an
+    image, radar, HDF5 or video file) that is not a regular file -- a FIFO, a device, a socket --
+    would be skipped and the forecast would start from an older frame without a word; refused
+    instead (checked with ``stat``, so a FIFO never blocks)."""
+    for n in names:
+        if n.startswith("."):
+            continue
+        framelike = (is_image_file(n) or is_hdf5_file(n) or is_video_file(n) or parse_fmi_time(n) is not None
+                     or parse_mch_time(n) is not None)
+        if not framelike:
+            continue
+        q = folder / n
+        try:
+            st = q.stat()
+        except OSError as e:
+            raise DataError(q, f"named like a frame but cannot be read ({e.strerror or e}): remove it or "
+                               "give a folder of regular files") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise DataError(q, "named like a frame but not a regular file (a FIFO, device or socket): the "
+                               "forecast would start from an older frame; remove it or give a folder of regular files")
+
+
+def _white(cfg: DataConfig, files: list[Path], max_frames: int | None) -> float | None:
+    """``extra.white`` (the model's, for predict), else the white level 16-bit images hold."""
+    white = opt_float(cfg, "white", positive=True)
+    return white if white is not None else data_white(files, max_frames)
 
 
 def _load_array(path: Path, key: str | None, last: int | None = None) -> np.ndarray:
@@ -148,12 +178,12 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
         elif (name.endswith(".pgm.gz") or suf == ".pgm") and parse_fmi_time(p.name):
             x, mask = read_radar_files([p], "fmi", channels, size, mode, cfg=cfg, where=p, **fit, **radar_kw)
         elif suf in IMAGE_EXTS and frame_count(p) > 1:  # multi-page TIFF, animated PNG: all frames
-            white = opt_float(cfg, "white", positive=True)
-            x = prepare_frames(((p, f) for f in read_stack(p, maxf, white)), channels, size, mode, where=p, **fit)
-            x = x.astype(np.float32) / 255.0
+            white = _white(cfg, [p], maxf)
+            x = as_unit(prepare_frames(((p, f) for f in read_stack(p, maxf, white)), channels, size, mode, where=p,
+                                       **fit))
         elif suf in IMAGE_EXTS:
-            x = prepare_frames(iter([(p, read_image(p))]), channels, size, mode, where=p, **fit)
-            x = x.astype(np.float32) / 255.0
+            x = as_unit(prepare_frames(iter([(p, read_image(p))]), channels, size, mode, where=p,
+                                       white=_white(cfg, [p], None), **fit))
         elif is_hdf5_file(p):
             x, mask = read_h5_frames(cfg, [p], where=p)
         else:
@@ -164,6 +194,7 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             names = sorted(os.listdir(p))
         except OSError as e:
             raise DataError(p, f"cannot list folder ({e.strerror or e})") from None
+        _refuse_special_frames(p, names)
         kind = opts.get("kind") or radar_kind(p)
         if kind is not None:
             if kind not in ("fmi", "mch"):
@@ -176,9 +207,9 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             if stacks:
                 raise DataError(p, f"holds {len(stacks)} image stack(s) ({', '.join(stacks[:3])}"
                                    f"{' ...' if len(stacks) > 3 else ''}): point at one")
-            x = read_frame_folder(p, channels, size, mode, time_regex=opts.get("time_regex"),
-                                  time_format=opts.get("time_format"), max_frames=maxf, **fit)
-            x = x.astype(np.float32) / 255.0
+            x = as_unit(read_frame_folder(p, channels, size, mode, time_regex=opts.get("time_regex"),
+                                          time_format=opts.get("time_format"), max_frames=maxf,
+                                          white=opt_float(cfg, "white", positive=True), **fit))
         elif any(is_hdf5_file(n) for n in names):
             files = sorted((p / n for n in names if is_hdf5_file(n) and (p / n).is_file()), key=lambda q: natural_key(q.name))
             x, mask = read_h5_frames(cfg, files, where=p)

@@ -1,5 +1,6 @@
 """Any radar format pysteps imports, through pysteps' own importers (``pip install
-'transmem[nowcast]'``; some importers need more: pyproj, pygrib, h5py, netCDF4).
+'transmem[nowcast]'``; some importers need more: pyproj, pygrib, h5py, and netCDF4, which
+``transmem[io]`` installs).
 
 Registered dataset ``"pysteps"``. ``cfg.path`` is a folder; every folder under it that directly
 holds matching files is one **event**, as for the FMI / MeteoSwiss readers. ``extra`` keys:
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
+from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
                     parse_time, require_path, split_at_gaps, why)
 from .conventions import MP_A, MP_B
 from .errors import DataError
@@ -100,7 +101,8 @@ def _events(cfg: DataConfig, root: Path) -> dict[str, list[tuple[float, Path]]]:
     return events
 
 
-@register_dataset("pysteps", units=rain_units)
+@register_dataset("pysteps", units=rain_units, extra=CLIP_KEYS + ("importer", "importer_kwargs", "a", "b", "r_max",
+                                                                  "max_gap_minutes", "time_regex", "time_format"))
 def build_pysteps(cfg: DataConfig) -> dict:
     """Radar composites read by pysteps' importers → log-scaled rain rate clips with a mask."""
     root = require_path(cfg, "a folder of radar files (or of event folders)")

@@ -42,7 +42,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, read_bytes, fit_masked, fit_options, natural_key, opt, opt_float,
+from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, read_bytes, fit_masked, fit_options, natural_key, opt, opt_float,
                     opt_int, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
@@ -388,13 +388,17 @@ def _radar_specs(cfg: DataConfig, src: _Source) -> list[SequenceSpec]:
     return specs
 
 
-@register_dataset("radar_fmi", units=rain_units)
+#: the ``extra`` keys of the FMI and MeteoSwiss readers
+RADAR_KEYS = CLIP_KEYS + ("a", "b", "nodata", "zero_level", "events", "r_max", "max_gap_minutes")
+
+
+@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS)
 def build_radar_fmi(cfg: DataConfig) -> dict:
     """FMI reflectivity composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_fmi", _radar_specs(cfg, FMI), order="name", what="events")
 
 
-@register_dataset("radar_mch", units=rain_units)
+@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS)
 def build_radar_mch(cfg: DataConfig) -> dict:
     """MeteoSwiss rain-rate composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_mch", _radar_specs(cfg, MCH), order="name", what="events")

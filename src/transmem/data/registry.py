@@ -12,6 +12,7 @@ from here, through :func:`physical_units`.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from .errors import DataError
 
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
+_EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
@@ -34,13 +36,42 @@ class Units:
     precipitation: bool = False
 
 
-def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None):
+def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
+                     extra: tuple[str, ...] | None = None):
+    """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
+    (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
+    leaves the reader's keys unchecked (a reader registered from outside transmem)."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
             _UNITS[name] = units
+        if extra is not None:
+            _EXTRA_KEYS[name] = tuple(sorted(set(extra)))
         return fn
     return deco
+
+
+def extra_keys(name: str) -> tuple[str, ...] | None:
+    """The ``data.extra`` keys the reader ``name`` reads (None: not declared)."""
+    _import_builtin_readers()
+    return _EXTRA_KEYS.get(name)
+
+
+def check_extra(cfg: "DataConfig") -> None:
+    """Refuse a ``data.extra`` key the reader does not read (a typo such as ``blokcs`` would
+    otherwise be ignored silently), naming the valid keys."""
+    extra = cfg.extra or {}
+    if not isinstance(extra, dict):
+        raise DataError(None, f"data.extra: expected a mapping, got {type(extra).__name__}")
+    known = extra_keys(cfg.name)
+    if known is None:
+        return
+    unknown = sorted(str(k) for k in set(extra) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DataError(None, f"data.extra.{unknown[0]}: not a key of the '{cfg.name}' reader{hint}; "
+                              f"its keys: {', '.join(known) or 'none'}")
 
 
 def list_datasets() -> list[str]:
@@ -106,11 +137,29 @@ def build_datasets(cfg: DataConfig) -> dict:
     if cfg.name not in _DATASETS:
         missing = "".join(f"; reader module '{m}' not loaded ({why})" for m, why in _NOT_LOADED.items())
         raise DataError(cfg.path, f"unknown dataset '{cfg.name}'; known: {', '.join(sorted(_DATASETS))}{missing}")
+    check_extra(cfg)
     return _DATASETS[cfg.name](cfg)
 
 
-#: ``extra`` keys a reader fits on the train split and writes into the config (see build_datasets)
-FITTED_KEYS = ("normalization",)
+#: ``extra`` keys a reader fits on the data and writes into the config (see build_datasets): the
+#: ``xarray`` reader's ``normalization``, the frame readers' ``white`` (16-bit images)
+FITTED_KEYS = ("normalization", "white")
+
+
+#: generators: they draw frames of ``size x size`` whatever ``resize`` says
+GENERATORS = ("flying_digits", "advected_rain")
+
+
+def frame_size_of(datasets: dict) -> tuple[int, int] | None:
+    """``(height, width)`` of the frames the datasets hold (the first clip of the first split that
+    has one), or None when every split is empty. With ``resize: none`` this is the data's native
+    size, which ``data.size`` does not describe."""
+    for split in ("train", "val", "test"):
+        ds = datasets.get(split)
+        if ds is not None and len(ds) > 0:
+            h, w = ds[0]["frames"].shape[-2:]
+            return int(h), int(w)
+    return None
 
 
 def adopt_fitted(cfg: DataConfig, model_data: dict | None) -> list[str]:

@@ -80,6 +80,46 @@ def frame_count(path: str | os.PathLike) -> int:
         raise DataError(p, f"cannot read image ({why(e, p)})") from None
 
 
+def is_wide_image(path: str | os.PathLike) -> bool:
+    """Whether an image file holds integer samples of more than 8 bits (16-bit PNG / TIFF pages),
+    from its header (nothing decoded)."""
+    p = Path(path)
+    tf = _tifffile() if p.suffix.lower() in (".tif", ".tiff") else None
+    try:
+        if tf is not None:
+            with tf.TiffFile(os.fspath(p)) as t:
+                dt = np.dtype(t.series[0].dtype) if t.series else np.dtype(t.pages[0].dtype)
+            return dt.kind in "iu" and dt.itemsize > 1
+        with Image.open(os.fspath(p)) as im:
+            return im.mode.startswith("I")
+    except Exception as e:  # truncated or not an image
+        raise DataError(p, f"cannot read image ({why(e, p)})") from None
+
+
+def data_white(files, max_frames: int | None = None) -> int | None:
+    """The white level the 16-bit images among ``files`` hold: their largest raw value (None
+    when none is 16-bit, or all are 0). Frames read with it span the data's own range in [0, 1]
+    instead of a sliver of 0..65535 (12-bit microscopy in 16-bit pages reaches at most 4095)."""
+    top = None
+    for f in files:
+        if not is_wide_image(f):
+            continue
+        a = _read_stack(Path(f), max_frames) if frame_count(f) > 1 else _read_single(Path(f))
+        if a.dtype.kind in "iu":
+            m = int(a.max()) if a.size else 0
+            top = m if top is None else max(top, m)
+    return top if top else None
+
+
+def _read_single(p: Path) -> np.ndarray:
+    try:
+        with Image.open(os.fspath(p)) as im:
+            im.load()
+            return image_array(im)
+    except Exception as e:
+        raise DataError(p, f"cannot read image ({why(e, p)})") from None
+
+
 def _pages_pillow(p: Path, max_frames: int | None) -> list[np.ndarray]:
     out = []
     with Image.open(os.fspath(p)) as im:
@@ -93,8 +133,10 @@ def _pages_pillow(p: Path, max_frames: int | None) -> list[np.ndarray]:
 def read_stack(path: str | os.PathLike, max_frames: int | None = None, white: float | None = None) -> np.ndarray:
     """All frames of a stack as ``(T, H, W)`` (uint8 / uint16 / float32 in [0, 1]) or
     ``(T, H, W, 3)`` uint8. ``white``: the raw value shown as white (e.g. 4095 for 12-bit
-    microscopy in 16-bit pages): frames become float32 ``raw / white`` clipped to [0, 1]. A 16-bit
-    stack that uses less than 1/16 of its range without ``white`` gives a warning naming it."""
+    microscopy in 16-bit pages): frames become float32 ``raw / white`` clipped to [0, 1]. The
+    readers pass the white level the data holds (:func:`data_white`) unless ``extra.white``
+    declares one; called without, a 16-bit stack that uses less than 1/16 of its range gives a
+    warning naming the key."""
     a = _read_stack(Path(path), max_frames)
     if white is not None:
         if a.dtype.kind == "f":

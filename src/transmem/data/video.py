@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .clips import (SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key, opt,
+from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_frames, fit_options, group_events, natural_key, opt,
                     opt_int, quantize_uint8, require_path, to_channels, why)
 from .errors import DataError
 from ..files import walk
@@ -95,20 +95,24 @@ def iter_frames(path: str | os.PathLike, max_frames: int | None = None) -> Itera
 
 
 def prepare_frames(chunks: Iterator[tuple[Path, np.ndarray]], channels: int, size: int | None, mode: str,
-                   aspect: str = "crop", crop=None, where=None) -> np.ndarray:
+                   aspect: str = "crop", crop=None, where=None, white: float | None = None) -> np.ndarray:
     """Turn an iterator of ``(file, frame)`` (frame ``(H, W)`` / ``(H, W, C)``, uint8, uint16 or
-    float in [0, 1]) into prepared uint8 ``(T, channels, size, size)``, checking that every frame
-    has the size of the first."""
+    float in [0, 1]) into prepared frames ``(T, channels, size, size)``, checking that every frame
+    has the size of the first. 8-bit frames stay uint8; frames of more precision (16-bit, float,
+    or integer frames scaled by ``white``, the raw value shown as white) become float16 in
+    [0, 1], so that a 16-bit image keeps its grey levels (float16 holds 2048 steps per octave)."""
     out, buf = [], []
     first = None
+    wide = white is not None
 
     def flush():
-        x = to_channels(np.stack(buf), channels, where)
-        out.append(quantize_uint8(fit_frames(x, size, mode, aspect=aspect, crop=crop, path=where)))
+        x = fit_frames(to_channels(np.stack(buf), channels, where), size, mode, aspect=aspect, crop=crop, path=where)
+        out.append(x)
         buf.clear()
 
     for src, fr in chunks:
-        fr = _as_unit_float(fr, src)
+        wide = wide or np.asarray(fr).dtype != np.uint8
+        fr = _as_unit_float(fr, src, white)
         if first is None:
             first = (fr.shape, src)
         elif fr.shape != first[0]:
@@ -117,11 +121,25 @@ def prepare_frames(chunks: Iterator[tuple[Path, np.ndarray]], channels: int, siz
         buf.append(fr)
         if len(buf) >= _CHUNK:
             flush()
+            if not wide:  # 8-bit so far: keep the chunks as uint8 (a float16 copy is made if wider come)
+                out[-1] = quantize_uint8(out[-1])
     if buf:
         flush()
+        if not wide:
+            out[-1] = quantize_uint8(out[-1])
     if not out:
         raise DataError(where, "no frames")
-    return np.concatenate(out, axis=0)
+    if not wide:
+        return np.concatenate(out, axis=0)
+    return np.concatenate([as_unit(c).astype(np.float16) for c in out], axis=0)
+
+
+def as_unit(x: np.ndarray) -> np.ndarray:
+    """Prepared frames (uint8, or float16 / float32 in [0, 1]) as float32 in [0, 1]."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) * np.float32(1 / 255)
+    return np.clip(x.astype(np.float32), 0.0, 1.0)
 
 
 def _shape_str(shape) -> str:
@@ -129,8 +147,10 @@ def _shape_str(shape) -> str:
     return s + (f"x{shape[2]}" if len(shape) > 2 else "")
 
 
-def _as_unit_float(fr: np.ndarray, src) -> np.ndarray:
+def _as_unit_float(fr: np.ndarray, src, white: float | None = None) -> np.ndarray:
     fr = np.asarray(fr)
+    if white is not None and fr.dtype.kind in "iu":
+        return np.clip(fr.astype(np.float32) / np.float32(white), 0.0, 1.0)
     if fr.dtype == np.uint8:
         return fr.astype(np.float32) * np.float32(1 / 255)
     if fr.dtype == np.uint16:
@@ -190,7 +210,7 @@ def video_specs(cfg: DataConfig, files: list[Path], root: Path, *, group_regex: 
     return specs
 
 
-@register_dataset("video")
+@register_dataset("video", extra=CLIP_KEYS + ("group_regex",))
 def build_video(cfg: DataConfig) -> dict:
     """Clips from one video file or a folder of video files (each file one sequence)."""
     root = require_path(cfg, "a video file or a folder of video files")

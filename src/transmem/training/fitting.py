@@ -139,6 +139,9 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
             ckpt_path, step0 = found
             if is_launch_rank_zero():
                 keep_logs_before(out_dir / "logs", step0)
+        elif is_launch_rank_zero():  # as docs/reliability.md promises, and said
+            print(f"{out_dir}: --resume found no checkpoint (the run stopped before its first one, "
+                  f"every train.ckpt_every={cfg.ckpt_every} steps): training starts again from step 0", flush=True)
     if is_launch_rank_zero():
         clean_stale_temps(ckpt_dir)
     every = max(cfg.ckpt_every, 1)
@@ -157,7 +160,7 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
     batches_per_epoch = max(n_train // (cfg.batch_size * world), 1)
     val_interval = None
     if cfg.val_every and val_ds is not None:
-        val_interval = min(cfg.val_every, batches_per_epoch)
+        val_interval = cfg.val_every  # across epochs (check_val_every_n_epoch=None): never shortened
     sampler = StepSampler(n_train, cfg.batch_size, cfg.seed, shuffle=True)
     callbacks.append(TrainingState(sampler))
     callbacks.append(StopOnSignal(last, callbacks[0]))
