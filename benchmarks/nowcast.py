@@ -302,6 +302,12 @@ def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: b
             t, p = paired_t(a, b)
             paired[m] = {"vs": best, "wins": int(sum(x < y for x, y in zip(a, b))), "of": len(events),
                          "mean_diff": float(np.mean(np.subtract(a, b))), "t": t, "p": p}
+            for score in ("csi_1", "csi_5"):  # against the baseline best in that score
+                top = max(baselines, key=lambda b_: out[b_][f"{score}_mean"])
+                if m != top:
+                    paired[m][f"{score}_vs"] = top
+                    paired[m][f"{score}_wins"] = int(sum(out[m]["per_event"][e][score] > out[top]["per_event"][e][score]
+                                                         for e in events))
     import torch as _torch
     return {"commit": claims.commit(REPO, ["src", "benchmarks/nowcast.py", "configs/radar_native_pretext.yaml"]),
             "command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {_torch.__version__}",
@@ -310,6 +316,46 @@ def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: b
             "quick": quick, "methods": out, "paired": paired, "selected": chosen,
             "scores": "mse: per valid pixel of log10(1+R)/log10(101); csi at 1 and 5 mm/h; fss at 1 mm/h, "
                       "windows in km"}
+
+
+def markdown(result: dict) -> str:
+    """The README's tables: every row with its scores, then per-event MSE with wins and the paired test."""
+    methods, events = result["methods"], result["events"]
+    rows = sorted(methods.items(), key=lambda kv: kv[1]["mse_mean"])
+    best = min((m for m in methods if not m.startswith("recipe:")), key=lambda m: methods[m]["mse_mean"])
+    scales = list(rows[0][1]["fss"])
+    lines = ["| method | MSE ×1e3 (± seeds) | CSI 1 mm/h | CSI 5 mm/h | " + " | ".join(f"FSS {s} km" for s in scales)
+             + " | MSE +5 / +30 / +60 min ×1e3 |",
+             "|---|---:|---:|---:|" + "---:|" * len(scales) + "---:|"]
+    for m, r in rows:
+        name = f"**{m}**" if m == result["recommended"] else m
+        lead = r["per_lead_mse"]
+        picks = [lead[0], lead[min(5, len(lead) - 1)], lead[-1]]
+        lines.append(f"| {name} | {1e3 * r['mse_mean']:.3f} ± {1e3 * r['mse_std']:.3f} | {r['csi_1_mean']:.3f} | "
+                     f"{r['csi_5_mean']:.3f} | " + " | ".join(f"{r['fss'][s]:.3f}" for s in scales)
+                     + " | " + " / ".join(f"{1e3 * x:.2f}" for x in picks) + " |")
+    lines += ["", f"Per event (MSE ×1e3; CSI at 1 / 5 mm/h), against the best baseline by mean MSE, `{best}`:", "",
+              "| event | " + " | ".join(m for m, _ in rows if m.startswith("recipe:") or m == best) + " |",
+              "|---|" + "---:|" * sum(1 for m, _ in rows if m.startswith("recipe:") or m == best)]
+    for e in events:
+        cells = []
+        for m, r in rows:
+            if m.startswith("recipe:") or m == best:
+                v = r["per_event"][e]
+                cells.append(f"{1e3 * v['mse']:.3f} ({v['csi_1']:.3f} / {v['csi_5']:.3f})")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired across the events (per-event MSE against the best baseline; t-test, two-sided):", "",
+              "| method | events won (MSE) | mean difference ×1e3 | t | p | events won, CSI 1 mm/h | events won, CSI 5 mm/h |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, pr in sorted(result["paired"].items(), key=lambda kv: kv[1]["mean_diff"]):
+        p = "–" if pr["p"] is None else f"{pr['p']:.3f}"
+        csi = [f"{pr[k + '_wins']} (vs {pr[k + '_vs']})" if k + "_wins" in pr else "–" for k in ("csi_1", "csi_5")]
+        lines.append(f"| {m} | {pr['wins']} of {pr['of']} | {1e3 * pr['mean_diff']:+.3f} | {pr['t']:.2f} | {p} | "
+                     + " | ".join(csi) + " |")
+    if result.get("selected"):
+        lines += ["", "recipe:selected picked, per event, from the other events: "
+                  + ", ".join(f"{e}: {v}" for e, v in result["selected"].items()) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -343,7 +389,11 @@ def main(argv=None) -> int:
             train_pretext(work, s, quick)
     if "recipes" in parts:
         for e in events:
+            ready = all(unit_path(work, b, e, 0).is_file() for b in CACHED)
             for s in seeds:
+                if not ready or not (pretext_dir(work, s) / "model" / "card.json").is_file():
+                    print(f"[nowcast] recipe {e} seed {s}: waits for the cached baselines or the model", flush=True)
+                    continue
                 run_unit(work, "recipe", e, s, quick, cache)
     if "aggregate" in parts:
         command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
@@ -351,7 +401,8 @@ def main(argv=None) -> int:
         from transmem.files import write_json
         out = REPO / "benchmarks" / "results" / ("nowcast_quick.json" if quick else "nowcast.json")
         write_json(out, result)
-        print(f"wrote {out}")
+        out.with_suffix(".md").write_text(markdown(result))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
         for m, r in sorted(result["methods"].items(), key=lambda kv: kv[1]["mse_mean"]):
             print(f"{m:20s} mse {r['mse_mean']:.5f}±{r['mse_std']:.5f} csi1 {r['csi_1_mean']:.3f} "
                   f"csi5 {r['csi_5_mean']:.3f} fss {r['fss']}")

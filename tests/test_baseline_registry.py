@@ -3,6 +3,7 @@
 baseline added from a file outside transmem reaching the CLI."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,10 +127,31 @@ def test_a_plugin_baseline_reaches_evaluate_through_an_entry_point(tmp_path):
             """Half the last frame."""
             return np.repeat(0.5 * past[-1:], n_leads, axis=0)
     '''))
+    (plugin / "tiny_backbone.py").write_text(textwrap.dedent('''
+        from transmem.models import register_model
+        from transmem.models.convlstm import ConvLSTM
+
+        @register_model("plugin_convlstm")
+        class PluginConvLSTM(ConvLSTM):
+            """A backbone from another package."""
+    '''))
+    (plugin / "ones_reader.py").write_text(textwrap.dedent('''
+        import torch
+        from transmem.data.registry import register_dataset
+
+        @register_dataset("plugin_ramp")
+        def build(cfg):
+            """Clips of a ramp that brightens frame by frame."""
+            t = torch.linspace(0, 1, cfg.frames).view(1, -1, 1, 1, 1)
+            clips = (t * torch.ones(4, 1, 1, cfg.size, cfg.size)).unbind(0)
+            return {k: [{"frames": c} for c in clips] for k in ("train", "val", "test")}
+    '''))
     info = plugin / "shift_nowcast-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shift-nowcast\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[transmem.baselines]\nhalf = shift_nowcast\n")
+    (info / "entry_points.txt").write_text("[transmem.baselines]\nhalf = shift_nowcast\n"
+                                           "[transmem.models]\ntiny = tiny_backbone\n"
+                                           "[transmem.readers]\nramp = ones_reader\n")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: flying_digits, size: 16, frames: 6, num_digits: 1, train_clips: 4, val_clips: 2,"
                    " test_clips: 3}\ntrain: {t_in: 3, batch_size: 2, progress: false}\neval: {batch_size: 3}\n")
@@ -138,10 +160,22 @@ def test_a_plugin_baseline_reaches_evaluate_through_an_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "transmem.cli", "evaluate", "--baseline", "half_persistence",
                         "--config", str(cfg), "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    import json
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "half_persistence" and metrics["mse"] > 0
     listing = subprocess.run([sys.executable, "-c", "from transmem.baselines import BASELINES; print(BASELINES)"],
                              capture_output=True, text=True, env=env, timeout=120)
     assert "half_persistence" in listing.stdout
     assert Path(out / "report.md").is_file()
+    models = subprocess.run([sys.executable, "-m", "transmem.cli", "models"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert models.returncode == 0 and "plugin_convlstm" in models.stdout
+    # the plugin's reader serves evaluate, scored with the plugin's backbone trained on it
+    cfg2 = tmp_path / "ramp.yaml"
+    cfg2.write_text("data: {name: plugin_ramp, size: 8, frames: 6}\nmodel: {name: plugin_convlstm, num_layers: 1,"
+                    " hidden: 4, filter_size: 3, patch_size: 2}\ntrain: {steps: 2, batch_size: 2, t_in: 3,"
+                    " progress: false}\neval: {batch_size: 2}\n")
+    r = subprocess.run([sys.executable, "-m", "transmem.cli", "pretrain", "--config", str(cfg2), "--out",
+                        str(tmp_path / "ramp_run")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = json.loads((tmp_path / "ramp_run" / "model" / "card.json").read_text())
+    assert card["model"] == "plugin_convlstm" and card["data"]["name"] == "plugin_ramp"

@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write reference nowcasts of the same input: the data's default ones "
                         "(persistence, extrapolation; for rain also S-PROG, ANVIL, STEPS mean), or those named "
                         "(`transmem evaluate --help` lists them)")
+    p.add_argument("--native", action="store_true",
+                   help="read the input at its own grid (no resize to the model's training size): the "
+                        "forecast lies on the input's grid, e.g. a whole 1 km radar composite")
+    p.add_argument("--leads", type=int, help="frames to forecast (default: the model's T_out)")
+    p.add_argument("--tile", type=int, help="forecast in overlapping tiles of at most this many pixels a side "
+                                            "(for fields too large for memory; blended without seams)")
     p.add_argument("--format", choices=["npy", "netcdf", "both"], default=None,
                    help="forecast file: prediction.npy, CF-netCDF forecast.nc (with units, times and "
                         "coordinates), or both; default netcdf when the input has coordinates, else npy")
@@ -322,7 +328,8 @@ def _dispatch(args, rest, ap) -> int:
         if wrong:
             raise ConfigError(f"--baselines {args.baselines!r}: unknown {', '.join(wrong)}; "
                               f"choose from {', '.join(BASELINES)}")
-        run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format, blend=blend)
+        run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format, blend=blend,
+                    native=args.native, leads=args.leads, tile=args.tile)
         return 0
 
     exp = load_experiment(args.config, overrides)  # config errors answer before Lightning is loaded

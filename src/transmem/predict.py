@@ -29,6 +29,7 @@ from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
 from .data.radar import FMI, MCH, find_events, parse_fmi_time, parse_mch_time, radar_kind
 from .files import atomic_folder, remove_stale_temps
+from .fullfield import FullFieldForecaster
 from .zoo import ZooError
 from .viz import save_gif
 
@@ -63,7 +64,8 @@ def last_run_after_gaps(input_path, frames: np.ndarray, t_in: int) -> np.ndarray
 
 
 def run_predict(model_ref, input_path, out_dir, baselines: bool | str | list[str] = False, fmt: str | None = None,
-                blend: tuple[str, float] | None = None) -> Path:
+                blend: tuple[str, float] | None = None, native: bool = False, leads: int | None = None,
+                tile: int | None = None) -> Path:
     """``baselines``: also write reference nowcasts of the same input (``baseline_<name>.npy``,
     and as rows of the GIF), for scale: True or ``"default"`` gives the data's default ones
     (:func:`transmem.baselines.default_baselines`), a list or a comma-separated string names them;
@@ -71,15 +73,23 @@ def run_predict(model_ref, input_path, out_dir, baselines: bool | str | list[str
     ``netcdf`` (CF ``forecast.nc``) or ``both``; default netcdf when the input has coordinates
     (a gridded model's input), else npy. ``forecast.png`` / ``forecast.gif`` are always written.
     ``blend``: ``(baseline, w)``: the forecast is ``w * model + (1 - w) * baseline`` (see
-    :func:`transmem.api.blend_with_baseline`)."""
+    :func:`transmem.api.blend_with_baseline`). ``native``: read the input at its own grid (no
+    resize to the model's training size; every backbone is fully convolutional, and the frames are
+    padded to the patch size), so the forecast lies on the input's grid. ``leads``: how many frames
+    to forecast (default the card's ``t_out``). ``tile``: forecast in overlapping tiles of at most
+    this many pixels a side, blended without seams (:class:`transmem.fullfield.FullFieldForecaster`),
+    for fields whose activations would not fit in memory."""
+    if leads is not None and not 1 <= int(leads) <= 1000:
+        raise DataError(None, f"--leads must be between 1 and 1000, got {leads}")
     if fmt not in (None, "npy", "netcdf", "both"):
         raise DataError(None, f"--format must be npy, netcdf or both, got {fmt!r}")
     out = Path(out_dir)
     with claim_output(out):  # a second predict into the same --out is refused before anything is read
-        return _predict(model_ref, input_path, out, baselines, fmt, blend)
+        return _predict(model_ref, input_path, out, baselines, fmt, blend, native, leads, tile)
 
 
-def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None, blend) -> Path:
+def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None, blend, native: bool = False,
+             leads: int | None = None, tile: int | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(n for n in out.iterdir() if not n.name.startswith("."))):
         raise RunFolderError(f"{out}: output folder exists and is not empty; choose another --out")
     remove_stale_temps(out)  # the hidden temporary folder of a killed earlier predict
@@ -87,10 +97,17 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
     missing = [k for k in ("t_in", "t_out", "frame_size") if k not in card]
     if missing:
         raise ZooError(f"{model_ref}: its card lacks {', '.join(missing)}, which predict needs")
-    t_in, t_out = int(card["t_in"]), int(card["t_out"])
+    t_in, t_out = int(card["t_in"]), int(leads or card["t_out"])
     size = int(card["frame_size"][0])
     channels = int(card.get("channels", 1))
     data = card.get("data", {})
+    if native:
+        data = {**data, "resize": "none"}
+    if tile:  # overlapping tiles (a quarter of a tile, at most 64 pixels), aligned to the patch size
+        patch = int(getattr(module, "patch_size", 1))
+        if tile < 4 * patch or tile % patch:
+            raise DataError(None, f"--tile {tile}: must be a multiple of the model's patch size {patch}, at least {4 * patch}")
+        module = FullFieldForecaster(module, patch, tile=int(tile), overlap=max(patch, min(64, tile // 4) // patch * patch))
     frames, mask, grid = read_forecast_input(input_path, data, channels, size, last=t_in)
     times = input_times(input_path, data, len(frames)) if grid is None else None
     frames = last_run_after_gaps(input_path, frames, t_in)

@@ -179,16 +179,25 @@ def adopt_fitted(cfg: DataConfig, model_data: dict | None) -> list[str]:
 _EXTRAS = {"av": "video", "h5py": "radar"}
 
 
+READER_ENTRY_POINTS = "transmem.readers"  # a package of yours adds a reader by an entry point here
+
+
 def _import_builtin_readers() -> None:
-    """Importing the reader modules registers them. A reader whose optional dependency is missing
-    is recorded with the reason (named in the error when its dataset is asked for); any other
-    import failure is an error."""
-    for mod in ("flying_digits", "arrays", "video", "frames", "radar", "hdf5", "advected", "gridded",
-                "pysteps_reader"):
+    """Importing the reader modules registers them: every module of this package (a package scan,
+    so a new reader is one file with ``@register_dataset``), then the ``transmem.readers`` entry
+    points. A reader whose optional dependency is missing is recorded with the reason (named in
+    the error when its dataset is asked for); any other import failure is an error."""
+    import pkgutil
+    from importlib.metadata import entry_points
+    package = importlib.import_module(__package__)
+    mods = [f"{__package__}.{m.name}" for m in pkgutil.iter_modules(package.__path__) if m.name != "registry"]
+    for ep in entry_points(group=READER_ENTRY_POINTS):
+        mods.append(ep.value.split(":")[0])
+    for mod in mods:
         if mod in _NOT_LOADED:
             continue
         try:
-            importlib.import_module(f"transmem.data.{mod}")
+            importlib.import_module(mod)
         except ModuleNotFoundError as e:
             dep = (e.name or "").split(".")[0]
             if dep not in _EXTRAS:
