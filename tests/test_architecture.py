@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "transmem"
 
 # lower layers never import higher ones; a module may import its own layer or any lower one
 LAYERS = [
-    ("choices", "files", "progress", "data", "metrics", "viz", "report_page", "baselines", "blend"),  # no models
+    ("choices", "environment", "files", "progress", "data", "metrics", "viz", "report_page", "baselines", "blend"),  # no models
     ("models",),
     ("transfer", "config"),
     ("training", "zoo"),  # zoo entries, and ranking them for a target (probes train and evaluate)

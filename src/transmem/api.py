@@ -22,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
 from .data import DataError, build_datasets, physical_units
+from .environment import environment
 from .files import OutputPathError, check_output_dir, write_json
 from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
@@ -185,9 +186,18 @@ def finished_run(out: str | os.PathLike) -> dict | None:
     if not ((out / "metrics.json").is_file() and (out / "model" / zoo.CARD).is_file()):
         return None
     try:
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RunFolderError(f"{out / 'metrics.json'}: unreadable ({e}); the run looks finished") from None
+    if isinstance(metrics, dict):
+        metrics.pop("environment", None)  # the same shape as a fresh run's metrics
+    return metrics
+
+
+def _write_metrics(out: Path, metrics: dict) -> Path:
+    """``out/metrics.json``: the metrics and the ``environment`` block (versions, CPU
+    capability, threads) they were computed with; ``metrics`` itself is left as it is."""
+    return write_json(out / "metrics.json", {**metrics, "environment": environment()})
 
 
 def _no_leftovers(run):
@@ -264,7 +274,7 @@ def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind:
     metrics = evaluate_forecaster(exp, module, datasets)
     metrics["train_wall_s"] = round(wall, 2)
     metrics["train_steps"] = exp.train.steps
-    write_json(out / "metrics.json", metrics)
+    _write_metrics(out, metrics)
     card = _card(exp, metrics, wall, kind, extra)
     zoo.save_entry(module.model, out / "model", card, overwrite=True)
     if zoo_name:
@@ -545,5 +555,5 @@ def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | N
     if label:
         metrics["model"] = label
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
+    _write_metrics(out, metrics)
     return metrics
