@@ -8,12 +8,15 @@ every metric of every row, and the tolerance: the largest relative difference me
 up to the next 0.5 %.
 
     python benchmarks/reproducibility.py --root runs/repro                       # 3 demos, ~10 min
-    python benchmarks/reproducibility.py --root runs/repro --newest-python /tmp/newest/bin/python
+    python benchmarks/reproducibility.py --root runs/repro --newest-python /tmp/newest/bin/python \
+        --older-python /tmp/older/bin/python
 
 Variants: the lock on 2 threads (the reference) and on 1 thread (OMP_NUM_THREADS); the lock
 with torch, oneDNN and MKL held to AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, DNNL_MAX_CPU_ISA,
 MKL_ENABLE_INSTRUCTIONS: another CPU, on this one); with ``--newest-python``, a venv that holds
-the newest versions in pyproject.toml's ranges (``make install VENV=/tmp/newest LOCK=``).
+the newest versions in pyproject.toml's ranges (``make install VENV=/tmp/newest LOCK=``); with
+``--older-python``, a venv holding older versions in those ranges (the lock, then ``pip install``
+of older lightning, torchmetrics, numpy, pillow, opencv: the run's environment block names them).
 ``--python`` is the lock's interpreter (default: this one). A finished run (its metrics.json) is
 kept and not redone; ``--extra LABEL=DIR`` adds an earlier demo run to the comparison.
 """
@@ -37,12 +40,13 @@ from transmem.environment import differences  # noqa: E402
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 REFERENCE = "lock, 2 threads"
-# label -> (folder, environment variables, runs in the newest-versions venv)
+# label -> (folder, environment variables, the interpreter: None for --python, else the option naming it)
 VARIANTS = {
-    REFERENCE: ("lock-2threads", {"OMP_NUM_THREADS": "2"}, False),
-    "lock, 1 thread": ("lock-1thread", {"OMP_NUM_THREADS": "1"}, False),
-    "lock, AVX2 kernels, 2 threads": ("lock-avx2", {"OMP_NUM_THREADS": "2", **AVX2}, False),
-    "newest in range, 2 threads": ("newest-2threads", {"OMP_NUM_THREADS": "2"}, True),
+    REFERENCE: ("lock-2threads", {"OMP_NUM_THREADS": "2"}, None),
+    "lock, 1 thread": ("lock-1thread", {"OMP_NUM_THREADS": "1"}, None),
+    "lock, AVX2 kernels, 2 threads": ("lock-avx2", {"OMP_NUM_THREADS": "2", **AVX2}, None),
+    "newest in range, 2 threads": ("newest-2threads", {"OMP_NUM_THREADS": "2"}, "newest_python"),
+    "older versions in range, 2 threads": ("older-2threads", {"OMP_NUM_THREADS": "2"}, "older_python"),
 }
 STEP = 0.005  # the tolerance is the largest measured difference rounded up to a multiple of this
 
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="the demo runs go to ROOT/<variant>")
     p.add_argument("--python", default=sys.executable, help="the lock's interpreter")
     p.add_argument("--newest-python", default=None, help="an interpreter with the newest versions in range")
+    p.add_argument("--older-python", default=None,
+                   help="an interpreter with other (older) versions in range; its runs' environment says which")
     p.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
                    help="an earlier demo run (DIR/metrics.json) to compare as well")
     p.add_argument("--json", default=str(HERE / "results" / "reproducibility.json"))
@@ -79,9 +85,10 @@ def main(argv=None) -> int:
     root = Path(args.root)
     readme_before = json.loads(reproduce.README_JSON.read_text(encoding="utf-8"))
     results = {}
-    for label, (folder, env, newest) in VARIANTS.items():
-        if newest and not args.newest_python:
-            print(f"[reproducibility] {label}: skipped (no --newest-python)")
+    for label, (folder, env, option) in VARIANTS.items():
+        python = getattr(args, option) if option else args.python
+        if not python:
+            print(f"[reproducibility] {label}: skipped (no --{option.replace('_', '-')})")
             continue
         out = root / folder
         if (out / "metrics.json").is_file():
@@ -91,7 +98,7 @@ def main(argv=None) -> int:
         if out.exists():  # an interrupted run: the demo does not resume
             raise SystemExit(f"{out}: holds an unfinished demo; remove it and rerun")
         print(f"[reproducibility] {label}: transmem demo --out {out}")
-        results[label] = reproduce.run_demo(out, args.newest_python if newest else args.python, env)
+        results[label] = reproduce.run_demo(out, python, env)
     for spec in args.extra:
         label, _, d = spec.partition("=")
         results[label] = json.loads((Path(d) / "metrics.json").read_text(encoding="utf-8"))
