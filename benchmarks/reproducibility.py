@@ -80,12 +80,21 @@ def main(argv=None) -> int:
                    help="an interpreter with other (older) versions in range; its runs' environment says which")
     p.add_argument("--extra", action="append", default=[], metavar="LABEL=DIR",
                    help="an earlier demo run (DIR/metrics.json) to compare as well")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated folders of the variants to run or keep (default: all); "
+                        f"{', '.join(v[0] for v in VARIANTS.values())}")
     p.add_argument("--json", default=str(HERE / "results" / "reproducibility.json"))
     args = p.parse_args(argv)
     root = Path(args.root)
     readme_before = json.loads(reproduce.README_JSON.read_text(encoding="utf-8"))
+    wanted = set(args.variants.split(",")) if args.variants else {v[0] for v in VARIANTS.values()}
+    if not {VARIANTS[REFERENCE][0]} <= wanted <= {v[0] for v in VARIANTS.values()}:
+        raise SystemExit(f"--variants: give {VARIANTS[REFERENCE][0]} and any of "
+                         f"{', '.join(v[0] for v in VARIANTS.values())}")
     results = {}
     for label, (folder, env, option) in VARIANTS.items():
+        if folder not in wanted:
+            continue
         python = getattr(args, option) if option else args.python
         if not python:
             print(f"[reproducibility] {label}: skipped (no --{option.replace('_', '-')})")
