@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated folders of the variants to run or keep (default: all); "
                         f"{', '.join(v[0] for v in VARIANTS.values())}")
+    p.add_argument("--note", default=None, help="a sentence the JSON keeps (how the runs were made)")
     p.add_argument("--json", default=str(HERE / "results" / "reproducibility.json"))
     args = p.parse_args(argv)
     root = Path(args.root)
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
                                        "requirements.lock"]),
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(REPO)), *sys.argv[1:]]),
         "reference": REFERENCE,
+        "note": args.note,
         "runs": {label: {"environment": r.get("environment"), "wall_s": r.get("wall_s"),
                          "methods": reproduce.scores(r["methods"])} for label, r in results.items()},
         "against_reference": comparisons,
