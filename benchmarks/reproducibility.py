@@ -86,11 +86,13 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated folders of the variants to run or keep (default: all); "
                         f"{', '.join(v[0] for v in VARIANTS.values())}")
+    p.add_argument("--readme-before", default=str(reproduce.README_JSON),
+                   help="the README's numbers the reference is compared with (default: demo_readme.json)")
     p.add_argument("--note", default=None, help="a sentence the JSON keeps (how the runs were made)")
     p.add_argument("--json", default=str(HERE / "results" / "reproducibility.json"))
     args = p.parse_args(argv)
     root = Path(args.root)
-    readme_before = json.loads(reproduce.README_JSON.read_text(encoding="utf-8"))
+    readme_before = json.loads(Path(args.readme_before).read_text(encoding="utf-8"))
     wanted = set(args.variants.split(",")) if args.variants else {v[0] for v in VARIANTS.values()}
     if not {VARIANTS[REFERENCE][0]} <= wanted <= {v[0] for v in VARIANTS.values()}:
         raise SystemExit(f"--variants: give {VARIANTS[REFERENCE][0]} and any of "
