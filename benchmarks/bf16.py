@@ -24,6 +24,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+import claims  # noqa: E402
 
 from transmem import api  # noqa: E402
 from transmem.data import build_datasets  # noqa: E402
@@ -74,8 +77,7 @@ def main(argv=None) -> int:
               "settings": {"data": "flying digits (built-in glyphs), 3 digits, 32x32, 5->5 frames",
                            "model": s["model"], "batch": s["batch"], "teacher": "digits2 (fp32, demo zoo)",
                            "threads": torch.get_num_threads(), "torch": torch.__version__}}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    claims.write_json(args.json, result, indent=1)
     print("| method | precision | MSE/frame | SSIM | wall s |\n|---|---|---:|---:|---:|")
     for key, v in summary.items():
         method, precision = key.split("/")

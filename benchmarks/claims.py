@@ -1,13 +1,17 @@
-"""Shared by the resumable benchmarks: runs are claimed through files, so that several worker
-processes can share one list of runs and a finished run is never redone; and the commit a run's
-code comes from."""
+"""Shared by the benchmarks: runs are claimed through files, so that several worker processes can
+share one list of runs and a finished run is never redone; the commit a run's code comes from;
+and the writers of their result JSONs, which record the environment (transmem.environment:
+versions, CPU capability, threads) the numbers were computed with."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this tree's transmem
 
 
 def claim(d: Path) -> bool:
@@ -44,3 +48,36 @@ def run_workers(argv: list[str], n: int, omp_threads: int | None = 1) -> list[in
     if any(codes):
         print(f"workers exited with {codes}", file=sys.stderr)
     return codes
+
+
+def _environment() -> dict:
+    from transmem.environment import environment
+    return environment()
+
+
+def write_run(path, row: dict) -> Path:
+    """One run's result JSON (``row`` and this process's ``environment`` block), written
+    atomically: a worker records the threads and versions it ran with."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**row, "environment": row.get("environment") or _environment()}))
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path, result: dict, runs=(), indent: int = 2) -> Path:
+    """A benchmark's result JSON with an ``environment`` block: the one its ``runs`` (per-run
+    results from :func:`write_run` or metrics.json) recorded when they agree, a list of the
+    distinct ones when they do not, and this process's when they recorded none."""
+    envs = []
+    for r in runs:
+        e = r.get("environment") if isinstance(r, dict) else None
+        if e and e not in envs:
+            envs.append(e)
+    env = envs[0] if len(envs) == 1 else (envs or _environment())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**result, "environment": env}, indent=indent) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -112,10 +112,7 @@ def main(argv=None) -> int:
         if done.is_file():
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
-        row = run(name, root / "runs", datasets, code)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row))
-        os.replace(tmp, done)
+        claims.write_run(done, run(name, root / "runs", datasets, code))
     rows = {}
     for name in VARIANTS:
         done = root / (name.replace(":", "-").replace("+", "-") + ".json")
@@ -129,7 +126,7 @@ def main(argv=None) -> int:
                           f"{FULL['target_clips']} training clips, batch {FULL['batch']}, lr 2e-3, from scratch, "
                           f"seed 0, one run per variant; test: the demo's {FULL['test_clips']} test clips",
               "methods": rows, "baselines": baselines(datasets)}
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    claims.write_json(args.json, result, runs=rows.values(), indent=1)
     print("| variant | steps | MSE/frame | SSIM | PSNR | s |\n|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['steps']} | {r['mse']:.2f} | {r['ssim']:.3f} | {r['psnr']:.2f} | {r['wall_s']:.0f} |")

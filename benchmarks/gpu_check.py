@@ -10,7 +10,6 @@ without writing anything.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -22,6 +21,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import claims  # noqa: E402
 SIZES = {"2x32": dict(layers=2, hidden=32, filter=5, patch=4, size=64, batch=8, frames=20),
          "4x64": dict(layers=4, hidden=64, filter=5, patch=4, size=64, batch=8, frames=20)}
 
@@ -98,8 +100,7 @@ def main(argv=None) -> int:
     result["speed"] = speed_table()
     result["training"] = training(args.steps)
     result["wall_s"] = round(time.time() - t0, 1)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    claims.write_json(args.json, result)
     print(f"[gpu_check] wrote {args.json} in {result['wall_s']} s")
     return 0 if result["tests"]["returncode"] == 0 else 1
 

@@ -398,9 +398,8 @@ def main(argv=None) -> int:
     if "aggregate" in parts:
         command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
         result = aggregate(work, all_methods, events, seeds, quick, command)
-        from transmem.files import write_json
         out = REPO / "benchmarks" / "results" / ("nowcast_quick.json" if quick else "nowcast.json")
-        write_json(out, result)
+        claims.write_json(out, result)
         out.with_suffix(".md").write_text(markdown(result))
         print(f"wrote {out} and {out.with_suffix('.md')}")
         for m, r in sorted(result["methods"].items(), key=lambda kv: kv[1]["mse_mean"]):

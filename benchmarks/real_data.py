@@ -248,9 +248,7 @@ def work(p: dict, root: Path, with_video: bool, only: set | None) -> None:
             print(f"  FAILED {family} {fold} {method} seed {seed}: {e!r}", flush=True)
             raise
         m.update({"family": family, "fold": fold, "method": method, "seed": seed, "commit": code})
-        tmp = d / "result.json.tmp"
-        tmp.write_text(json.dumps(m))
-        os.replace(tmp, d / "result.json")
+        claims.write_run(d / "result.json", m)
         print(f"[{time.strftime('%H:%M:%S')}] done {family} {fold} {method} seed {seed} in "
               f"{time.time() - t0:.0f} s: mse {m['mse']:.3f}", flush=True)
 
@@ -333,10 +331,10 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, with_video: boo
     if with_video:
         result["video"] = {"methods": family_result(p, root, "video", list(VIDEO), VIDEO_METHODS),
                            "regime": "leave-one-clip-out over the 3 shared clips, grayscale, same model sizes"}
-    commits = {json.loads(f.read_text())["commit"] for f in root.rglob("result.json")}
+    runs = [json.loads(f.read_text()) for f in root.rglob("result.json")]
+    commits = {r["commit"] for r in runs}
     result["commit"] = sorted(commits)[0] if len(commits) == 1 else sorted(commits)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2))
+    claims.write_json(out_json, result, runs=runs)
     out_json.with_suffix(".md").write_text(markdown(result))
     plot(result, out_json.with_suffix(".png"))
     return result

@@ -30,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+
+import claims  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -724,7 +727,7 @@ def main(argv=None) -> int:
         os.replace(tmp, path)
         print(f"[speed] {name} done in {res['_wall_s']} s", flush=True)
     data["summary"] = summarize(data)
-    path.write_text(json.dumps(data, indent=1))
+    claims.write_json(path, data, indent=1)
     pngs = plot(data, "_quick" if args.quick else "")
     print(markdown(data))
     print(json.dumps(data["summary"], indent=1))

@@ -23,6 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+import claims  # noqa: E402
 
 # summary key of speed.py -> (comparison, limit): the targets of docs/performance.md
 TARGETS = {
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.dir)
     out = Path(args.out) if args.out else run_dir.with_suffix(".json")
     run_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
+    runs, haves = [], []
     for i in range(1, args.runs + 1):
         path = run_dir / f"run{i}.json"
         have = json.loads(path.read_text()) if path.exists() else {"parts": {}}
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
                       f"finished runs are kept in {run_dir}", file=sys.stderr)
                 return 1
             have = json.loads(path.read_text())
+        haves.append(have)
         runs.append({"file": str(path.relative_to(HERE) if path.is_relative_to(HERE) else path),
                      "commit": have.get("machine", {}).get("commit"),
                      "threads": have.get("machine", {}).get("threads"),
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
                                      for p in args.parts],
                      "summary": have.get("summary", {})})
     result = {"parts": args.parts, "runs": runs, "spread": spread(runs)}
-    out.write_text(json.dumps(result, indent=1))
+    claims.write_json(out, result, runs=haves, indent=1)  # the environment speed.py's runs recorded
     print(markdown(result))
     print(f"wrote {out}")
     return 0

@@ -167,7 +167,7 @@ def execute(name: str, seed: int, p: dict, root: Path) -> None:
             m.update({"method": name, "seed": seed, "commit": _COMMIT_AT_START or commit(), "train_wall_s": 0.0,
                       "train_steps": 0})
             d.mkdir(parents=True, exist_ok=True)
-            (d / "result.json").write_text(json.dumps(m))
+            claims.write_run(d / "result.json", m)
             return
         if kind == "scratch":
             api.run_train(exp, d / "run", kind="scratch")
@@ -185,9 +185,7 @@ def execute(name: str, seed: int, p: dict, root: Path) -> None:
             api.run_transfer(exp, d / "run", teachers=teachers)
     m = json.loads((d / "run" / "metrics.json").read_text())
     m.update({"method": name, "seed": seed, "commit": _COMMIT_AT_START or commit()})
-    tmp = d / "result.json.tmp"
-    tmp.write_text(json.dumps(m))
-    os.replace(tmp, d / "result.json")
+    claims.write_run(d / "result.json", m)  # the environment its metrics.json recorded
 
 
 def work(p: dict, root: Path, with_cross: bool, only: set | None, seeds: set | None = None) -> None:
@@ -221,6 +219,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
     from transmem.viz import plot_per_frame
     methods: dict = {}
     commits = set()
+    every_run = []
     for name in ALL_METHODS:
         runs = []
         for seed in p["seeds"]:
@@ -229,6 +228,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
                 runs.append(json.loads(f.read_text()))
         if not runs:
             continue
+        every_run += runs
         commits |= {r["commit"] for r in runs}
         mse = np.array([r["mse"] for r in runs])
         methods[name] = {
@@ -264,8 +264,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, report: bool = 
         "selection": "best validation MSE checkpoint (every val_every steps); test split once per run",
         "methods": methods,
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2))
+    claims.write_json(out_json, result, runs=every_run)
     if methods:
         # the core rows and the tuned variants that have every seed (all rows would be unreadable)
         curves = {m: v["mse_per_frame"] for m, v in methods.items()}

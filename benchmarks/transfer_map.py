@@ -462,9 +462,7 @@ def work(p: dict, root: Path, parts: set[str]) -> int:
             continue
         m.update({"job": job, "family": family, "size": size, "method": method, "seed": seed, "commit": code,
                   "job_wall_s": round(time.time() - t0, 1)})
-        tmp = d / (done_file(job) + ".tmp")
-        tmp.write_text(json.dumps(m))
-        os.replace(tmp, d / done_file(job))
+        claims.write_run(d / done_file(job), m)
         score = f": mse {m['mse']:.4g}" if "mse" in m else ""
         print(f"[{time.strftime('%H:%M:%S')}] done {label} in {time.time() - t0:.0f} s{score}", flush=True)
     return failed
@@ -678,8 +676,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, preset: str) ->
                     "cells": c["ranking_cells"]},
         "verdict": verdict(c["cells"], p),
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2))
+    claims.write_json(out_json, result, runs=[_read(f) for f in Path(root).rglob(done_file("run"))])
     out_json.with_suffix(".md").write_text(markdown(result))
     for family in p["families"]:
         if any(x["family"] == family and not x.get("reference") for x in result["cells"]):

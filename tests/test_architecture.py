@@ -9,8 +9,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "transmem"
 
 # lower layers never import higher ones; a module may import its own layer or any lower one
 LAYERS = [
-    ("choices", "files", "signals", "progress", "data", "metrics", "viz", "report_page", "baselines", "blend",
-     "fullfield"),  # no models
+    ("choices", "environment", "files", "signals", "progress", "data", "metrics", "viz", "report_page", "baselines",
+     "blend", "fullfield"),  # no models
     ("models",),
     ("transfer", "config"),
     ("training", "zoo"),  # zoo entries, and ranking them for a target (probes train and evaluate)

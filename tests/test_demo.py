@@ -38,6 +38,18 @@ def test_metrics_json_has_every_method(demo):
     assert (demo / "zoo" / "digits1" / "weights.safetensors").is_file()
 
 
+def test_metrics_json_names_the_environment(demo):
+    """The demo's metrics.json and each run's own record the versions, kernels and threads."""
+    m = json.loads((demo / "metrics.json").read_text())
+    env = m["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert all("environment" not in row for row in m["methods"].values())  # once, not per row
+    runs = sorted((demo / "runs").glob("*/metrics.json"))
+    assert len(runs) == 8  # two zoo models, six target methods
+    assert all(json.loads(r.read_text())["environment"] == env for r in runs)
+
+
 def test_report_files_images_and_html(demo):
     md = (demo / "report.md").read_text()
     for name in ("scratch", "finetune:digits2", "tmu:distill"):

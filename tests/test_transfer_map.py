@@ -29,6 +29,9 @@ def test_the_tiny_map_has_every_cell_and_the_schema(bench, tiny):
         assert key in r, key
     assert r["complete"] is True and r["missing"] == []
     assert r["sizes"] == {"digits": [8, 16]}
+    # the versions, kernels and threads its runs recorded
+    assert r["environment"]["torch"] == torch.__version__ and r["environment"]["cpu_capability"]
+    assert all("environment" in json.loads(f.read_text()) for f in (root / "runs").rglob("result.json"))
     methods = set(bench.methods("digits")) | set(bench.REFERENCE)
     assert set(r["methods"]) == methods and len(methods) >= 8
     cells = {(c["size"], c["method"]): c for c in r["cells"]}

@@ -22,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
 from .data import DataError, build_datasets, frame_size_of, physical_units
+from .environment import environment
 from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
                     lock_holder, lock_path_beside, write_json)
 from .models import build_config, create_model
@@ -238,9 +239,18 @@ def finished_run(out: str | os.PathLike) -> dict | None:
     if not ((out / "metrics.json").is_file() and (out / "model" / zoo.CARD).is_file()):
         return None
     try:
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RunFolderError(f"{out / 'metrics.json'}: unreadable ({e}); the run looks finished") from None
+    if isinstance(metrics, dict):
+        metrics.pop("environment", None)  # the same shape as a fresh run's metrics
+    return metrics
+
+
+def _write_metrics(out: Path, metrics: dict) -> Path:
+    """``out/metrics.json``: the metrics and the ``environment`` block (versions, CPU
+    capability, threads) they were computed with; ``metrics`` itself is left as it is."""
+    return write_json(out / "metrics.json", {**metrics, "environment": environment()})
 
 
 def _no_leftovers(run):
@@ -363,7 +373,7 @@ def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind:
     metrics = evaluate_forecaster(exp, module, datasets)
     metrics["train_wall_s"] = round(wall, 2)
     metrics["train_steps"] = exp.train.steps
-    write_json(out / "metrics.json", metrics)
+    _write_metrics(out, metrics)
     card = _card(exp, metrics, wall, kind, extra, data_frame_size(exp, datasets))
     zoo.save_entry(module.model, out / "model", card, overwrite=True)
     if zoo_name:
@@ -677,5 +687,5 @@ def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | N
     if label:
         metrics["model"] = label
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
+    _write_metrics(out, metrics)
     return metrics

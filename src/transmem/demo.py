@@ -19,6 +19,7 @@ from . import api
 from .baselines import BaselineUnavailable, default_baselines
 from .config import Experiment, load_experiment
 from .data import build_datasets, physical_units
+from .environment import environment
 from .files import write_json
 from .run_report import demo_report
 
@@ -118,7 +119,8 @@ def run_demo(out, quick: bool = False, mnist_dir: str | None = None, bank_read: 
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "wall_s": round(wall, 1),
     }
-    result = {"methods": methods, "settings": settings, "wall_s": round(wall, 1), "quick": quick}
+    result = {"methods": methods, "settings": settings, "wall_s": round(wall, 1), "quick": quick,
+              "environment": environment()}
     write_json(out / "metrics.json", result)
     forecasters = {m: api.load_for_inference(Path(d) / "model")[0] for m, d in runs.items()} | baselines
     demo_report(out, result, forecasters, datasets["test"], target.train.t_in)
