@@ -365,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of the rows")
     ap.add_argument("--work", default=None, help="where the units go (default runs/nowcast[_quick])")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--units-commit", default=None,
+                    help="aggregate: the commit the units were computed at, when it is not this one (recorded)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transmem.baselines import default_baselines
@@ -398,6 +400,8 @@ def main(argv=None) -> int:
     if "aggregate" in parts:
         command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
         result = aggregate(work, all_methods, events, seeds, quick, command)
+        if args.units_commit:
+            result["commit"] = [f"{args.units_commit} (units: models, baselines, recipes)", f"{result['commit']} (aggregate)"]
         out = REPO / "benchmarks" / "results" / ("nowcast_quick.json" if quick else "nowcast.json")
         claims.write_json(out, result)
         out.with_suffix(".md").write_text(markdown(result))

@@ -21,7 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
-from .data import DataError, build_datasets, frame_size_of, physical_units
+from .data import DataError, build_datasets, frame_size_of, inflow_hint, physical_units
 from .environment import environment
 from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
                     lock_holder, lock_path_beside, write_json)
@@ -596,7 +596,9 @@ def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str
     """The registered reference nowcast ``name`` (:func:`transmem.baselines.list_baselines`) for
     ``exp``'s data: it works in the scale it declares, through the units the data's reader
     declares (mm/h for radar), or -- with ``physical=False`` -- on the [0, 1] values. ``inflow``
-    None: the fair default for the kind of data (zero for rain, the last frame otherwise)."""
+    None: what the dataset declares, else the fair default for the kind of data (zero for rain,
+    the last frame otherwise)."""
+    inflow = inflow or inflow_hint(exp.data)
     return create_baseline(name, exp.train.t_in, physical_units(exp.data), inflow, physical=physical, **options)
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .api import RunFolderError, blend_with_baseline, claim_output, load_for_inference
 from .baselines import BASELINES, BaselineUnavailable, create_baseline, default_baselines
-from .data import DataError, physical_units
+from .data import DataError, inflow_hint, physical_units
 from .data.clips import parse_time, split_at_gaps
 from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
@@ -127,7 +127,7 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
     others = {}
     for name in baseline_names(baselines, units):
         try:
-            b = create_baseline(name, t_in, units)
+            b = create_baseline(name, t_in, units, inflow_hint(data) if data.get("name") else None)
         except BaselineUnavailable as e:
             print(f"baseline {name} left out: {e}")
             continue

@@ -22,6 +22,7 @@ from .errors import DataError
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
+_INFLOWS: dict[str, str] = {}  # dataset -> the inflow its reference nowcasts assume
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
@@ -37,18 +38,29 @@ class Units:
 
 
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
-                     extra: tuple[str, ...] | None = None):
+                     extra: tuple[str, ...] | None = None, inflow: str | None = None):
     """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
     (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
-    leaves the reader's keys unchecked (a reader registered from outside transmem)."""
+    leaves the reader's keys unchecked (a reader registered from outside transmem). ``inflow``:
+    what the reference nowcasts should assume enters the frame from outside when the kind of
+    data does not say (``"zero"``: a scene on a known empty background, as generated digits;
+    default: zero for rain, the last frame for anything else)."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
             _UNITS[name] = units
         if extra is not None:
             _EXTRA_KEYS[name] = tuple(sorted(set(extra)))
+        if inflow is not None:
+            _INFLOWS[name] = inflow
         return fn
     return deco
+
+
+def inflow_hint(cfg: "DataConfig | dict") -> str | None:
+    """The inflow a dataset declared (:func:`register_dataset`), or None."""
+    _import_builtin_readers()
+    return _INFLOWS.get(cfg.get("name") if isinstance(cfg, dict) else cfg.name)
 
 
 def extra_keys(name: str) -> tuple[str, ...] | None:
