@@ -104,14 +104,20 @@ def test_too_few_input_frames_are_refused():
 
 
 def test_a_registered_function_is_scored_like_any_baseline():
-    @register_baseline("test_mean_of_inputs")
+    from transmem.baselines import registry
+
+    @register_baseline("test_mean_of_inputs", default=False)
     def mean_of_inputs(past, n_leads, ctx):
         """The mean of the input frames."""
         return np.repeat(past.mean(axis=0, keepdims=True), n_leads, axis=0)
-    clips = rain_clips()
-    pred = create_baseline("test_mean_of_inputs", T_IN).rollout(clips)
-    assert torch.allclose(pred, clips[:, :T_IN].mean(1, keepdim=True).expand_as(pred), atol=1e-6)
-    assert "test_mean_of_inputs" in list_baselines()
+    try:
+        clips = rain_clips()
+        pred = create_baseline("test_mean_of_inputs", T_IN).rollout(clips)
+        assert torch.allclose(pred, clips[:, :T_IN].mean(1, keepdim=True).expand_as(pred), atol=1e-6)
+        assert "test_mean_of_inputs" in list_baselines()
+        assert "test_mean_of_inputs" not in default_baselines(RAIN)  # default=False: by name only
+    finally:
+        registry._BASELINES.pop("test_mean_of_inputs", None)  # other tests see the built-in table
 
 
 def test_a_plugin_baseline_reaches_evaluate_through_an_entry_point(tmp_path):

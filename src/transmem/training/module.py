@@ -200,8 +200,8 @@ class ForecastModule(L.LightningModule):
 
     @property
     def patch_size(self) -> int:
-        backbone = self.model.backbone if self.is_tmu else self.model
-        return int(getattr(backbone.config, "patch_size", 1))
+        backbone = getattr(self.model, "backbone", self.model)  # a TMU pads for its backbone
+        return int(getattr(getattr(backbone, "config", None), "patch_size", 1) or 1)
 
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
         """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too).
