@@ -442,7 +442,8 @@ def part_native_crop(ctx: Ctx) -> dict:
 def part_native_fullfield(ctx: Ctx) -> dict:
     """Whole-field inference of the native recipe (6 inputs, 12 leads): a MeteoSwiss-size field
     (640x710) and the OPERA composite (2200x1900), untiled and in 512-pixel tiles; wall time and
-    the peak resident memory of a fresh process for each."""
+    the peak resident memory of a fresh process for each (VmHWM, reset just before the forecast:
+    a child's ru_maxrss would start at its parent's peak)."""
     shapes = {"mch_640x710": (640, 710), "opera_2200x1900": (2200, 1900)}
     if ctx.quick:
         shapes = {"small_96x130": (96, 130)}
@@ -455,11 +456,12 @@ def part_native_fullfield(ctx: Ctx) -> dict:
                     "torch.set_num_threads(%d); m = native_model().eval(); "
                     "mod = ForecastModule(m, SamplingSchedule(kind='none', t_in=6, frames=18)).eval(); "
                     "f = FullFieldForecaster(mod, 4, tile=%r, overlap=64); "
-                    "x = torch.rand(1, 18, 1, %d, %d); rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+                    "x = torch.rand(1, 18, 1, %d, %d); "
+                    "hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); "
+                    "open('/proc/self/clear_refs', 'w').write('5'); rss0 = hwm(); "
                     "t = time.perf_counter(); y = f.rollout(x); dt = time.perf_counter() - t; "
                     "print(json.dumps({'s': round(dt, 2), 'shape': list(y.shape), "
-                    "'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "
-                    "'before_mb': round(rss0 / 1024)}))") % (str(REPO / "src"), str(HERE), torch.get_num_threads(),
+                    "'peak_rss_mb': round(hwm() / 1024), 'before_mb': round(rss0 / 1024)}))") % (str(REPO / "src"), str(HERE), torch.get_num_threads(),
                                                              tile, h, w)
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if r.returncode:
