@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["BlendForecaster", "ProbabilityMatched", "match_distribution", "parse_blend"]
+__all__ = ["BlendForecaster", "ProbabilityMatched", "Wrapped", "match_distribution", "parse_blend"]
 
 
 class BlendForecaster(torch.nn.Module):
@@ -74,14 +74,10 @@ def match_distribution(field: Tensor, reference: Tensor) -> Tensor:
     return torch.where(flat > 0, out, torch.zeros_like(out)).view_as(field)
 
 
-class ProbabilityMatched(torch.nn.Module):
-    """``inner``'s forecast with every lead's values matched to the distribution of the last
-    input frame (:func:`match_distribution`), clip by clip and channel by channel.
-
-    Why: a mean of forecasts, or an MSE-trained one, is smooth, so it under-forecasts intense
-    cells and over-forecasts drizzle; S-PROG and STEPS restore the observed intensity distribution
-    the same way. The area and intensities of rain are then persistence's, their places the
-    forecaster's."""
+class Wrapped(torch.nn.Module):
+    """A forecaster around one ``inner`` forecaster: its ``device`` and settable ``t_in`` are the
+    inner one's (the interface :func:`transmem.training.evaluate` needs), so a wrapper only says
+    what its ``rollout`` adds."""
 
     def __init__(self, inner):
         super().__init__()
@@ -98,6 +94,16 @@ class ProbabilityMatched(torch.nn.Module):
     @t_in.setter
     def t_in(self, value: int) -> None:
         self.inner.t_in = value
+
+
+class ProbabilityMatched(Wrapped):
+    """``inner``'s forecast with every lead's values matched to the distribution of the last
+    input frame (:func:`match_distribution`), clip by clip and channel by channel.
+
+    Why: a mean of forecasts, or an MSE-trained one, is smooth, so it under-forecasts intense
+    cells and over-forecasts drizzle; S-PROG and STEPS restore the observed intensity distribution
+    the same way. The area and intensities of rain are then persistence's, their places the
+    forecaster's."""
 
     @torch.no_grad()
     def rollout(self, frames: Tensor) -> Tensor:

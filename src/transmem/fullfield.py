@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .blend import Wrapped
+
 
 def pad_to_multiple(frames: Tensor, multiple: int) -> tuple[Tensor, int, int]:
     """``frames`` (B, T, C, H, W) padded at the bottom/right by edge replication so that H and W are
@@ -59,30 +61,18 @@ def ramp(length: int, start: int, size: int, overlap: int, device, dtype) -> Ten
     return w
 
 
-class FullFieldForecaster(torch.nn.Module):
+class FullFieldForecaster(Wrapped):
     """``inner`` (anything with ``rollout``, ``t_in``, ``device``) run on fields of any size:
     padded to a multiple of ``multiple`` (the model's patch size), and tiled when a side is larger
     than ``tile`` (None: never), tiles overlapping by ``overlap`` pixels and blended seamlessly."""
 
     def __init__(self, inner, multiple: int = 1, tile: int | None = None, overlap: int = 64):
-        super().__init__()
+        super().__init__(inner)
         if multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
         if tile is not None and (tile < 2 * overlap or tile % multiple):
             raise ValueError(f"tile ({tile}) must be a multiple of {multiple} and at least twice the overlap ({overlap})")
-        self.inner, self.multiple, self.tile, self.overlap = inner, int(multiple), tile, int(overlap)
-
-    @property
-    def t_in(self) -> int:
-        return self.inner.t_in
-
-    @t_in.setter
-    def t_in(self, value: int) -> None:
-        self.inner.t_in = value
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
+        self.multiple, self.tile, self.overlap = int(multiple), tile, int(overlap)
 
     @property
     def needs_teachers_at_inference(self) -> bool:
