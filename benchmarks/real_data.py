@@ -183,7 +183,6 @@ def pretext_entry(root: Path, name: str = "advected_rain") -> Path:
 
 def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path) -> dict:
     from transmem import api
-    from transmem.data import physical_units
     d = run_dir(root, family, fold, method, seed)
     if family == "pretext":
         # real echoes at 64x64 move 0.1-0.5 px per 5-minute step: the pretext clips move up to 1
@@ -211,8 +210,7 @@ def execute(family: str, fold: str, method: str, seed: int, p: dict, root: Path)
         while not (done / "result.json").is_file():  # another worker is training it
             time.sleep(5)
         model, _ = api.load_for_inference(done / "run" / "model")
-        forecaster = api.blend_with_baseline(model, s["baseline"], exp.train.t_in, s["weight"],
-                                             physical_units(exp.data))
+        forecaster = api.blend_with_baseline(model, s["baseline"], exp.train.t_in, s["weight"], exp.data)
         t0 = time.time()
         m = api.evaluate_forecaster(exp, forecaster, datasets)
         m["train_wall_s"], m["eval_wall_s"] = 0.0, round(time.time() - t0, 1)

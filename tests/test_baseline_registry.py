@@ -197,3 +197,20 @@ def test_a_dataset_can_declare_its_inflow():
     assert inflow_hint(digits.data) == "zero" and api.load_baseline("extrapolation", digits).inflow == "zero"
     video = load_experiment(base={"data": {"name": "npy", "path": "x.npy", "size": 16, "frames": 6}, "train": {"t_in": 3}})
     assert inflow_hint(video.data) is None and api.load_baseline("extrapolation", video).inflow == "last"
+
+
+def test_steps_gets_the_grid_spacing_the_reader_knows():
+    """STEPS' perturbations are physical: a 1 km composite area-averaged to 64x64 has ~10 km pixels
+    (MeteoSwiss: the 640-pixel side / 64), and the baseline must be told so."""
+    from transmem.baselines import baseline_for_data
+    from transmem.data import DataConfig, pixel_km
+    coarse = DataConfig(name="radar_mch", path="x", size=64)
+    assert pixel_km(coarse) == pytest.approx(10.0)
+    assert pixel_km(DataConfig(name="radar_mch", path="x", resize="none")) == 1.0
+    assert pixel_km(DataConfig(name="radar_fmi", path="x", size=76)) == pytest.approx(10.0)
+    assert pixel_km(DataConfig(name="flying_digits")) is None
+    try:
+        assert baseline_for_data("steps_mean", 4, coarse).kmperpixel == pytest.approx(10.0)
+        assert baseline_for_data("steps_mean", 4, {"name": "flying_digits"}).kmperpixel == 1.0
+    except BaselineUnavailable as e:
+        pytest.skip(str(e))

@@ -50,6 +50,7 @@ WRAPPER = textwrap.dedent('''
     signal.signal(signal.SIGINT, signal.default_int_handler)
     import transmem.cli as C
     import transmem.predict as P
+    import transmem.run_report as R  # the CLI imports method_report from here when evaluate runs
     from transmem.training import module as M
 
     E = os.environ
@@ -88,7 +89,7 @@ WRAPPER = textwrap.dedent('''
             return fn(*a, **k)
         return wrapped
     if IN == "report":
-        C.method_report = hook(C.method_report)
+        R.method_report = hook(R.method_report)
     if IN == "forecast":
         P.save_gif = hook(P.save_gif)
     sys.exit(C.main(sys.argv[1:]))
@@ -537,13 +538,13 @@ def test_disk_full_while_writing_results_or_the_zoo_entry_keeps_the_previous_sta
 
 @pytest.mark.parametrize("cmd", ["evaluate", "predict"])
 def test_disk_full_while_writing_the_report_or_forecast_leaves_nothing(small_disk, world, monkeypatch, capsys, cmd):
-    import transmem.cli as C
     import transmem.predict as P
+    import transmem.run_report as R
     out = small_disk / f"{cmd}-out"
     with _full(small_disk) as fill:
         if cmd == "evaluate":
-            real = C.method_report
-            monkeypatch.setattr(C, "method_report", lambda *a, **k: (fill(), real(*a, **k))[1])
+            real = R.method_report
+            monkeypatch.setattr(R, "method_report", lambda *a, **k: (fill(), real(*a, **k))[1])
             args = ["evaluate", "--model", str(world / "zoo" / "tiny"), "--config", str(world / "cfg.yaml")]
         else:
             real = P.save_gif

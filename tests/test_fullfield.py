@@ -2,7 +2,6 @@
 tiles, and `transmem predict --native` on a full-size MeteoSwiss composite."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,6 @@ def test_tiles_cover_the_field_and_blend_without_seams():
 @pytest.mark.skipif(not MCH.is_dir(), reason="../shared/data/radar/mch is absent")
 def test_predict_native_writes_the_forecast_on_the_composites_own_grid(tmp_path):
     from transmem.cli import main
-    from transmem.zoo import save_entry
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {name: advected_rain, size: 32, frames: 6, train_clips: 8, val_clips: 2, test_clips: 2}\n"
                    "model: {name: advection, num_layers: 1, hidden: 4, filter_size: 3, patch_size: 4,"

@@ -21,14 +21,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
-from .data import DataError, build_datasets, frame_size_of, inflow_hint, physical_units
+from .data import DataError, build_datasets, frame_size_of, physical_units
 from .environment import environment
 from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
                     lock_holder, lock_path_beside, write_json)
 from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
 from .training.checkpoints import resume_point
-from .baselines import create_baseline
+from .baselines import baseline_for_data, create_baseline
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
 
@@ -597,17 +597,18 @@ def load_baseline(name: str, exp: Experiment, physical: bool = True, inflow: str
     ``exp``'s data: it works in the scale it declares, through the units the data's reader
     declares (mm/h for radar), or -- with ``physical=False`` -- on the [0, 1] values. ``inflow``
     None: what the dataset declares, else the fair default for the kind of data (zero for rain,
-    the last frame otherwise)."""
-    inflow = inflow or inflow_hint(exp.data)
-    return create_baseline(name, exp.train.t_in, physical_units(exp.data), inflow, physical=physical, **options)
+    the last frame otherwise). See :func:`transmem.baselines.baseline_for_data`."""
+    return baseline_for_data(name, exp.train.t_in, exp.data, physical, inflow, **options)
 
 
-def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5, units=None) -> BlendForecaster:
+def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5, data=None) -> BlendForecaster:
     """``weight * forecaster + (1 - weight) * baseline``, the baseline run on the model's own
     values (log-scaled rain for radar: extrapolation of those beat extrapolation in mm/h on our
-    radar benchmark, alone and in the blend). ``units``: the data's, for the kind of data (rain
-    or not) that sets the baseline's thresholds and inflow."""
-    return BlendForecaster(forecaster, create_baseline(baseline, t_in, units, physical=False), weight)
+    radar benchmark, alone and in the blend). ``data``: the dataset's config (or a card's data
+    dict), for the kind of data (rain or not), the inflow and the grid spacing the baseline uses."""
+    other = (baseline_for_data(baseline, t_in, data, physical=False) if data is not None
+             else create_baseline(baseline, t_in, physical=False))
+    return BlendForecaster(forecaster, other, weight)
 
 
 def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:

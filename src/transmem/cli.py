@@ -379,7 +379,7 @@ def _evaluate(args, exp) -> dict:
     from . import api
     from .blend import parse_blend
     from .config import ConfigError
-    from .data import adopt_fitted, physical_units
+    from .data import adopt_fitted
     from .files import atomic_folder
     from .run_report import method_report
     from .zoo import read_card, resolve
@@ -402,8 +402,7 @@ def _evaluate(args, exp) -> dict:
             forecaster, card = api.load_for_inference(args.model)
             name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
         if blend:
-            forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1],
-                                                 physical_units(exp.data))
+            forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1], exp.data)
             name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
         with atomic_folder(args.out, replace=True, keep_others=True) as tmp:
             metrics = api.run_evaluate(forecaster, exp, tmp, datasets, label=label, overwrite=args.overwrite)

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .api import RunFolderError, blend_with_baseline, claim_output, load_for_inference
-from .baselines import BASELINES, BaselineUnavailable, create_baseline, default_baselines
-from .data import DataError, inflow_hint, physical_units
+from .baselines import BASELINES, BaselineUnavailable, baseline_for_data, default_baselines
+from .data import DataError, physical_units
 from .data.clips import parse_time, split_at_gaps
 from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
@@ -120,14 +120,14 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
     past = torch.from_numpy(np.ascontiguousarray(frames[-t_in:]))[None]
     clip = torch.cat([past, past.new_zeros(1, t_out, *past.shape[2:])], 1)
     if blend:
-        module = blend_with_baseline(module, blend[0], t_in, blend[1], units)
+        module = blend_with_baseline(module, blend[0], t_in, blend[1], data if data.get("name") else None)
         print(f"forecast = {blend[1]:g} * model + {1 - blend[1]:g} * {blend[0]}")
     with torch.inference_mode():
         pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)
     others = {}
     for name in baseline_names(baselines, units):
         try:
-            b = create_baseline(name, t_in, units, inflow_hint(data) if data.get("name") else None)
+            b = baseline_for_data(name, t_in, data)
         except BaselineUnavailable as e:
             print(f"baseline {name} left out: {e}")
             continue

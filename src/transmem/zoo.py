@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 from . import choices
-from .baselines import BaselineUnavailable, create_baseline, default_baselines
+from .baselines import BaselineUnavailable, baseline_for_data, default_baselines
 from .config import ConfigError
-from .data import DataConfig, build_datasets, frame_size_of, inflow_hint, physical_units
+from .data import DataConfig, build_datasets, frame_size_of, physical_units
 from .files import OutputPathError, atomic_folder, check_output_dir, read_small_file
 from .models import PredictiveRNN, create_model
 from .models.tmu import resolve_layers
@@ -561,7 +561,7 @@ def baseline_mses(exp, val) -> dict:
     out = {}
     for name in default_baselines(units):
         try:
-            forecaster = create_baseline(name, exp.train.t_in, units, inflow_hint(exp.data))
+            forecaster = baseline_for_data(name, exp.train.t_in, exp.data)
         except BaselineUnavailable:
             out[name] = None
             continue

@@ -15,7 +15,7 @@ that decorates a function with :func:`register_baseline`; every face (``evaluate
 ``predict --baselines``, ``zoo rank``, the demo, the benchmarks) finds it from the registry.
 pysteps and OpenCV are optional (``pip install 'transmem[nowcast]'``) and imported lazily.
 """
-from .forecaster import (BaselineForecaster, check_clip, create_baseline, default_baselines, default_inflow,
+from .forecaster import (BaselineForecaster, baseline_for_data, check_clip, create_baseline, default_baselines, default_inflow,
                          persistence, run_nowcast)
 from .registry import (INFLOWS, SCALES, BaselineSpec, BaselineUnavailable, Context, get_method, list_baselines,
                        load_all, register_baseline)
@@ -27,6 +27,6 @@ from .extrapolation import extrapolate, extrapolation_available  # noqa: E402  (
 #: every registered name, at import time (``list_baselines()`` also sees later registrations)
 BASELINES = tuple(list_baselines())
 
-__all__ = ["BASELINES", "INFLOWS", "SCALES", "BaselineForecaster", "BaselineSpec", "BaselineUnavailable", "Context",
+__all__ = ["BASELINES", "INFLOWS", "SCALES", "BaselineForecaster", "baseline_for_data", "BaselineSpec", "BaselineUnavailable", "Context",
            "check_clip", "create_baseline", "default_baselines", "default_inflow", "extrapolate", "extrapolation_available", "get_method",
            "list_baselines", "load_all", "persistence", "register_baseline", "run_nowcast"]

@@ -162,3 +162,19 @@ def create_baseline(name: str, t_in: int, units=None, inflow: str | None = None,
     maps = (units.to_physical, units.from_physical) if units is not None else (None, None)
     return BaselineForecaster(name, t_in, *maps, inflow=inflow, rain=rain, scale=None if physical else "values",
                               **kwargs)
+
+
+def baseline_for_data(name: str, t_in: int, data, physical: bool = True, inflow: str | None = None,
+                      **options) -> BaselineForecaster:
+    """The reference nowcast ``name`` for a dataset (its config or a card's data dict): in the
+    units its reader declares (or, with ``physical=False``, on the [0, 1] values), with the inflow
+    it declares (else the default for its kind) and, where the reader knows it, its grid spacing
+    (STEPS' perturbations are physical: 1 km is assumed otherwise)."""
+    from ..data import inflow_hint, physical_units, pixel_km
+    known = bool(data.get("name")) if isinstance(data, dict) else True
+    units = physical_units(data) if known else None
+    km = pixel_km(data) if known else None
+    if km is not None:
+        options.setdefault("kmperpixel", km)
+    return create_baseline(name, t_in, units, inflow or (inflow_hint(data) if known else None), physical=physical,
+                           **options)

@@ -392,13 +392,25 @@ def _radar_specs(cfg: DataConfig, src: _Source) -> list[SequenceSpec]:
 RADAR_KEYS = CLIP_KEYS + ("a", "b", "nodata", "zero_level", "events", "r_max", "max_gap_minutes")
 
 
-@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS)
+def composite_pixel_km(native_hw: tuple[int, int]):
+    """km per pixel of a 1 km composite of ``native_hw`` pixels as read: 1 at its own grid or a
+    crop; squared (the shorter side) and scaled to ``size`` otherwise."""
+    def km(cfg: DataConfig) -> float:
+        if cfg.resize != "resize" or cfg.size is None:
+            return 1.0
+        box = opt(cfg, "crop")
+        side = min(box[2], box[3]) if isinstance(box, (list, tuple)) and len(box) == 4 else min(native_hw)
+        return float(side) / float(cfg.size)
+    return km
+
+
+@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((1226, 760)))
 def build_radar_fmi(cfg: DataConfig) -> dict:
     """FMI reflectivity composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_fmi", _radar_specs(cfg, FMI), order="name", what="events")
 
 
-@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS)
+@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((640, 710)))
 def build_radar_mch(cfg: DataConfig) -> dict:
     """MeteoSwiss rain-rate composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_mch", _radar_specs(cfg, MCH), order="name", what="events")

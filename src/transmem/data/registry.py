@@ -22,7 +22,8 @@ from .errors import DataError
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
-_INFLOWS: dict[str, str] = {}  # dataset -> the inflow its reference nowcasts assume
+_INFLOWS: dict[str, str] = {}
+_PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read  # dataset -> the inflow its reference nowcasts assume
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
@@ -38,13 +39,16 @@ class Units:
 
 
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
-                     extra: tuple[str, ...] | None = None, inflow: str | None = None):
+                     extra: tuple[str, ...] | None = None, inflow: str | None = None,
+                     pixel_km: Callable[["DataConfig"], float | None] | None = None):
     """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
     (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
     leaves the reader's keys unchecked (a reader registered from outside transmem). ``inflow``:
     what the reference nowcasts should assume enters the frame from outside when the kind of
     data does not say (``"zero"``: a scene on a known empty background, as generated digits;
-    default: zero for rain, the last frame for anything else)."""
+    default: zero for rain, the last frame for anything else). ``pixel_km``: a function of the
+    config giving the grid spacing of the frames as read (km per pixel), for reference nowcasts
+    whose perturbations are physical (STEPS)."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
@@ -53,8 +57,19 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
             _EXTRA_KEYS[name] = tuple(sorted(set(extra)))
         if inflow is not None:
             _INFLOWS[name] = inflow
+        if pixel_km is not None:
+            _PIXEL_KM[name] = pixel_km
         return fn
     return deco
+
+
+def pixel_km(cfg: "DataConfig | dict") -> float | None:
+    """The grid spacing (km per pixel) of a dataset's frames as read, where its reader knows it."""
+    _import_builtin_readers()
+    if isinstance(cfg, dict):
+        cfg = DataConfig.from_dict(cfg)
+    make = _PIXEL_KM.get(cfg.name)
+    return None if make is None else make(cfg)
 
 
 def inflow_hint(cfg: "DataConfig | dict") -> str | None:
