@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data import inflow_hint, physical_units, pixel_km
 from .registry import (DBR_THRESHOLD_MMH, DBR_ZERO, INFLOWS, BaselineSpec, BaselineUnavailable, Context, finite,
                        from_dbr, get_method, list_baselines, missing_dependency, to_dbr)
 
@@ -170,7 +171,6 @@ def baseline_for_data(name: str, t_in: int, data, physical: bool = True, inflow:
     units its reader declares (or, with ``physical=False``, on the [0, 1] values), with the inflow
     it declares (else the default for its kind) and, where the reader knows it, its grid spacing
     (STEPS' perturbations are physical: 1 km is assumed otherwise)."""
-    from ..data import inflow_hint, physical_units, pixel_km
     known = bool(data.get("name")) if isinstance(data, dict) else True
     units = physical_units(data) if known else None
     km = pixel_km(data) if known else None
