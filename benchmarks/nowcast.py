@@ -308,9 +308,8 @@ def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: b
                     paired[m][f"{score}_vs"] = top
                     paired[m][f"{score}_wins"] = int(sum(out[m]["per_event"][e][score] > out[top]["per_event"][e][score]
                                                          for e in events))
-    import torch as _torch
     return {"commit": claims.commit(REPO, ["src", "benchmarks/nowcast.py", "configs/radar_native_pretext.yaml"]),
-            "command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {_torch.__version__}",
+            "command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
             "resolution_km": 1.0, "leads": QUICK["leads"] if quick else LEADS, "lead_minutes": 5,
             "t_in": T_IN, "events": events, "seeds": list(seeds), "recommended": RECOMMENDED,
             "quick": quick, "methods": out, "paired": paired, "selected": chosen,

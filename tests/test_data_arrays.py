@@ -208,6 +208,7 @@ def test_reader_with_a_missing_optional_dependency_is_named_not_skipped(monkeypa
 
     registry.list_datasets()  # every reader registered first
     monkeypatch.setattr(registry, "_NOT_LOADED", {})
+    monkeypatch.setattr(registry, "_SCANNED", False)  # the scan runs once per process: again here
     monkeypatch.delitem(registry._DATASETS, "video")
     monkeypatch.setattr(registry.importlib, "import_module", fake)
     with pytest.raises(ModuleNotFoundError):  # a missing dependency that is not an extra is an error

@@ -28,7 +28,7 @@ from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_ou
 from .models import build_config, create_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
 from .training.checkpoints import resume_point
-from .baselines import baseline_for_data, create_baseline
+from .baselines import baseline_for_data
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
 
@@ -606,9 +606,7 @@ def blend_with_baseline(forecaster, baseline: str, t_in: int, weight=0.5, data=N
     values (log-scaled rain for radar: extrapolation of those beat extrapolation in mm/h on our
     radar benchmark, alone and in the blend). ``data``: the dataset's config (or a card's data
     dict), for the kind of data (rain or not), the inflow and the grid spacing the baseline uses."""
-    other = (baseline_for_data(baseline, t_in, data, physical=False) if data is not None
-             else create_baseline(baseline, t_in, physical=False))
-    return BlendForecaster(forecaster, other, weight)
+    return BlendForecaster(forecaster, baseline_for_data(baseline, t_in, data, physical=False), weight)
 
 
 def _refuse_earlier_metrics(out: Path, overwrite: bool = False) -> None:

@@ -120,7 +120,7 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
     past = torch.from_numpy(np.ascontiguousarray(frames[-t_in:]))[None]
     clip = torch.cat([past, past.new_zeros(1, t_out, *past.shape[2:])], 1)
     if blend:
-        module = blend_with_baseline(module, blend[0], t_in, blend[1], data if data.get("name") else None)
+        module = blend_with_baseline(module, blend[0], t_in, blend[1], data)
         print(f"forecast = {blend[1]:g} * model + {1 - blend[1]:g} * {blend[0]}")
     with torch.inference_mode():
         pred = module.rollout(clip)[0].clamp(0, 1).numpy()  # (T_out, C, H, W)

@@ -54,8 +54,7 @@ def run_nowcast(spec: BaselineSpec, frames: Tensor, t_in: int, ctx: Context, to_
         past = finite(to_physical(past))
     if scale == "dbr":
         past = to_dbr(past)
-    zero = {"values": from_physical(np.zeros(1))[0] if (ctx.rain and from_physical) else 0.0,
-            "physical": 0.0, "dbr": DBR_ZERO}[scale]
+    zero = DBR_ZERO if scale == "dbr" else 0.0  # "nothing comes in": no rain (0 mm/h is 0 on the log scale too)
     ctx.scale = scale
     if ctx.rain:
         ctx.threshold = {"values": float(from_physical(np.array([DBR_THRESHOLD_MMH]))[0]) if from_physical else 0.0,
@@ -167,11 +166,12 @@ def create_baseline(name: str, t_in: int, units=None, inflow: str | None = None,
 
 def baseline_for_data(name: str, t_in: int, data, physical: bool = True, inflow: str | None = None,
                       **options) -> BaselineForecaster:
-    """The reference nowcast ``name`` for a dataset (its config or a card's data dict): in the
+    """The reference nowcast ``name`` for a dataset (its config, a card's data dict, or None for
+    plain [0, 1] values of unknown kind): in the
     units its reader declares (or, with ``physical=False``, on the [0, 1] values), with the inflow
     it declares (else the default for its kind) and, where the reader knows it, its grid spacing
     (STEPS' perturbations are physical: 1 km is assumed otherwise)."""
-    known = bool(data.get("name")) if isinstance(data, dict) else True
+    known = bool(data.get("name")) if isinstance(data, dict) else data is not None
     units = physical_units(data) if known else None
     km = pixel_km(data) if known else None
     if km is not None:

@@ -26,7 +26,7 @@ def linda_nowcast(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
     out = np.empty((n_leads, *past.shape[1:]))
     for ch in range(past.shape[1]):
         field = past[-3:, ch]
-        if not has_rain(field[-1], max(ctx.threshold, 0.1)):
+        if not has_rain(field[-1], ctx.threshold):
             out[:, ch] = field[-1]
             continue
         velocity = motion_field(to_dbr(past[:, ch]), 3)

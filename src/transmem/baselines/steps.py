@@ -11,6 +11,8 @@ fixed, so a score is a function of the clip.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .registry import Context, from_dbr, motion_field, pysteps_call, quiet_pysteps, register_baseline, to_dbr
@@ -36,9 +38,7 @@ def steps_mean(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
         members = pysteps_call(nowcast, db[-(opts["ar_order"] + 1):], velocity, n_leads, precip_thr=DBR_RAIN,
                                kmperpixel=ctx.kmperpixel, timestep=ctx.timestep, seed=ctx.seed, **opts)
         rate = from_dbr(np.asarray(members))  # (members, leads, H, W)
-        with np.errstate(all="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out[:, ch] = np.nanmean(rate, axis=0)
+        with warnings.catch_warnings():  # all-NaN pixels (rain from outside): NaN, filled by the inflow rule
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[:, ch] = np.nanmean(rate, axis=0)
     return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
+from importlib.metadata import entry_points
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
@@ -63,19 +65,24 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
     return deco
 
 
-def pixel_km(cfg: "DataConfig | dict") -> float | None:
-    """The grid spacing (km per pixel) of a dataset's frames as read, where its reader knows it."""
+def _declared(table: dict, cfg: "DataConfig | dict"):
+    """What the dataset's reader declared in ``table`` (:func:`register_dataset`), evaluated on the
+    config when it is a function of it; None when it declared nothing."""
     _import_builtin_readers()
     if isinstance(cfg, dict):
         cfg = DataConfig.from_dict(cfg)
-    make = _PIXEL_KM.get(cfg.name)
-    return None if make is None else make(cfg)
+    value = table.get(cfg.name)
+    return value(cfg) if callable(value) else value
+
+
+def pixel_km(cfg: "DataConfig | dict") -> float | None:
+    """The grid spacing (km per pixel) of a dataset's frames as read, where its reader knows it."""
+    return _declared(_PIXEL_KM, cfg)
 
 
 def inflow_hint(cfg: "DataConfig | dict") -> str | None:
     """The inflow a dataset declared (:func:`register_dataset`), or None."""
-    _import_builtin_readers()
-    return _INFLOWS.get(cfg.get("name") if isinstance(cfg, dict) else cfg.name)
+    return _declared(_INFLOWS, cfg)
 
 
 def extra_keys(name: str) -> tuple[str, ...] | None:
@@ -108,11 +115,7 @@ def list_datasets() -> list[str]:
 
 def physical_units(cfg: "DataConfig | dict") -> Units | None:
     """The physical units of a dataset's values (None: plain intensities in [0, 1])."""
-    _import_builtin_readers()
-    if isinstance(cfg, dict):
-        cfg = DataConfig.from_dict(cfg)
-    make = _UNITS.get(cfg.name)
-    return None if make is None else make(cfg)
+    return _declared(_UNITS, cfg)
 
 
 @dataclass
@@ -206,6 +209,7 @@ def adopt_fitted(cfg: DataConfig, model_data: dict | None) -> list[str]:
 _EXTRAS = {"av": "video", "h5py": "radar"}
 
 
+_SCANNED = False
 READER_ENTRY_POINTS = "transmem.readers"  # a package of yours adds a reader by an entry point here
 
 
@@ -213,9 +217,11 @@ def _import_builtin_readers() -> None:
     """Importing the reader modules registers them: every module of this package (a package scan,
     so a new reader is one file with ``@register_dataset``), then the ``transmem.readers`` entry
     points. A reader whose optional dependency is missing is recorded with the reason (named in
-    the error when its dataset is asked for); any other import failure is an error."""
-    import pkgutil
-    from importlib.metadata import entry_points
+    the error when its dataset is asked for); any other import failure is an error. Done once
+    per process (a reader registered later, as tests do, calls ``register_dataset`` itself)."""
+    global _SCANNED
+    if _SCANNED:
+        return
     package = importlib.import_module(__package__)
     mods = [f"{__package__}.{m.name}" for m in pkgutil.iter_modules(package.__path__) if m.name != "registry"]
     for ep in entry_points(group=READER_ENTRY_POINTS):
@@ -230,3 +236,4 @@ def _import_builtin_readers() -> None:
             if dep not in _EXTRAS:
                 raise
             _NOT_LOADED[mod] = f"needs {dep}: pip install 'transmem[{_EXTRAS[dep]}]'"
+    _SCANNED = True
