@@ -2,6 +2,7 @@
 tiles, and `transmem predict --native` on a full-size MeteoSwiss composite."""
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,34 @@ def test_predict_native_writes_the_forecast_on_the_composites_own_grid(tmp_path)
     assert pred.shape == (12, 1, 640, 710)  # the composite's own 1 km grid, 12 leads
     assert np.isfinite(pred).all() and pred.max() > 0
     assert (out / "forecast.png").is_file()
+
+
+@pytest.mark.skipif(not MCH.is_dir(), reason="../shared/data/radar/mch is absent")
+def test_predict_native_netcdf_carries_the_composites_coordinates(tmp_path):
+    """CF-netCDF on the MeteoSwiss CCS4 grid: 1 km cell centres in metres (Swiss coordinates,
+    north up), the projection as a grid mapping, and valid times after the last input file's."""
+    pytest.importorskip("pysteps")
+    pytest.importorskip("pyproj")
+    xr = pytest.importorskip("xarray")
+    from transmem.cli import main
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: advected_rain, size: 32, frames: 6, train_clips: 8, val_clips: 2, test_clips: 2}\n"
+                   "model: {name: advection, num_layers: 1, hidden: 4, filter_size: 3, patch_size: 4}\n"
+                   "train: {steps: 1, batch_size: 2, t_in: 3, progress: false}\n")
+    assert main(["pretrain", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "fc"
+    assert main(["predict", "--model", str(tmp_path / "run" / "model"), "--input", str(MCH), "--out", str(out),
+                 "--native", "--leads", "3"]) == 0
+    with xr.open_dataset(out / "forecast.nc") as ds:
+        fc = ds["forecast"]
+        assert fc.shape == (3, 640, 710)
+        x, y = ds["x"].values, ds["y"].values
+        assert np.allclose(np.diff(x), 1000) and np.allclose(np.diff(y), -1000)  # 1 km, north up
+        assert x[0] == 255500 and y[0] == 479500  # the CCS4 grid's first cell centre
+        assert ds["x"].attrs["standard_name"] == "projection_x_coordinate"
+        crs = ds[fc.attrs["grid_mapping"]] if "grid_mapping" in fc.attrs else ds["crs"]
+        assert "somerc" in crs.attrs["proj4"] and crs.attrs["crs_wkt"]
+        from transmem.data.radar import parse_mch_time
+        last = max(parse_mch_time(p.name) for p in MCH.iterdir() if p.suffix == ".gif")
+        first_lead = np.datetime64(last + datetime.timedelta(minutes=5), "ns")
+        assert ds["time"].values[0] == first_lead and np.allclose(ds["lead_time"].values, [5, 10, 15])

@@ -27,6 +27,7 @@ from .data import DataError, physical_units
 from .data.clips import parse_time, split_at_gaps
 from .data.gridded import read_grid, write_forecast_netcdf
 from .data.inputs import read_input_frames
+from .data.registry import frame_grid
 from .data.radar import FMI, MCH, find_events, parse_fmi_time, parse_mch_time, radar_kind
 from .files import atomic_folder, remove_stale_temps
 from .fullfield import FullFieldForecaster
@@ -110,6 +111,11 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
         module = FullFieldForecaster(module, patch, tile=int(tile), overlap=max(patch, min(64, tile // 4) // patch * patch))
     frames, mask, grid = read_forecast_input(input_path, data, channels, size, last=t_in)
     times = input_times(input_path, data, len(frames)) if grid is None else None
+    kind = radar_kind(Path(input_path)) if Path(input_path).is_dir() else None
+    if native and grid is None and kind:  # a composite at its own grid: its coordinates, as its reader reads them
+        grid = frame_grid({"name": f"radar_{kind}", "path": str(input_path), "resize": "none", "size": None})
+        if grid is not None and times:
+            grid.times, times = list(times), None
     frames = last_run_after_gaps(input_path, frames, t_in)
     times = times[len(times) - len(frames):] if times else None
     mask = mask[len(mask) - len(frames):]

@@ -24,8 +24,9 @@ from .errors import DataError
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
-_INFLOWS: dict[str, str] = {}
-_PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read  # dataset -> the inflow its reference nowcasts assume
+_INFLOWS: dict[str, str] = {}  # dataset -> the inflow its reference nowcasts assume
+_PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read
+_GRIDS: dict[str, Callable] = {}  # dataset -> the projected coordinates of its frames as read (or None)
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
@@ -42,7 +43,8 @@ class Units:
 
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
                      extra: tuple[str, ...] | None = None, inflow: str | None = None,
-                     pixel_km: Callable[["DataConfig"], float | None] | None = None):
+                     pixel_km: Callable[["DataConfig"], float | None] | None = None,
+                     grid: Callable[["DataConfig"], Any] | None = None):
     """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
     (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
     leaves the reader's keys unchecked (a reader registered from outside transmem). ``inflow``:
@@ -50,7 +52,9 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
     data does not say (``"zero"``: a scene on a known empty background, as generated digits;
     default: zero for rain, the last frame for anything else). ``pixel_km``: a function of the
     config giving the grid spacing of the frames as read (km per pixel), for reference nowcasts
-    whose perturbations are physical (STEPS)."""
+    whose perturbations are physical (STEPS). ``grid``: a function of the config (``path`` the
+    input) giving the frames' spatial coordinates as a :class:`~transmem.data.gridded.Grid`, or
+    None; ``transmem predict --native`` writes its CF-netCDF on them."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
@@ -61,6 +65,8 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
             _INFLOWS[name] = inflow
         if pixel_km is not None:
             _PIXEL_KM[name] = pixel_km
+        if grid is not None:
+            _GRIDS[name] = grid
         return fn
     return deco
 
@@ -78,6 +84,12 @@ def _declared(table: dict, cfg: "DataConfig | dict"):
 def pixel_km(cfg: "DataConfig | dict") -> float | None:
     """The grid spacing (km per pixel) of a dataset's frames as read, where its reader knows it."""
     return _declared(_PIXEL_KM, cfg)
+
+
+def frame_grid(cfg: "DataConfig | dict"):
+    """The spatial coordinates (a Grid) of the frames of ``cfg.path`` as read, where the reader
+    declares them; None otherwise."""
+    return _declared(_GRIDS, cfg)
 
 
 def inflow_hint(cfg: "DataConfig | dict") -> str | None:
