@@ -157,6 +157,17 @@ def test_a_saved_and_reloaded_mixture_forecasts_exactly_as_before(zoo_root, batc
         assert not torch.equal(ForecastModule(loaded, sched).rollout(batch), a)
 
 
+def test_a_mixture_with_baselines_saves_for_data_of_any_seed_and_size(zoo_root, tmp_path):
+    """The baselines' data goes into the model config, whose numbers the card check bounds: a big
+    data.seed or clip count must not make the entry unloadable."""
+    members = [zoo.load_entry(zoo_root / "digits")[0]]
+    data = {**TINY["data"], "seed": 2**40, "train_clips": 5_000_000}
+    model = build_mixture(members, ["digits"], baselines=["persistence"], data=data, t_in=T_IN, leads=LEADS)
+    zoo.save_entry(model, tmp_path / "mix")
+    loaded, _ = zoo.load_entry(tmp_path / "mix")
+    assert loaded.config.baseline_data["name"] == "flying_digits" and "seed" not in loaded.config.baseline_data
+
+
 def test_a_mixture_refuses_a_transfer_model_as_member(zoo_root):
     from transmem.transfer.mixture import check_member
     card = zoo.read_card(zoo_root / "digits")

@@ -107,6 +107,11 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
+#: what the baseline members read of the data config (units, inflow, grid spacing): counts such as
+#: data.seed or train_clips stay off the card's model config, whose numbers the card check bounds
+BASELINE_DATA_KEYS = ("name", "path", "frames", "size", "channels", "resize", "extra")
+
+
 def build_mixture(members: list, names: list[str], *, baselines=(), data: dict | None = None, t_in: int,
                   leads: int, channels: int = 1, gating: str = "lead", gate_kernel: int = 3,
                   seed: int | None = None) -> MixtureModel:
@@ -120,7 +125,7 @@ def build_mixture(members: list, names: list[str], *, baselines=(), data: dict |
     if seed is not None:
         torch.manual_seed(seed)
     model = create_model("mixture", members=spec, member_names=list(names), baselines=list(baselines),
-                         baseline_data=dict(data or {}) if baselines else {}, t_in=int(t_in), leads=int(leads),
+                         baseline_data={k: v for k, v in (data or {}).items() if k in BASELINE_DATA_KEYS} if baselines else {}, t_in=int(t_in), leads=int(leads),
                          gating=gating, gate_kernel=gate_kernel, channels=int(channels),
                          patch_size=patch_lcm([m.config.patch_size for m in members]))
     for dst, src in zip(model.members, members):
