@@ -264,3 +264,15 @@ def test_a_mixture_option_without_the_mixture_mode_is_refused(zoo_root, tmp_path
                "--zoo-root", str(zoo_root), "--gating", "pixel"])
     assert rc == 2 and "--gating" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_times_a_mixture_and_its_step_trains_only_the_weights():
+    from transmem.bench import BenchSpec, Workload
+    w = Workload(BenchSpec(model="mixture", layers=2, hidden=4, filter=3, patch=2, size=16, batch=2, frames=6,
+                           teachers=2))
+    members = [p.detach().clone() for p in w.model.members.parameters()]
+    logits = w.model.logits.detach().clone()
+    w.train_step()
+    w.infer_step()
+    assert not torch.equal(w.model.logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(members, w.model.members.parameters()))

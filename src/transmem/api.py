@@ -32,7 +32,8 @@ from .training.checkpoints import resume_point
 from .baselines import baseline_for_data
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
-from .transfer.mixture import MixtureOptions, build_mixture, check_baselines, check_count, check_member, unique_names
+from .transfer.mixture import (MixtureOptions, build_mixture, check_baselines, check_count, check_member,
+                               check_one_process, member_card, unique_names)
 
 
 class RunFolderError(OutputPathError):
@@ -599,9 +600,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr).check()
     opts.member_steps = exp.train.steps if opts.member_steps is None else opts.member_steps
     t = exp.train
-    if t.num_nodes != 1 or (t.devices not in (1, "1", "auto") and not (isinstance(t.devices, list) and len(t.devices) == 1)):
-        raise ConfigError("train.devices / train.num_nodes: the mixture trains its members one after another in "
-                          "one process; set train.devices 1 and train.num_nodes 1")
+    check_one_process(t)
     if exp.transfer.init_from:
         raise ConfigError(f"--init-from {exp.transfer.init_from}: a mixture's members start from their own "
                           "entries (give them with --teachers)")
@@ -615,8 +614,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
         check_member(p, zoo.read_card(p), exp.data.channels)
     check_baselines(opts.baselines, t.t_in, exp.data)
     if resume and (Path(out) / MIXTURE_FILE).is_file():
-        was = json.loads((Path(out) / MIXTURE_FILE).read_text(encoding="utf-8"))
-        diffs = [f"{k_} ({was.get(k_)!r} there, {v!r} now)" for k_, v in opts.to_dict().items() if was.get(k_) != v]
+        diffs = opts.differences(json.loads((Path(out) / MIXTURE_FILE).read_text(encoding="utf-8")))
         if diffs:
             raise RunFolderError(f"{Path(out) / MIXTURE_FILE}: --resume with other mixture options than the run's: "
                                  f"{'; '.join(diffs[:3])} (nothing was changed)")
@@ -644,7 +642,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     for name, p in zip(names, paths):
         if opts.member_steps == 0:  # already finetuned on this target: used as it is
             model, card = zoo.load_entry(p)
-            cards.append({"name": name, "entry": str(p), "sha256": card["sha256"], "model": card["model"]})
+            cards.append(member_card(name, p, card))
         else:
             m_exp = copy.deepcopy(exp)
             m_exp.train.steps, m_exp.transfer = opts.member_steps, TransferConfig()
@@ -652,9 +650,9 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
             metrics = run_train(m_exp, run, resume and (run / "config.yaml").is_file(), init_from=p,
                                 zoo_root=zoo_root, datasets=datasets, kind="finetune")
             model, card = zoo.load_entry(run / "model")
-            cards.append({"name": name, "entry": str(p), "sha256": card["sha256"], "model": card["model"],
-                          "finetuned": {"run": f"members/{name}", "from_sha256": card["init_from"]["sha256"],
-                                        "steps": opts.member_steps, "mse": metrics.get("mse")}})
+            cards.append(member_card(name, p, card, {"run": f"members/{name}", "steps": opts.member_steps,
+                                                     "from_sha256": card["init_from"]["sha256"],
+                                                     "test_mse": metrics.get("mse")}))
         members.append(model)
     model = build_mixture(members, names, baselines=opts.baselines, data=exp.data.to_dict(), t_in=t.t_in,
                           leads=exp.data.frames - t.t_in, channels=exp.data.channels, gating=opts.gating,

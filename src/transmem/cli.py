@@ -369,8 +369,8 @@ def _dispatch(args, rest, ap) -> int:
         if args.init_from:
             exp.transfer.init_from = args.init_from
         validate(exp)  # the flags above, as the config's values
-        mix = {k: v for k, v in (("baselines", args.baselines), ("gating", args.gating), ("member_steps", args.member_steps),
-                                 ("mix_steps", args.mix_steps), ("mix_lr", args.mix_lr)) if v is not None}
+        mix = {k: getattr(args, k) for k in ("baselines", "gating", "member_steps", "mix_steps", "mix_lr")
+               if getattr(args, k) is not None}  # the mixture's options, as given
         if exp.transfer.mode == "mixture":
             m = api.run_mixture(exp, args.out, args.resume, teachers=args.teachers, zoo_name=args.zoo_name,
                                 zoo_root=args.zoo_root, probe_steps=args.probe_steps, **mix)
@@ -535,7 +535,8 @@ def format_zoo_table(entries) -> str:
         if model == "tmu":
             model = f"tmu({card['config'].get('backbone')}, {len(card['config'].get('source_names', []))} src)"
         elif model == "mixture":
-            model = f"mixture({', '.join(card['config'].get('member_names', []) + card['config'].get('baselines', []))})"
+            cfg = card["config"]
+            model = f"mixture({', '.join(cfg.get('member_names', []) + cfg.get('baselines', []))})"
         size = card.get("frame_size", ["?", "?"])
         mse = card.get("metrics", {}).get("mse")
         rows.append((path.name, model, desc, f"{size[0]}x{size[1]}",

@@ -58,10 +58,23 @@ class MixtureOptions:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def differences(self, was: dict) -> list[str]:
+        """What differs from the options ``was`` of an earlier run (for ``--resume``)."""
+        return [f"{k} ({was.get(k)!r} there, {v!r} now)" for k, v in self.to_dict().items() if was.get(k) != v]
+
     @classmethod
     def from_dict(cls, d: dict) -> "MixtureOptions":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_one_process(train) -> None:
+    """The members train one after another and the weights after them, in one process: a
+    multi-process launch (``train.devices``, ``train.num_nodes``) is refused before anything runs."""
+    dev = train.devices
+    if train.num_nodes != 1 or not (dev in (1, "1") or (isinstance(dev, list) and len(dev) == 1)):
+        raise MixtureError(f"train.devices={dev!r}, train.num_nodes={train.num_nodes}: the mixture trains its "
+                           "members one after another in one process; set train.devices 1 and train.num_nodes 1")
 
 
 def check_count(members: int, baselines) -> None:
@@ -96,6 +109,13 @@ def check_member(ref, card: dict, channels: int) -> None:
         raise MixtureError(f"{ref}: reads {have}-channel frames, the target has data.channels={channels}")
 
 
+def member_card(name: str, entry, card: dict, finetuned: dict | None = None) -> dict:
+    """What the mixture's card says of a member: its name, the entry it came from, and the sha256
+    of the weights it holds (the finetuned ones, when ``finetuned`` describes that run)."""
+    return {"name": name, "entry": str(entry), "sha256": card["sha256"], "model": card["model"],
+            **({"finetuned": finetuned} if finetuned else {})}
+
+
 def unique_names(names: list[str]) -> list[str]:
     """Member names made unique (two entries of one name in other folders get ``-2``, ``-3``)."""
     out: list[str] = []
@@ -124,8 +144,9 @@ def build_mixture(members: list, names: list[str], *, baselines=(), data: dict |
     spec = [{"model": m.model_name, "config": asdict(m.config)} for m in members]
     if seed is not None:
         torch.manual_seed(seed)
+    kept = {k: v for k, v in (data or {}).items() if k in BASELINE_DATA_KEYS} if baselines else {}
     model = create_model("mixture", members=spec, member_names=list(names), baselines=list(baselines),
-                         baseline_data={k: v for k, v in (data or {}).items() if k in BASELINE_DATA_KEYS} if baselines else {}, t_in=int(t_in), leads=int(leads),
+                         baseline_data=kept, t_in=int(t_in), leads=int(leads),
                          gating=gating, gate_kernel=gate_kernel, channels=int(channels),
                          patch_size=patch_lcm([m.config.patch_size for m in members]))
     for dst, src in zip(model.members, members):
