@@ -194,6 +194,7 @@ def test_run_mixture_finetunes_the_members_and_saves_one_entry_naming_them(exp, 
     assert set(card["mixture"]["weights"]) == {"digits", "noise", "persistence"}
     assert any(abs(w - 1 / 3) > 1e-3 for ws in card["mixture"]["weights"].values() for w in ws)  # trained
     assert card["mixture"]["member_steps"] == 2 and card["train"]["steps"] == 4
+    assert card["mixture"]["mix_on"] == "val"  # clips the members did not train on
     assert json.loads((out / "mixture.json").read_text())["baselines"] == ["persistence"]
     assert (out / "metrics.json").is_file() and (out / "model" / zoo.CARD).is_file()
     # the config's transfer.mode routes run_transfer to the mixture too; a finished run is not redone
@@ -219,9 +220,9 @@ def test_cli_mixture_by_auto_then_zoo_list_show_evaluate_and_predict(zoo_root, t
     cfg = _write_cfg(tmp_path)
     assert main(["transfer", "--mode", "mixture", "--config", str(cfg), "--out", str(tmp_path / "run"),
                  "--teachers", "auto:2", "--zoo-root", str(zoo_root), "--zoo-name", "mix_cli", "--probe-steps", "0",
-                 "--member-steps", "1", "--mix-steps", "2", "--gating", "pixel"]) == 0
+                 "--member-steps", "1", "--mix-steps", "2", "--gating", "pixel", "--mix-on", "train"]) == 0
     card = zoo.read_card(zoo_root / "mix_cli")
-    assert card["ranking"]["members"]["use"] == "finetune"
+    assert card["ranking"]["members"]["use"] == "finetune" and card["mixture"]["mix_on"] == "train"
     assert sorted(c["name"] for c in card["members"]) == ["digits", "noise"]
     capsys.readouterr()
     assert main(["zoo", "list", "--root", str(zoo_root)]) == 0
@@ -244,6 +245,7 @@ def test_cli_mixture_by_auto_then_zoo_list_show_evaluate_and_predict(zoo_root, t
     (["--teachers", "digits", "noise", "--baselines", "persistence,bogus"], "bogus"),
     (["--teachers", "digits"], "at least two members"),
     (["--teachers", "digits", "noise", "--mix-steps", "0"], "--mix-steps"),
+    (["--teachers", "digits", "noise", "--data.val_clips", "0"], "--mix-on val"),
 ])
 def test_a_bad_member_or_option_is_one_line_before_anything_is_written(zoo_root, tmp_path, capsys, args, named):
     cfg = _write_cfg(tmp_path)

@@ -33,7 +33,7 @@ from .baselines import baseline_for_data
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
 from .transfer.mixture import (MixtureOptions, build_mixture, check_baselines, check_count, check_member,
-                               check_one_process, member_card, unique_names)
+                               check_one_process, fit_clips, member_card, unique_names)
 
 
 class RunFolderError(OutputPathError):
@@ -583,13 +583,15 @@ MIXTURE_FILE = "mixture.json"
 @_no_leftovers
 def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None, zoo_root=None,
                 datasets=None, probe_steps: int = zoo.PROBE_STEPS, baselines=(), gating: str = "lead",
-                member_steps: int | None = None, mix_steps: int = MIX_STEPS, mix_lr: float = MIX_LR) -> dict:
+                member_steps: int | None = None, mix_steps: int = MIX_STEPS, mix_lr: float = MIX_LR,
+                mix_on: str = "val") -> dict:
     """The mixture of finetuned zoo members (``transfer --mode mixture``). Each member entry
     (``teachers``; ``["auto:K"]``: the K best finetune entries by :func:`transmem.zoo.rank`) is
     finetuned on ``exp``'s data for ``member_steps`` (default ``train.steps``; 0: used as it is)
     into ``out/members/NAME``; then softmax weights per lead time (``gating="pixel"``: also per
     pixel) that combine their forecasts and those of the registered ``baselines`` train for
-    ``mix_steps`` at ``mix_lr``, the members frozen. One entry (``out/model``, and ``zoo_name``)
+    ``mix_steps`` at ``mix_lr`` on the ``mix_on`` clips (``val``: clips the members did not train
+    on), the members frozen. One entry (``out/model``, and ``zoo_name``)
     holds it all; its card lists the members with the sha256 of their weights. ``exp`` is not
     changed. Every member, baseline and option is checked before anything is written."""
     exp = copy.deepcopy(exp)
@@ -597,7 +599,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     check_run_dir(out, resume, exp, None, zoo_name, zoo_root)  # before anything is built
     if resume and finished_run(out) is not None:
         return finished_run(out)  # a finished run: nothing to train, no file changed
-    opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr).check()
+    opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr, mix_on).check()
     opts.member_steps = exp.train.steps if opts.member_steps is None else opts.member_steps
     t = exp.train
     check_one_process(t)
@@ -619,6 +621,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
             raise RunFolderError(f"{Path(out) / MIXTURE_FILE}: --resume with other mixture options than the run's: "
                                  f"{'; '.join(diffs[:3])} (nothing was changed)")
     datasets = datasets or _check_data(exp)
+    clips = fit_clips(datasets, opts)
     ranking, auto = None, {}
     if k:
         ranking = _rank_for_auto(exp, out, resume, zoo_root, datasets, probe_steps)
@@ -659,8 +662,9 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
                           seed=t.seed)
     mix = copy.deepcopy(exp)  # the weights train on forecasts as at test time: members roll out on their own
     mix.train.steps, mix.train.lr, mix.train.schedule = opts.mix_steps, opts.mix_lr, "none"
+    mix.train.batch_size = min(mix.train.batch_size, len(clips))
     module = _module(mix, model, hw=hw)
-    fit(module, datasets["train"], datasets.get("val"), mix.train, out, resume=resume)
+    fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
     extra = {"members": cards, "baselines": [{"name": b, "scale": "values"} for b in opts.baselines],
              "mixture": {**opts.to_dict(), "weights": module.model.weights_per_lead()}}
     if auto:

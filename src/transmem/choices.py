@@ -8,6 +8,7 @@ DISTILL_SPANS = ("all", "input")                      # which steps add distilla
 TMU_MODES = ("distill", "bank_read")                  # teachers as targets only, or also read
 TRANSFER_MODES = TMU_MODES + ("mixture",)             # transfer.mode: a TMU mode, or the mixture of finetuned members
 MIXTURE_GATINGS = ("lead", "pixel")                   # mixture weights per lead time, or also per pixel
+MIXTURE_FIT_SPLITS = ("val", "train")                 # the clips a mixture's weights train on
 MIX_STEPS = 100                                       # default steps that train a mixture's weights
 MIX_LR = 0.05                                         # default learning rate of a mixture's weights (logits)
 TMU_WEIGHTINGS = ("none", "softmax")                  # weighting across sources

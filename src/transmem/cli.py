@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import transmem
-from .choices import MIX_LR, MIX_STEPS, MIXTURE_GATINGS, PROBE_STEPS, TRANSFER_MODES
+from .choices import MIX_LR, MIX_STEPS, MIXTURE_FIT_SPLITS, MIXTURE_GATINGS, PROBE_STEPS, TRANSFER_MODES
 
 # torch, Lightning and the rest are imported where a command needs them: `transmem --help`,
 # `--version` and argument errors answer without loading torch (about 0.1 s instead of 8-14 s)
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "they are, already finetuned on this target)")
     p.add_argument("--mix-steps", type=int, help=f"mixture: steps that train the weights (default {MIX_STEPS})")
     p.add_argument("--mix-lr", type=float, help=f"mixture: learning rate of the weights (default {MIX_LR})")
+    p.add_argument("--mix-on", choices=MIXTURE_FIT_SPLITS,
+                   help="mixture: the clips the weights train on (default val: clips the members never trained on)")
     p.add_argument("--init-from", help="zoo entry (folder or name under --zoo-root) to initialise the target backbone, "
                                        "or 'auto': the best finetune entry by `zoo rank`")
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
@@ -369,7 +371,7 @@ def _dispatch(args, rest, ap) -> int:
         if args.init_from:
             exp.transfer.init_from = args.init_from
         validate(exp)  # the flags above, as the config's values
-        mix = {k: getattr(args, k) for k in ("baselines", "gating", "member_steps", "mix_steps", "mix_lr")
+        mix = {k: getattr(args, k) for k in ("baselines", "gating", "member_steps", "mix_steps", "mix_lr", "mix_on")
                if getattr(args, k) is not None}  # the mixture's options, as given
         if exp.transfer.mode == "mixture":
             m = api.run_mixture(exp, args.out, args.resume, teachers=args.teachers, zoo_name=args.zoo_name,

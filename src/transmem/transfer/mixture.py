@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..baselines import baseline_for_data, list_baselines
-from ..choices import MIX_LR, MIX_STEPS, MIXTURE_GATINGS
+from ..choices import MIX_LR, MIX_STEPS, MIXTURE_FIT_SPLITS, MIXTURE_GATINGS
 from ..config import ConfigError
 from ..models import create_model, get_model_class
 from ..models.mixture import MixtureModel, patch_lcm
@@ -24,13 +24,17 @@ class MixtureOptions:
     """What ``transfer --mode mixture`` takes besides the config. ``member_steps``: finetuning
     steps of each member on the target (None: ``train.steps``; 0: the entries are used as they
     are, already finetuned on this target). ``mix_steps`` / ``mix_lr``: the training of the
-    weights (Adam on the logits: a larger step than a network's)."""
+    weights (Adam on the logits: a larger step than a network's). ``mix_on``: the clips they
+    train on -- ``val`` (default), which the members never trained on, so that a member that
+    fits its training clips best but forecasts worse does not win weight (as in stacking); or
+    ``train``, when there are too few validation clips."""
 
     baselines: list = field(default_factory=list)
     gating: str = "lead"
     member_steps: int | None = None
     mix_steps: int = MIX_STEPS
     mix_lr: float = MIX_LR
+    mix_on: str = "val"
 
     def check(self) -> "MixtureOptions":
         """Every option, before anything is built: a one-line :class:`MixtureError` naming it."""
@@ -43,6 +47,8 @@ class MixtureOptions:
                 raise MixtureError(f"--baselines: unknown baseline {name!r}; choose from {', '.join(known)}")
         if len(set(self.baselines)) != len(self.baselines):
             raise MixtureError(f"--baselines {','.join(self.baselines)}: a baseline is named twice")
+        if self.mix_on not in MIXTURE_FIT_SPLITS:
+            raise MixtureError(f"--mix-on {self.mix_on!r}: choose from {', '.join(MIXTURE_FIT_SPLITS)}")
         if self.gating not in MIXTURE_GATINGS:
             raise MixtureError(f"--gating {self.gating!r}: choose from {', '.join(MIXTURE_GATINGS)}")
         for key, lo in (("member_steps", 0), ("mix_steps", 1)):
@@ -107,6 +113,16 @@ def check_member(ref, card: dict, channels: int) -> None:
     have = (card.get("config") or {}).get("in_channels", card.get("channels"))
     if have is not None and have != channels:
         raise MixtureError(f"{ref}: reads {have}-channel frames, the target has data.channels={channels}")
+
+
+def fit_clips(datasets: dict, opts: MixtureOptions):
+    """The clips the weights train on (``opts.mix_on``); a one-line :class:`MixtureError` when there are none."""
+    clips = datasets.get(opts.mix_on)
+    if clips is None or len(clips) == 0:
+        raise MixtureError(f"--mix-on {opts.mix_on}: the data has no {opts.mix_on} clips to train the mixture's "
+                           f"weights on (data.{opts.mix_on}_clips, data.split, or --mix-on "
+                           f"{'train' if opts.mix_on == 'val' else 'val'})")
+    return clips
 
 
 def member_card(name: str, entry, card: dict, finetuned: dict | None = None) -> dict:
