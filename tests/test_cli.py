@@ -111,10 +111,12 @@ def test_config_choices_are_the_values_their_owners_accept():
     from transmem.training import module, schedules
     from transmem.transfer import bank
     owners = {"train.schedule": schedules.SCHEDULE_KINDS, "transfer.distill_decay": module.DISTILL_DECAYS,
-              "transfer.distill_span": module.DISTILL_SPANS, "transfer.mode": tmu.TMU_MODES,
+              "transfer.distill_span": module.DISTILL_SPANS, "transfer.mode": choices.TRANSFER_MODES,
               "transfer.weighting": tmu.TMU_WEIGHTINGS, "transfer.teacher_inputs": bank.TEACHER_INPUTS}
     for key, values in owners.items():
         assert CONFIG_CHOICES[key] is values, key
+    # transfer.mode: the TMU's own modes, or the mixture of finetuned members (not a TMU)
+    assert tmu.TMU_MODES is choices.TMU_MODES and choices.TRANSFER_MODES == choices.TMU_MODES + ("mixture",)
     assert CONFIG_CHOICES is choices.CONFIG_CHOICES
 
 

@@ -92,7 +92,7 @@ def test_throwaway_backbone_pretrain_transfer_bench_and_cli(toy, tmp_path, capsy
     assert main(["models"]) == 0
     assert toy in capsys.readouterr().out.split()
     assert main(["models", "--kind", "transfer"]) == 0
-    assert capsys.readouterr().out.split() == ["tmu"]
+    assert capsys.readouterr().out.split() == ["mixture", "tmu"]
     bench_model = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
                        if a.dest == "model")
     assert toy in bench_model.choices

@@ -20,7 +20,8 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
-from .config import ConfigError, Experiment, read_config_file
+from .choices import MIX_LR, MIX_STEPS
+from .config import ConfigError, Experiment, TransferConfig, read_config_file
 from .data import DataError, build_datasets, frame_size_of, physical_units
 from .environment import environment
 from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
@@ -31,6 +32,8 @@ from .training.checkpoints import resume_point
 from .baselines import baseline_for_data
 from .blend import BlendForecaster
 from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
+from .transfer.mixture import (MixtureOptions, build_mixture, check_baselines, check_count, check_member,
+                               check_one_process, fit_clips, member_card, unique_names)
 
 
 class RunFolderError(OutputPathError):
@@ -523,6 +526,8 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     Teachers ``["auto:K"]`` (``auto`` = ``auto:1``) are the K best teacher entries for ``exp`` and
     ``transfer.init_from: auto`` the best finetune entry, by :func:`transmem.zoo.rank` under
     ``zoo_root``; the ranking is kept in ``out/ranking.json`` and summed up on the card."""
+    if exp.transfer.mode == "mixture":  # not a TMU: the mixture of finetuned members, default options
+        return run_mixture(exp, out, resume, teachers, zoo_name, zoo_root, datasets, probe_steps)
     exp = copy.deepcopy(exp)
     check_run_dir(out, resume, exp, None, zoo_name, zoo_root)  # before anything is built
     if resume and finished_run(out) is not None:
@@ -570,6 +575,101 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     fit(module, datasets["train"], datasets.get("val"), exp.train, out, resume=resume)
     extra = {"teachers": teachers_card, "transfer": asdict(tr)} | ({"ranking": auto} if auto else {})
     return _finish(exp, out, module, datasets, time.time() - t0, "transfer", extra, zoo_name, zoo_root)
+
+
+MIXTURE_FILE = "mixture.json"
+
+
+@_no_leftovers
+def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None, zoo_root=None,
+                datasets=None, probe_steps: int = zoo.PROBE_STEPS, baselines=(), gating: str = "lead",
+                member_steps: int | None = None, mix_steps: int = MIX_STEPS, mix_lr: float = MIX_LR,
+                mix_on: str = "val") -> dict:
+    """The mixture of finetuned zoo members (``transfer --mode mixture``). Each member entry
+    (``teachers``; ``["auto:K"]``: the K best finetune entries by :func:`transmem.zoo.rank`) is
+    finetuned on ``exp``'s data for ``member_steps`` (default ``train.steps``; 0: used as it is)
+    into ``out/members/NAME``; then softmax weights per lead time (``gating="pixel"``: also per
+    pixel) that combine their forecasts and those of the registered ``baselines`` train for
+    ``mix_steps`` at ``mix_lr`` on the ``mix_on`` clips (``val``: clips the members did not train
+    on), the members frozen. One entry (``out/model``, and ``zoo_name``)
+    holds it all; its card lists the members with the sha256 of their weights. ``exp`` is not
+    changed. Every member, baseline and option is checked before anything is written."""
+    exp = copy.deepcopy(exp)
+    exp.transfer.mode = "mixture"
+    check_run_dir(out, resume, exp, None, zoo_name, zoo_root)  # before anything is built
+    if resume and finished_run(out) is not None:
+        return finished_run(out)  # a finished run: nothing to train, no file changed
+    opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr, mix_on).check()
+    opts.member_steps = exp.train.steps if opts.member_steps is None else opts.member_steps
+    t = exp.train
+    check_one_process(t)
+    if exp.transfer.init_from:
+        raise ConfigError(f"--init-from {exp.transfer.init_from}: a mixture's members start from their own "
+                          "entries (give them with --teachers)")
+    refs = teachers if teachers is not None else exp.transfer.teachers
+    if not refs:
+        raise ConfigError("the mixture needs zoo members: --teachers ZOO_A [ZOO_B ...] or --teachers auto:K")
+    k = zoo.parse_auto(refs)
+    paths = None if k else [zoo.resolve(r, zoo_root) for r in refs]  # a bad name: one line, nothing written
+    check_count(k or len(paths), opts.baselines)
+    for p in paths or []:
+        check_member(p, zoo.read_card(p), exp.data.channels)
+    check_baselines(opts.baselines, t.t_in, exp.data)
+    if resume and (Path(out) / MIXTURE_FILE).is_file():
+        diffs = opts.differences(json.loads((Path(out) / MIXTURE_FILE).read_text(encoding="utf-8")))
+        if diffs:
+            raise RunFolderError(f"{Path(out) / MIXTURE_FILE}: --resume with other mixture options than the run's: "
+                                 f"{'; '.join(diffs[:3])} (nothing was changed)")
+    datasets = datasets or _check_data(exp)
+    clips = fit_clips(datasets, opts)
+    ranking, auto = None, {}
+    if k:
+        ranking = _rank_for_auto(exp, out, resume, zoo_root, datasets, probe_steps)
+        rows = ranking.top_rows(k, use="finetune")
+        paths = [Path(r["path"]) for r in rows]
+        auto["members"] = ranking.summary(rows, "finetune", RANKING_FILE)
+    hw = data_frame_size(exp, datasets)
+    for p in paths:
+        card = zoo.read_card(p)
+        check_member(p, card, exp.data.channels)
+        check_patch_fits(card["config"].get("patch_size"), hw, exp, f"member {p}: its")  # before the run folder
+    names = unique_names([p.name for p in paths])
+    out = prepare_run_dir(out, resume)
+    if ranking is not None:
+        _record_ranking(out, ranking)
+    exp.transfer.teachers = [str(p) for p in paths]
+    exp.save(out / "config.yaml")
+    write_json(out / MIXTURE_FILE, opts.to_dict())
+    t0 = time.time()
+    members, cards = [], []
+    for name, p in zip(names, paths):
+        if opts.member_steps == 0:  # already finetuned on this target: used as it is
+            model, card = zoo.load_entry(p)
+            cards.append(member_card(name, p, card))
+        else:
+            m_exp = copy.deepcopy(exp)
+            m_exp.train.steps, m_exp.transfer = opts.member_steps, TransferConfig()
+            run = out / "members" / name
+            metrics = run_train(m_exp, run, resume and (run / "config.yaml").is_file(), init_from=p,
+                                zoo_root=zoo_root, datasets=datasets, kind="finetune")
+            model, card = zoo.load_entry(run / "model")
+            cards.append(member_card(name, p, card, {"run": f"members/{name}", "steps": opts.member_steps,
+                                                     "from_sha256": card["init_from"]["sha256"],
+                                                     "test_mse": metrics.get("mse")}))
+        members.append(model)
+    model = build_mixture(members, names, baselines=opts.baselines, data=exp.data.to_dict(), t_in=t.t_in,
+                          leads=exp.data.frames - t.t_in, channels=exp.data.channels, gating=opts.gating,
+                          seed=t.seed)
+    mix = copy.deepcopy(exp)  # the weights train on forecasts as at test time: members roll out on their own
+    mix.train.steps, mix.train.lr, mix.train.schedule = opts.mix_steps, opts.mix_lr, "none"
+    mix.train.batch_size = min(mix.train.batch_size, len(clips))
+    module = _module(mix, model, hw=hw)
+    fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
+    extra = {"members": cards, "baselines": [{"name": b, "scale": "values"} for b in opts.baselines],
+             "mixture": {**opts.to_dict(), "weights": module.model.weights_per_lead()}}
+    if auto:
+        extra["ranking"] = auto
+    return _finish(mix, out, module, datasets, time.time() - t0, "mixture", extra, zoo_name, zoo_root)
 
 
 def load_for_inference(ref) -> tuple[ForecastModule, dict]:

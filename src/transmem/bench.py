@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .models import create_model, list_models
 from .training import ForecastModule, SamplingSchedule, forecast_loss, quiet_lightning
-from .transfer import BankCache, build_tmu
+from .transfer import BankCache, build_mixture, build_tmu
 
 REQUIRED_KEYS = ("train_ms", "infer_ms", "seq_per_s", "peak_rss_mb", "params", "gflops", "peak_gflops")
 
@@ -45,7 +45,7 @@ REQUIRED_KEYS = ("train_ms", "infer_ms", "seq_per_s", "peak_rss_mb", "params", "
 @dataclass
 class BenchSpec:
     """One benchmark configuration (the CLI's flags, plus a few knobs for scripts)."""
-    model: str = "convlstm"        # a registered backbone, or tmu
+    model: str = "convlstm"        # a registered backbone, tmu or mixture
     backbone: str = "convlstm"     # TMU target backbone
     layers: int = 2
     hidden: int = 32
@@ -118,6 +118,10 @@ class Workload:
             if spec.cached_bank:
                 self.cache = BankCache(b)
                 self.cache.put(self.index, self.bank(self.frames, self.mask, spec.t_in))
+        elif spec.model == "mixture":  # --teachers frozen convlstm members, weights per lead
+            members = [create_model("convlstm", cfg) for _ in range(spec.teachers)]
+            self.model = build_mixture(members, [f"member{i}" for i in range(spec.teachers)], t_in=spec.t_in,
+                                       leads=T - spec.t_in)
         elif spec.model in list_models(kind="backbone"):
             self.model = create_model(spec.model, cfg)
         else:

@@ -6,6 +6,11 @@ SCHEDULE_KINDS = ("linear", "reverse", "none")        # scheduled sampling
 DISTILL_DECAYS = ("none", "linear", "cosine")         # how lambda falls over training
 DISTILL_SPANS = ("all", "input")                      # which steps add distillation terms
 TMU_MODES = ("distill", "bank_read")                  # teachers as targets only, or also read
+TRANSFER_MODES = TMU_MODES + ("mixture",)             # transfer.mode: a TMU mode, or the mixture of finetuned members
+MIXTURE_GATINGS = ("lead", "pixel")                   # mixture weights per lead time, or also per pixel
+MIXTURE_FIT_SPLITS = ("val", "train")                 # the clips a mixture's weights train on
+MIX_STEPS = 100                                       # default steps that train a mixture's weights
+MIX_LR = 0.05                                         # default learning rate of a mixture's weights (logits)
 TMU_WEIGHTINGS = ("none", "softmax")                  # weighting across sources
 TEACHER_INPUTS = ("ground_truth", "own")              # what the teachers read after T_in
 CACHE_BANK = ("memory", "disk", "none")               # where a ground-truth bank is cached
@@ -23,7 +28,7 @@ CONFIG_CHOICES = {
     "train.schedule": SCHEDULE_KINDS,
     "transfer.distill_decay": DISTILL_DECAYS,
     "transfer.distill_span": DISTILL_SPANS,
-    "transfer.mode": TMU_MODES,
+    "transfer.mode": TRANSFER_MODES,
     "transfer.weighting": TMU_WEIGHTINGS,
     "transfer.teacher_inputs": TEACHER_INPUTS,
     "transfer.cache_bank": CACHE_BANK,

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import transmem
-from .choices import PROBE_STEPS, TMU_MODES
+from .choices import MIX_LR, MIX_STEPS, MIXTURE_FIT_SPLITS, MIXTURE_GATINGS, PROBE_STEPS, TRANSFER_MODES
 
 # torch, Lightning and the rest are imported where a command needs them: `transmem --help`,
 # `--version` and argument errors answer without loading torch (about 0.1 s instead of 8-14 s)
@@ -120,13 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "for this target by `zoo rank` (under --zoo-root; the ranking goes to ranking.json in --out)")
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
                    help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
-    p = sub.add_parser("transfer", help="train a TMU target that draws on frozen zoo teachers")
+    p = sub.add_parser("transfer", help="train a TMU target that draws on frozen zoo teachers, or (--mode mixture) "
+                                        "a mixture of the zoo entries finetuned on the target")
     _common(p)
     p.add_argument("--teachers", nargs="+",
                    help="zoo entries (folders, or names under --zoo-root), or auto[:K]: the K best teachers "
-                        "for this target by `zoo rank` (K = 1 unless given)")
+                        "for this target by `zoo rank` (K = 1 unless given; with --mode mixture: the members, "
+                        "the K best entries to finetune)")
     p.add_argument("--distill-weight", type=float, help="lambda of L_distill (config transfer.distill_weight)")
-    p.add_argument("--mode", choices=TMU_MODES, help="config transfer.mode")
+    p.add_argument("--mode", choices=TRANSFER_MODES,
+                   help="config transfer.mode: a TMU mode, or mixture: finetune each of --teachers on the target, "
+                        "then learn softmax weights per lead time that combine their forecasts (one zoo entry)")
+    p.add_argument("--baselines", metavar="NAME[,NAME...]",
+                   help="mixture: registered reference nowcasts that join as members (e.g. extrapolation)")
+    p.add_argument("--gating", choices=MIXTURE_GATINGS,
+                   help="mixture: weights per lead time (lead, the default) or also per pixel (pixel)")
+    p.add_argument("--member-steps", type=int,
+                   help="mixture: finetuning steps of each member (default train.steps; 0: use the entries as "
+                        "they are, already finetuned on this target)")
+    p.add_argument("--mix-steps", type=int, help=f"mixture: steps that train the weights (default {MIX_STEPS})")
+    p.add_argument("--mix-lr", type=float, help=f"mixture: learning rate of the weights (default {MIX_LR})")
+    p.add_argument("--mix-on", choices=MIXTURE_FIT_SPLITS,
+                   help="mixture: the clips the weights train on (default val: clips the members never trained on)")
     p.add_argument("--init-from", help="zoo entry (folder or name under --zoo-root) to initialise the target backbone, "
                                        "or 'auto': the best finetune entry by `zoo rank`")
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
@@ -356,8 +371,16 @@ def _dispatch(args, rest, ap) -> int:
         if args.init_from:
             exp.transfer.init_from = args.init_from
         validate(exp)  # the flags above, as the config's values
-        m = api.run_transfer(exp, args.out, args.resume, teachers=args.teachers,
-                             zoo_name=args.zoo_name, zoo_root=args.zoo_root, probe_steps=args.probe_steps)
+        mix = {k: getattr(args, k) for k in ("baselines", "gating", "member_steps", "mix_steps", "mix_lr", "mix_on")
+               if getattr(args, k) is not None}  # the mixture's options, as given
+        if exp.transfer.mode == "mixture":
+            m = api.run_mixture(exp, args.out, args.resume, teachers=args.teachers, zoo_name=args.zoo_name,
+                                zoo_root=args.zoo_root, probe_steps=args.probe_steps, **mix)
+        elif mix:
+            raise ConfigError(f"--{next(iter(mix)).replace('_', '-')}: an option of --mode mixture")
+        else:
+            m = api.run_transfer(exp, args.out, args.resume, teachers=args.teachers,
+                                 zoo_name=args.zoo_name, zoo_root=args.zoo_root, probe_steps=args.probe_steps)
     elif args.cmd == "evaluate":
         m = _evaluate(args, exp)
     else:  # pragma: no cover - argparse guards the choices
@@ -513,6 +536,9 @@ def format_zoo_table(entries) -> str:
         model = card.get("model", "?")
         if model == "tmu":
             model = f"tmu({card['config'].get('backbone')}, {len(card['config'].get('source_names', []))} src)"
+        elif model == "mixture":
+            cfg = card["config"]
+            model = f"mixture({', '.join(cfg.get('member_names', []) + cfg.get('baselines', []))})"
         size = card.get("frame_size", ["?", "?"])
         mse = card.get("metrics", {}).get("mse")
         rows.append((path.name, model, desc, f"{size[0]}x{size[1]}",

@@ -1,0 +1,148 @@
+"""The mixture of finetuned zoo models: frozen member forecasters combined by learned weights.
+
+Each member is a backbone (a zoo entry, finetuned on the target) or a registered reference
+nowcast (:mod:`transmem.baselines`, run on the model's [0, 1] values). At lead time ``l`` the
+forecast is
+
+    y_l = sum_n w_{l,n} * f_n,l          w_{l,.} = softmax(a_l + G(f_1,l .. f_N,l))
+
+with ``a`` one learned logit per lead and member (zero at the start: the plain average) and, for
+``gating="pixel"`` only, ``G`` a zero-initialised convolution over the members' forecasts that
+lets the weights vary over the field. Only ``a`` (and ``G``) train; the members are frozen and
+held inside the model, so one zoo entry is the whole forecaster and loads like any other
+(issue 26; the benchmark's ``mix:finetuned`` fit the same weights by a grid on validation clips).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..baselines import baseline_for_data
+from ..choices import MIXTURE_GATINGS
+from .registry import create_model, register_model
+
+
+@dataclass
+class MixtureConfig:
+    members: list = field(default_factory=list)        # [{"model": name, "config": {...}}]: frozen backbones
+    member_names: list = field(default_factory=list)   # one per member (the zoo entries' names)
+    baselines: list = field(default_factory=list)      # registered reference nowcasts that are members too
+    baseline_data: dict = field(default_factory=dict)  # the data they forecast (units, inflow, grid spacing)
+    t_in: int = 10                                     # input frames of a training clip (lead 1 follows)
+    leads: int = 10                                    # lead times with their own weights (later: the last's)
+    gating: str = "lead"                               # "lead" | "pixel" (plus a per-pixel convolution)
+    gate_kernel: int = 3
+    channels: int = 1                                  # channels of the frames (the members read them)
+    patch_size: int = 1                                # lcm of the members' patch sizes: frames are padded to it
+
+
+@register_model("mixture", kind="transfer")
+class MixtureModel(nn.Module):
+    """Frozen members, learned per-lead (and optionally per-pixel) softmax weights. ``forward``
+    has a backbone's signature, so training, checkpoints, evaluation and ``predict`` treat it as
+    any model; it predicts frames 1..T-1, the input frames as the members' plain mean (no
+    weights: only the forecast leads train them)."""
+
+    config_class = MixtureConfig
+
+    def __init__(self, config: MixtureConfig):
+        super().__init__()
+        if config.gating not in MIXTURE_GATINGS:
+            raise ValueError(f"mixture gating must be one of {', '.join(MIXTURE_GATINGS)}, got {config.gating!r}")
+        if not config.members:
+            raise ValueError("a mixture needs at least one zoo member")
+        if len(config.member_names) != len(config.members):
+            raise ValueError("a mixture needs one name per member")
+        if len(config.members) + len(config.baselines) < 2:
+            raise ValueError("a mixture needs at least two members (zoo entries and baselines together)")
+        if config.leads < 1 or config.t_in < 1:
+            raise ValueError(f"mixture t_in and leads must be >= 1, got {config.t_in}, {config.leads}")
+        if config.gate_kernel < 1 or config.gate_kernel % 2 == 0:
+            raise ValueError(f"mixture gate_kernel must be odd, got {config.gate_kernel}")
+        self.config = config
+        self.members = nn.ModuleList(create_model(m["model"], m["config"]) for m in config.members)
+        for m in self.members:
+            if m.model_kind != "backbone":
+                raise ValueError(f"mixture members are backbones, got a '{m.model_name}' model")
+            m.requires_grad_(False)
+        # parameter-free and CPU-bound (pysteps): kept out of the module tree and the state dict
+        self.baselines = [baseline_for_data(name, config.t_in, config.baseline_data or None, physical=False)
+                          for name in config.baselines]
+        n = len(config.members) + len(config.baselines)
+        self.logits = nn.Parameter(torch.zeros(config.leads, n))
+        self.gate = None
+        if config.gating == "pixel":
+            k = config.gate_kernel
+            self.gate = nn.Conv2d(n * config.channels, n, k, padding=k // 2)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.config.member_names) + list(self.config.baselines)
+
+    @property
+    def needs_teachers_at_inference(self) -> bool:
+        """The members are inside the model: nothing else is needed to forecast."""
+        return False
+
+    def train(self, mode: bool = True):
+        """The frozen members stay in eval mode whatever the mixture is set to."""
+        super().train(mode)
+        self.members.eval()
+        return self
+
+    def lead_weights(self, n_leads: int) -> torch.Tensor:
+        """``(n_leads, members)``: the softmax weights per lead (leads past ``config.leads`` take
+        the last lead's), without the per-pixel part."""
+        idx = torch.arange(n_leads, device=self.logits.device).clamp(max=self.config.leads - 1)
+        return torch.softmax(self.logits[idx], -1)
+
+    def weights_per_lead(self) -> dict[str, list[float]]:
+        """member name -> its weight at each lead (for the card and the report)."""
+        w = self.lead_weights(self.config.leads).detach().cpu()
+        return {name: [round(float(x), 4) for x in w[:, i]] for i, name in enumerate(self.names)}
+
+    def member_forecasts(self, frames: torch.Tensor, sampling_mask=None, t_in: int | None = None):
+        """``(head (B, t_in-1, C, H, W), forecasts (B, T-t_in, N, C, H, W))``: the members' mean
+        prediction of the input frames, and every member's forecast of the leads (no gradient)."""
+        t_in = self.config.t_in if t_in is None else int(t_in)
+        if not 1 <= t_in < frames.shape[1]:
+            raise ValueError(f"need 1 <= t_in < T, got t_in={t_in} with T={frames.shape[1]}")
+        with torch.no_grad():
+            preds = torch.stack([m(frames, sampling_mask, t_in=t_in) for m in self.members], 2)
+            head = preds[:, :t_in - 1].mean(2)
+            fc = preds[:, t_in - 1:]
+            if self.baselines:
+                base = []
+                for b in self.baselines:
+                    b.t_in = t_in
+                    base.append(b.rollout(frames).to(fc.device, fc.dtype))
+                fc = torch.cat([fc, torch.stack(base, 2)], 2)
+        return head, fc
+
+    def combine(self, fc: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C, H, W)``: the members' forecasts ``fc`` ``(B, L, N, C, H, W)`` weighted."""
+        b, n_leads, n, c, h, w = fc.shape
+        logits = self.logits[torch.arange(n_leads, device=fc.device).clamp(max=self.config.leads - 1)]
+        logits = logits.to(fc.dtype)[None, :, :, None, None, None]  # (1, L, N, 1, 1, 1)
+        if self.gate is not None:
+            local = self.gate(fc.reshape(b * n_leads, n * c, h, w)).view(b, n_leads, n, 1, h, w)
+            logits = logits + local
+        return (torch.softmax(logits, 2) * fc).sum(2)
+
+    def forward(self, frames: torch.Tensor, sampling_mask: torch.Tensor | None = None,
+                t_in: int | None = None) -> torch.Tensor:
+        """Predictions of frames 1..T-1 of ``frames`` (B, T, C, H, W), as a backbone gives them:
+        the members roll out from ``t_in`` frames (default ``config.t_in``; a sampling mask, if
+        given, is handed to them) and their forecasts are combined."""
+        head, fc = self.member_forecasts(frames, sampling_mask, t_in)
+        return torch.cat([head, self.combine(fc)], 1)
+
+
+def patch_lcm(patches) -> int:
+    """The smallest patch size every member's divides (frames padded to it suit them all)."""
+    return math.lcm(*[int(p) for p in patches]) if patches else 1

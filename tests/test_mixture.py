@@ -1,0 +1,280 @@
+"""The mixture of finetuned zoo members (``transfer --mode mixture``, issue 26): the combination
+trains, only its weights get a gradient, a saved entry forecasts exactly as before, and the entry
+runs through the CLI like any model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import default_collate
+
+from transmem import api, zoo
+from transmem.cli import main
+from transmem.config import load_experiment
+from transmem.data import build_datasets
+from transmem.models import create_model
+from transmem.training import ForecastModule, SamplingSchedule, forecast_loss
+from transmem.transfer import MixtureError, build_mixture
+
+TINY = {
+    "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
+             "test_clips": 8, "num_digits": 1},
+    "model": {"name": "convlstm", "num_layers": 2, "hidden": 4, "filter_size": 3, "patch_size": 2},
+    "train": {"steps": 2, "batch_size": 4, "t_in": 3, "progress": False, "ckpt_every": 2},
+    "eval": {"batch_size": 8, "examples": 1},
+}
+ARCH = {k: v for k, v in TINY["model"].items() if k != "name"}
+T_IN, LEADS = 3, 3
+
+
+def _train(clips, steps=30, seed=0, **arch):
+    """A convlstm trained briefly (teacher forcing) on the batches ``clips(step)``."""
+    torch.manual_seed(seed)
+    model = create_model("convlstm", {**ARCH, **arch})
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for step in range(steps):
+        loss, _, _ = forecast_loss(model, clips(step), None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return load_experiment(base=TINY)
+
+
+@pytest.fixture(scope="module")
+def datasets(exp):
+    return build_datasets(exp.data)
+
+
+@pytest.fixture(scope="module")
+def batch(datasets):
+    train = datasets["train"]
+    return default_collate([train[i] for i in range(8)])["frames"]
+
+
+@pytest.fixture(scope="module")
+def zoo_root(tmp_path_factory, datasets):
+    """Two entries: one trained on the target's own clips, one on uniform noise."""
+    root = tmp_path_factory.mktemp("zoo")
+    train = datasets["train"]
+
+    def target_clips(step):
+        return default_collate([train[(step * 8 + i) % len(train)] for i in range(8)])["frames"]
+
+    def noise_clips(step):
+        return torch.rand(8, 6, 1, 16, 16, generator=torch.Generator().manual_seed(step))
+
+    zoo.save_entry(_train(target_clips), root / "digits")
+    zoo.save_entry(_train(noise_clips, patch_size=4), root / "noise")  # another patch size: padded to the lcm
+    return root
+
+
+def _mixture(zoo_root, baselines=(), gating="lead"):
+    members = [zoo.load_entry(zoo_root / n)[0] for n in ("digits", "noise")]
+    return build_mixture(members, ["digits", "noise"], baselines=baselines, data=TINY["data"], t_in=T_IN,
+                         leads=LEADS, gating=gating, seed=0)
+
+
+def _loss(model, frames):
+    mask = SamplingSchedule(kind="none", t_in=T_IN, frames=6).mask(0, frames.shape[0])
+    return forecast_loss(model, frames, mask)[0]
+
+
+def _lead_mse(pred, truth):
+    return ((pred - truth) ** 2).mean(dim=(0, 2, 3, 4))
+
+
+def test_the_combination_trains_its_loss_falls_and_weight_moves_to_the_better_member(zoo_root, batch):
+    model = _mixture(zoo_root).train()
+    before_logits = model.logits.detach().clone()
+    with torch.no_grad():
+        _, fc = model.member_forecasts(batch)
+        per_member = torch.stack([_lead_mse(fc[:, :, n], batch[:, T_IN:]) for n in range(fc.shape[2])], 1)
+        before = float(_loss(model, batch))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(40):
+        loss = _loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(_loss(model, batch))
+    assert after < before
+    assert not torch.equal(model.logits.detach(), before_logits)
+    w = model.lead_weights(LEADS)  # (leads, members)
+    better = per_member.argmin(1)  # at each lead, the member with the lower MSE
+    assert (per_member[:, 0] != per_member[:, 1]).all()
+    for lead in range(LEADS):
+        assert w[lead, better[lead]] > 0.5, (lead, w, per_member)
+
+
+@pytest.mark.parametrize("gating", ["lead", "pixel"])
+def test_the_gradient_reaches_the_weights_and_not_the_frozen_members(zoo_root, batch, gating):
+    model = _mixture(zoo_root, baselines=["persistence"], gating=gating).train()
+    members_before = {k: v.clone() for k, v in model.members.state_dict().items()}
+    assert all(not m.training for m in model.members)  # frozen members stay in eval mode
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({"logits"} | ({"gate.weight", "gate.bias"} if gating == "pixel" else set()))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = _loss(model, batch)
+    opt.zero_grad()
+    loss.backward()
+    assert model.logits.grad is not None and model.logits.grad.abs().sum() > 0
+    assert torch.isfinite(model.logits.grad).all()
+    if gating == "pixel":
+        assert model.gate.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.members.parameters())
+    opt.step()
+    assert all(torch.equal(v, members_before[k]) for k, v in model.members.state_dict().items())
+
+
+@pytest.mark.parametrize("gating", ["lead", "pixel"])
+def test_a_saved_and_reloaded_mixture_forecasts_exactly_as_before(zoo_root, batch, tmp_path, gating):
+    model = _mixture(zoo_root, baselines=["persistence"], gating=gating)
+    with torch.no_grad():  # weights away from uniform, so that a load that lost them shows
+        model.logits.copy_(torch.randn(model.logits.shape, generator=torch.Generator().manual_seed(1)))
+        if model.gate is not None:
+            model.gate.weight.normal_(0, 0.3)
+    card = {"t_in": T_IN, "t_out": LEADS, "frame_size": [16, 16], "channels": 1, "data": TINY["data"]}
+    zoo.save_entry(model, tmp_path / "mix", card)
+    loaded, saved_card = zoo.load_entry(tmp_path / "mix")
+    assert saved_card["model"] == "mixture" and saved_card["config"]["patch_size"] == 4
+    sched = SamplingSchedule(kind="none", t_in=T_IN, frames=6)
+    with torch.inference_mode():
+        a = ForecastModule(model.eval(), sched).rollout(batch)
+        b = ForecastModule(loaded, sched).rollout(batch)
+        c = api.load_for_inference(tmp_path / "mix")[0].rollout(batch)
+    assert a.shape == (8, LEADS, 1, 16, 16)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    # the members' weights are inside the entry: changing one changes the forecast
+    with torch.no_grad():
+        next(loaded.members[0].parameters()).add_(0.5)
+        assert not torch.equal(ForecastModule(loaded, sched).rollout(batch), a)
+
+
+def test_a_mixture_with_baselines_saves_for_data_of_any_seed_and_size(zoo_root, tmp_path):
+    """The baselines' data goes into the model config, whose numbers the card check bounds: a big
+    data.seed or clip count must not make the entry unloadable."""
+    members = [zoo.load_entry(zoo_root / "digits")[0]]
+    data = {**TINY["data"], "seed": 2**40, "train_clips": 5_000_000}
+    model = build_mixture(members, ["digits"], baselines=["persistence"], data=data, t_in=T_IN, leads=LEADS)
+    zoo.save_entry(model, tmp_path / "mix")
+    loaded, _ = zoo.load_entry(tmp_path / "mix")
+    assert loaded.config.baseline_data["name"] == "flying_digits" and "seed" not in loaded.config.baseline_data
+
+
+def test_a_mixture_refuses_a_transfer_model_as_member(zoo_root):
+    from transmem.transfer.mixture import check_member
+    card = zoo.read_card(zoo_root / "digits")
+    check_member(zoo_root / "digits", card, 1)
+    with pytest.raises(MixtureError, match="not a backbone"):
+        check_member("a_tmu", {**card, "model": "tmu"}, 1)
+    with pytest.raises(MixtureError, match="3-channel"):
+        check_member("rgb", {**card, "config": {**card["config"], "in_channels": 3}}, 1)
+
+
+def test_run_mixture_finetunes_the_members_and_saves_one_entry_naming_them(exp, zoo_root, tmp_path):
+    out = tmp_path / "run"
+    m = api.run_mixture(exp, out, teachers=["digits", "noise"], zoo_root=zoo_root, zoo_name="mix_api",
+                        baselines=["persistence"], member_steps=2, mix_steps=4, mix_lr=0.2)
+    assert m["mse"] > 0
+    card = zoo.read_card(zoo_root / "mix_api")
+    assert card["model"] == "mixture" and card["kind"] == "mixture"
+    assert [c["name"] for c in card["members"]] == ["digits", "noise"]
+    for c in card["members"]:  # the finetuned member's weights, and the entry it started from
+        assert c["sha256"] == zoo.sha256_file(out / "members" / c["name"] / "model" / zoo.WEIGHTS)
+        assert c["finetuned"]["from_sha256"] == zoo.read_card(zoo_root / c["name"])["sha256"]
+        assert c["sha256"] != c["finetuned"]["from_sha256"]
+    assert card["baselines"] == [{"name": "persistence", "scale": "values"}]
+    assert set(card["mixture"]["weights"]) == {"digits", "noise", "persistence"}
+    assert any(abs(w - 1 / 3) > 1e-3 for ws in card["mixture"]["weights"].values() for w in ws)  # trained
+    assert card["mixture"]["member_steps"] == 2 and card["train"]["steps"] == 4
+    assert card["mixture"]["mix_on"] == "val"  # clips the members did not train on
+    assert json.loads((out / "mixture.json").read_text())["baselines"] == ["persistence"]
+    assert (out / "metrics.json").is_file() and (out / "model" / zoo.CARD).is_file()
+    # the config's transfer.mode routes run_transfer to the mixture too; a finished run is not redone
+    exp2 = load_experiment(base={**TINY, "transfer": {"mode": "mixture"}})
+    assert api.run_transfer(exp2, out, resume=True, teachers=["digits", "noise"], zoo_root=zoo_root) == m
+
+
+def _write_cfg(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    return cfg
+
+
+def test_transfer_help_lists_the_mixture_mode(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["transfer", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "mixture" in text and "--member-steps" in text and "--gating" in text
+
+
+def test_cli_mixture_by_auto_then_zoo_list_show_evaluate_and_predict(zoo_root, tmp_path, capsys):
+    cfg = _write_cfg(tmp_path)
+    assert main(["transfer", "--mode", "mixture", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                 "--teachers", "auto:2", "--zoo-root", str(zoo_root), "--zoo-name", "mix_cli", "--probe-steps", "0",
+                 "--member-steps", "1", "--mix-steps", "2", "--gating", "pixel", "--mix-on", "train"]) == 0
+    card = zoo.read_card(zoo_root / "mix_cli")
+    assert card["ranking"]["members"]["use"] == "finetune" and card["mixture"]["mix_on"] == "train"
+    assert sorted(c["name"] for c in card["members"]) == ["digits", "noise"]
+    capsys.readouterr()
+    assert main(["zoo", "list", "--root", str(zoo_root)]) == 0
+    assert "mixture(" in capsys.readouterr().out
+    assert main(["zoo", "show", "mix_cli", "--root", str(zoo_root)]) == 0
+    assert json.loads(capsys.readouterr().out)["members"][0]["sha256"] == card["members"][0]["sha256"]
+    assert main(["evaluate", "--model", str(zoo_root / "mix_cli"), "--config", str(cfg),
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["mse"] > 0
+    assert (tmp_path / "ev" / "report.md").is_file()
+    np.save(tmp_path / "in.npy", np.random.default_rng(1).random((6, 16, 16)).astype(np.float32))
+    assert main(["predict", "--model", str(zoo_root / "mix_cli"), "--input", str(tmp_path / "in.npy"),
+                 "--out", str(tmp_path / "pred")]) == 0
+    pred = np.load(tmp_path / "pred" / "prediction.npy")
+    assert pred.shape == (LEADS, 1, 16, 16) and np.isfinite(pred).all()
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--teachers", "digits", "no_such_entry"], "no_such_entry"),
+    (["--teachers", "digits", "noise", "--baselines", "persistence,bogus"], "bogus"),
+    (["--teachers", "digits"], "at least two members"),
+    (["--teachers", "digits", "noise", "--mix-steps", "0"], "--mix-steps"),
+    (["--teachers", "digits", "noise", "--data.val_clips", "0"], "--mix-on val"),
+])
+def test_a_bad_member_or_option_is_one_line_before_anything_is_written(zoo_root, tmp_path, capsys, args, named):
+    cfg = _write_cfg(tmp_path)
+    out = tmp_path / "run"
+    before = sorted(p.name for p in zoo_root.iterdir())
+    rc = main(["transfer", "--mode", "mixture", "--config", str(cfg), "--out", str(out), "--zoo-root", str(zoo_root),
+               "--zoo-name", "never", "--member-steps", "1", "--mix-steps", "1", *args])  # the last value counts
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and err.startswith("transmem: error:") and named in err, err
+    assert not out.exists()
+    assert sorted(p.name for p in zoo_root.iterdir()) == before
+
+
+def test_a_mixture_option_without_the_mixture_mode_is_refused(zoo_root, tmp_path, capsys):
+    cfg = _write_cfg(tmp_path)
+    rc = main(["transfer", "--config", str(cfg), "--out", str(tmp_path / "run"), "--teachers", "digits",
+               "--zoo-root", str(zoo_root), "--gating", "pixel"])
+    assert rc == 2 and "--gating" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_times_a_mixture_and_its_step_trains_only_the_weights():
+    from transmem.bench import BenchSpec, Workload
+    w = Workload(BenchSpec(model="mixture", layers=2, hidden=4, filter=3, patch=2, size=16, batch=2, frames=6,
+                           teachers=2))
+    members = [p.detach().clone() for p in w.model.members.parameters()]
+    logits = w.model.logits.detach().clone()
+    w.train_step()
+    w.infer_step()
+    assert not torch.equal(w.model.logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(members, w.model.members.parameters()))
