@@ -22,7 +22,11 @@ def cascade_levels(shape, wanted: int) -> int:
 
 
 def has_rain(field: np.ndarray, threshold: float) -> bool:
-    return bool((field > threshold).any())
+    """Enough rain for a cascade nowcast: at least two pixels at or above ``threshold``. With one,
+    pysteps' wet-area percentile mask indexes past the field's end (an IndexError on 32x32 OPERA
+    tiles with a single wet pixel); without rain there is nothing to decompose. Otherwise the
+    last frame is kept (persistence)."""
+    return int(np.count_nonzero(field >= threshold)) >= 2
 
 
 def sprog_nowcast(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
