@@ -177,6 +177,24 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path, reference):
     _assert_same_weights(_weights(reference), _weights(out))
 
 
+def test_last_checkpoint_holds_the_final_validation(tmp_path):
+    """Lightning writes a checkpoint step's last.ckpt before that step's validation; the final one
+    is written again after it, so that a resume with more steps knows the best score so far and
+    never lets a worse model replace best.ckpt."""
+    import csv
+    out = tmp_path / "run"
+    cfg = _cfg(tmp_path, steps=18, val_every=3, select_best=True)  # the last step checkpoints and validates
+    assert _cli("pretrain", "--config", cfg, "--out", out) == 0
+    ck = _ckpt(out / "checkpoints" / "last.ckpt")
+    assert ck["global_step"] == 18
+    (best_state,) = [v for k, v in ck["callbacks"].items() if "val/mse" in k]
+    rows = [r for r in csv.DictReader((out / "logs" / "metrics.csv").open()) if r.get("val/mse")]
+    vals = [float(r["val/mse"]) for r in rows]
+    assert len(vals) == 6  # steps 3, 6, ..., 18
+    assert float(best_state["current_score"]) == pytest.approx(vals[-1], rel=1e-5)
+    assert float(best_state["best_model_score"]) == pytest.approx(min(vals), rel=1e-5)
+
+
 def _stopped_run(cfg, out, at_step):
     """An in-process run that dies with an exception at ``at_step`` (checkpoints every 3 steps)."""
     orig = ForecastModule.compute_loss

@@ -201,8 +201,11 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
         with signals.deferred():  # a signal ends the running step first (StopOnSignal)
             trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
                         weights_only=True)
-            if trainer.global_step % every != 0 or not last.is_file():
-                trainer.save_checkpoint(last)  # the final state, so that a resume after training is a no-op
+            # the final state, so that a resume after training is a no-op: written again even on a
+            # checkpoint step, since Lightning wrote that one before the step's validation, and a
+            # resume with a higher cap from it would forget that validation (a worse model could then
+            # replace best.ckpt)
+            trainer.save_checkpoint(last)
     except pickle.UnpicklingError as e:  # a rank that read another file than the one checked above
         raise CheckpointError(f"{ckpt_path}: refused to load ({no_advice(str(e))})") from None
     except SIGTERMException:  # Lightning's own SIGTERM stop (a SystemExit without a code)
