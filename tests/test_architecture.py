@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "transmem"
 
 # lower layers never import higher ones; a module may import its own layer or any lower one
 LAYERS = [
-    ("choices", "environment", "files", "signals", "progress", "data", "metrics", "viz", "report_page", "baselines",
+    ("errors", "choices", "environment", "files", "signals", "progress", "data", "metrics", "viz", "report_page", "baselines",
      "blend", "fullfield"),  # no models
     ("models",),
     ("transfer", "config"),

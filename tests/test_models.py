@@ -36,7 +36,7 @@ def test_registry_lists_backbones_and_tmu():
     assert sorted(backbones + transfer) == list_models()  # every model has exactly one kind
     assert get_model_class("tmu").model_kind == "transfer"
     assert get_model_class("predrnn").model_kind == "backbone"
-    with pytest.raises(ValueError, match="unknown model kind"):
+    with pytest.raises(ValueError, match="model kind: expected one of backbone, transfer"):
         list_models(kind="teacher")
     with pytest.raises(KeyError, match="unknown model"):
         create_model("nope")

@@ -17,12 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from . import zoo
 from .config import ConfigError, Experiment, read_config_file
-from .data import DataError, build_datasets, frame_size_of, physical_units
+from .data import build_datasets, frame_size_of, physical_units
 from .environment import environment
+from .errors import UserError
 from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
                     lock_holder, lock_path_beside, write_json)
 from .models import build_config, create_model
@@ -30,7 +30,7 @@ from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch
 from .training.checkpoints import resume_point
 from .baselines import baseline_for_data
 from .blend import BlendForecaster
-from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
+from .transfer import BankCache, MemoryBank, build_tmu
 
 
 class RunFolderError(OutputPathError):
@@ -261,7 +261,7 @@ def _no_leftovers(run):
     def wrapper(exp, out, resume=False, *args, **kwargs):
         try:
             return run(exp, out, resume, *args, **kwargs)
-        except (ConfigError, OutputPathError, zoo.ZooError, DataError, TeacherMismatch, MisconfigurationException):
+        except UserError:
             # only a folder this process made and still holds the lock of: never one that another
             # run is writing (a second run into the same --out is refused, not cleaned up)
             ckpts = Path(out) / "checkpoints"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import transmem
 from .choices import PROBE_STEPS, TMU_MODES
+from .errors import UserError
 
 # torch, Lightning and the rest are imported where a command needs them: `transmem --help`,
 # `--version` and argument errors answer without loading torch (about 0.1 s instead of 8-14 s)
@@ -234,11 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_signals.message(_signals.pending()), file=sys.stderr)
             return 128 + _signals.pending()
         raise
-    except Exception as e:  # known input problems end in one clean line
-        if _is_user_error(e):
-            print(f"transmem: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+    except (UserError, OSError) as e:  # bad input, or the OS refusing a file: one clean line
+        print(f"transmem: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     finally:
         _signals.restore(old)
 
@@ -260,20 +259,6 @@ def _one_line(e: Exception) -> str:
     else:
         msg = str(e)
     return " ".join(msg.split())
-
-
-#: (module, class) of every user-error type; only those of modules already imported are looked at
-#: (an exception can only come from a loaded module), so that checking imports nothing
-_USER_ERRORS = (("transmem.files", "OutputPathError"), ("transmem.config", "ConfigError"),
-                ("transmem.data.errors", "DataError"), ("transmem.transfer.bank", "TeacherMismatch"),
-                ("transmem.zoo", "ZooError"), ("transmem.training.checkpoints", "CheckpointError"),
-                ("transmem.baselines", "BaselineUnavailable"),
-                ("lightning.fabric.utilities.exceptions", "MisconfigurationException"))
-
-
-def _is_user_error(e: Exception) -> bool:
-    types = tuple(getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules)
-    return isinstance(e, types + (FloatingPointError, OSError))
 
 
 def _dispatch(args, rest, ap) -> int:

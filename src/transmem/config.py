@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from .choices import CONFIG_CHOICES, NORMS
+from .errors import UserError
 from .data.registry import GENERATORS, DataConfig
 from .files import read_small_file
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration (one-line message)."""
 
 

@@ -30,6 +30,7 @@ from torch.utils.data import default_collate
 from . import choices
 from .baselines import BaselineUnavailable, baseline_for_data, default_baselines
 from .config import ConfigError
+from .errors import Diverged, UserError
 from .data import DataConfig, build_datasets, frame_size_of, physical_units
 from .files import OutputPathError, atomic_folder, check_output_dir, read_small_file
 from .models import PredictiveRNN, create_model
@@ -44,7 +45,7 @@ WEIGHTS = "weights.safetensors"
 CARD_VERSION = 1
 
 
-class ZooError(ValueError):
+class ZooError(UserError, ValueError):
     """A zoo entry that is missing, incomplete or tampered with (one-line message)."""
 
 
@@ -512,7 +513,7 @@ def probe(model: torch.nn.Module, exp, train, steps: int, seed: int = 0) -> torc
         mask = sched.mask(step, len(idx), None, g)
         loss, _, _ = forecast_loss(model, batch["frames"], mask, batch.get("mask"), l1_weight=t.l1_weight)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"probe loss became {loss.item()} at step {step}")
+            raise Diverged(f"probe loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import NORMS, check
 from . import kernels
 
 
@@ -110,7 +111,8 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
         groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
         return nn.GroupNorm(groups, channels)
-    raise ValueError(f"unknown norm '{kind}'; use 'none' or 'group'")
+    check("norm", kind, NORMS)
+    raise AssertionError(kind)  # every name of NORMS is built above
 
 
 def teacher_forcing_mask(batch: int, steps: int, t_in: int | None, device=None) -> torch.Tensor:

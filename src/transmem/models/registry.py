@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-MODEL_KINDS = ("backbone", "transfer")
+from ..choices import MODEL_KINDS, check
 
 _MODELS: dict[str, type] = {}
 _KINDS: dict[str, str] = {}
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind '{kind}'; use one of {', '.join(MODEL_KINDS)}")
+    check("model kind", kind, MODEL_KINDS)
 
 
 def register_model(name: str, kind: str = "backbone"):

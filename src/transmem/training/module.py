@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from ..fullfield import pad_to_multiple
-from ..choices import DISTILL_DECAYS, DISTILL_SPANS
+from ..choices import DISTILL_DECAYS, DISTILL_SPANS, check
+from ..errors import Diverged
 from .samplers import dist_info
 from .augment import augment_clips
 from .schedules import SamplingSchedule, reverse_time
@@ -91,13 +92,11 @@ class ForecastModule(L.LightningModule):
         self.schedule = schedule
         self.lr = lr
         self.distill_weight = distill_weight
-        if distill_decay not in DISTILL_DECAYS:
-            raise ValueError(f"distill_decay must be 'none', 'linear' or 'cosine', got '{distill_decay}'")
+        check("distill_decay", distill_decay, DISTILL_DECAYS)
         if distill_decay != "none" and total_steps <= 0:
             raise ValueError("a decaying distillation weight needs the number of training steps")
         self.distill_decay = distill_decay
-        if distill_span not in DISTILL_SPANS:
-            raise ValueError(f"distill_span must be 'all' or 'input', got '{distill_span}'")
+        check("distill_span", distill_span, DISTILL_SPANS)
         # "input": only the steps that read input frames (t < T_in), where a ground_truth teacher
         # knows nothing the target could not know; later teacher states have seen true frames
         # that the target (once scheduled sampling ends) only predicts
@@ -188,7 +187,7 @@ class ForecastModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, pred_loss, distill = self.compute_loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise Diverged(
                 f"loss became {loss.item()} at step {self.global_step}: stopping; the last good "
                 "checkpoint is kept (lower the learning rate or check the data)")
         self.log("train/loss", loss, prog_bar=True)

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import TEACHER_INPUTS
+from ..choices import TEACHER_INPUTS, check
+from ..errors import UserError
 from ..files import write_text
 from ..models.base import PredictiveRNN
 
 
 
-class TeacherMismatch(ValueError):
+class TeacherMismatch(UserError, ValueError):
     """A teacher that cannot be adapted to the target (one-line message)."""
 
 
@@ -66,8 +67,7 @@ class MemoryBank(nn.Module):
     def __init__(self, teachers: list[PredictiveRNN], names: list[str], target: nn.Module,
                  layers: list[int], teacher_inputs: str = "ground_truth", frame_channels: int = 1):
         super().__init__()
-        if teacher_inputs not in TEACHER_INPUTS:
-            raise ValueError(f"teacher_inputs must be 'own' or 'ground_truth', got '{teacher_inputs}'")
+        check("teacher_inputs", teacher_inputs, TEACHER_INPUTS)
         self.names = list(names)
         self.teacher_inputs = teacher_inputs
         self.layers = list(layers)

@@ -1,0 +1,33 @@
+"""One base class for every error that is the user's to fix (a config key, a data file, a zoo
+entry, an output folder). The command line catches this one class and prints its one-line
+message (exit status 2); a library user can catch it to tell bad input from a bug. Torch-free and
+import-free: the lowest layer, so that every module can subclass it."""
+from __future__ import annotations
+
+import os
+
+
+class UserError(Exception):
+    """A problem with what the user gave. ``where``: the file or config key the message names
+    (given by the raiser, or read from the message's ``WHERE: problem`` form); None when it
+    names neither."""
+
+    def __init__(self, *args, where: str | os.PathLike | None = None):
+        super().__init__(*args)
+        self._where = None if where is None else os.fspath(where)
+
+    @property
+    def where(self) -> str | None:
+        if self._where is not None:
+            return self._where
+        msg = str(self.args[0]) if self.args else ""
+        head, sep, _ = msg.partition(": ")
+        return head if sep and head and " " not in head.strip("'\"") else None
+
+
+class ChoiceError(UserError, ValueError):
+    """A setting outside its fixed set of values (:func:`transmem.choices.check`)."""
+
+
+class Diverged(UserError, FloatingPointError):
+    """Training or a probe produced NaN/Inf (a learning rate too high, or bad data)."""
