@@ -9,13 +9,15 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "transmem"
 
 # lower layers never import higher ones; a module may import its own layer or any lower one
 LAYERS = [
-    ("errors", "choices", "environment", "files", "signals", "progress", "data", "metrics", "viz", "report_page", "baselines",
+    ("errors", "choices", "options", "environment", "files", "signals", "progress", "data", "metrics", "viz", "report_page", "baselines",
      "blend", "fullfield"),  # no models
     ("models",),
     ("transfer", "config"),
-    ("training", "zoo"),  # zoo entries, and ranking them for a target (probes train and evaluate)
+    # zoo entries, and ranking them for a target (probes train and evaluate); the report of loaded
+    # forecasters (it draws what it is given and loads nothing, so api's evaluate and compare use it)
+    ("training", "zoo", "run_report"),
     ("api",),
-    ("run_report", "predict", "demo", "bench", "cli"),  # the faces
+    ("predict", "demo", "bench", "cli"),  # the faces
 ]
 
 

@@ -21,13 +21,13 @@ NORMS = ("none", "group")                              # a backbone's normalisat
 MODEL_KINDS = ("backbone", "transfer")                # runs alone, or wraps a backbone and draws on teachers
 PROBE_STEPS = 50                                      # default K of zoo rank's finetuning probe
 
-#: config key -> allowed values (checked by :func:`transmem.config.load_experiment`)
+#: config key -> allowed values (checked by :func:`transmem.config.load_experiment`); the TMU's
+#: options (``transfer.mode``, ``transfer.weighting``, ``transfer.distiller_norm``) carry theirs in
+#: :class:`transmem.options.TMUOptions`
 CONFIG_CHOICES = {
     "train.schedule": SCHEDULE_KINDS,
     "transfer.distill_decay": DISTILL_DECAYS,
     "transfer.distill_span": DISTILL_SPANS,
-    "transfer.mode": TMU_MODES,
-    "transfer.weighting": TMU_WEIGHTINGS,
     "transfer.teacher_inputs": TEACHER_INPUTS,
     "transfer.cache_bank": CACHE_BANK,
     "train.augment": AUGMENTS,  # a list: each item one of these

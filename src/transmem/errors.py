@@ -31,3 +31,7 @@ class ChoiceError(UserError, ValueError):
 
 class Diverged(UserError, FloatingPointError):
     """Training or a probe produced NaN/Inf (a learning rate too high, or bad data)."""
+
+
+class WrongKind(UserError, ValueError):
+    """A model of another kind than the one needed (a transfer model where a backbone goes)."""

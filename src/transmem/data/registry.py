@@ -25,6 +25,7 @@ _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
 _INFLOWS: dict[str, str] = {}
+_DESCRIBE: dict[str, Callable] = {}  # dataset -> a short description of a config (zoo tables)
 _PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read  # dataset -> the inflow its reference nowcasts assume
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
@@ -42,7 +43,8 @@ class Units:
 
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
                      extra: tuple[str, ...] | None = None, inflow: str | None = None,
-                     pixel_km: Callable[["DataConfig"], float | None] | None = None):
+                     pixel_km: Callable[["DataConfig"], float | None] | None = None,
+                     describe: Callable[["DataConfig"], str] | None = None):
     """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
     (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
     leaves the reader's keys unchecked (a reader registered from outside transmem). ``inflow``:
@@ -50,7 +52,8 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
     data does not say (``"zero"``: a scene on a known empty background, as generated digits;
     default: zero for rain, the last frame for anything else). ``pixel_km``: a function of the
     config giving the grid spacing of the frames as read (km per pixel), for reference nowcasts
-    whose perturbations are physical (STEPS)."""
+    whose perturbations are physical (STEPS). ``describe``: a function of the config giving the
+    short description a zoo table shows (default: the name)."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
@@ -61,6 +64,8 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
             _INFLOWS[name] = inflow
         if pixel_km is not None:
             _PIXEL_KM[name] = pixel_km
+        if describe is not None:
+            _DESCRIBE[name] = describe
         return fn
     return deco
 
@@ -78,6 +83,15 @@ def _declared(table: dict, cfg: "DataConfig | dict"):
 def pixel_km(cfg: "DataConfig | dict") -> float | None:
     """The grid spacing (km per pixel) of a dataset's frames as read, where its reader knows it."""
     return _declared(_PIXEL_KM, cfg)
+
+
+def describe(cfg: "DataConfig | dict") -> str:
+    """A short description of the data a config names (its reader's ``describe``, else the name);
+    a config that does not parse is described by its name alone."""
+    try:
+        return _declared(_DESCRIBE, cfg) or (cfg.name if isinstance(cfg, DataConfig) else cfg.get("name", "?"))
+    except (DataError, TypeError, ValueError):
+        return str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?"
 
 
 def inflow_hint(cfg: "DataConfig | dict") -> str | None:

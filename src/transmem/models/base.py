@@ -135,6 +135,11 @@ class PredictiveRNN(nn.Module):
     #: heads before checking that the output depends on the memory (a declared opt-out, not a skip)
     starts_as_persistence = False
 
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        """A short description of a model of this class with ``config`` (a card's), for tables."""
+        return cls.model_name
+
     def __init__(self, config: BackboneConfig):
         super().__init__()
         self.config = config
@@ -165,6 +170,16 @@ class PredictiveRNN(nn.Module):
         return self.config.num_layers
 
     @property
+    def patch_size(self) -> int:
+        """Frames are cut into ``p x p`` patches: their size must be a multiple of it."""
+        return self.config.patch_size
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the frames the model reads (1 gray, 3 RGB)."""
+        return self.config.in_channels
+
+    @property
     def needs_teachers_at_inference(self) -> bool:
         """A backbone predicts alone (a transfer model that reads teacher states says True)."""
         return False
@@ -173,9 +188,9 @@ class PredictiveRNN(nn.Module):
         if frames.dim() != 5:
             raise ValueError(f"frames must be (B, T, C, H, W), got shape {tuple(frames.shape)}")
         c, h, w = frames.shape[2:]
-        p = self.config.patch_size
-        if c != self.config.in_channels:
-            raise ValueError(f"model expects {self.config.in_channels} channels, frames have {c}")
+        p = self.patch_size
+        if c != self.in_channels:
+            raise ValueError(f"model expects {self.in_channels} channels, frames have {c}")
         if h % p or w % p:
             raise ValueError(f"frame size {h}x{w} is not divisible by patch size {p}")
 

@@ -39,12 +39,13 @@ def forecast_loss(model, frames, mask, valid=None, bank=None, distill_weight: fl
                   l1_weight: float = 0.0, distill_until: int | None = None):
     """``L = L_pred + distill_weight * L_distill`` for one batch: the loss of training and of the
     benchmarks. ``L_pred`` is the frame MSE over frames 1..T-1 (plus ``l1_weight`` times the L1),
-    counted where ``valid``; ``L_distill`` comes from a TMU (``model.transfer``) and its ``bank``
-    and stays in the graph. Returns ``(loss, L_pred, L_distill or None)``."""
+    counted where ``valid``; ``L_distill`` comes from a transfer model (``model_kind ==
+    "transfer"``, such as the TMU) and its ``bank`` and stays in the graph. Returns ``(loss,
+    L_pred, L_distill or None)``."""
     target = frames[:, 1:]
     tvalid = None if valid is None else valid[:, 1:]
     distill = None
-    if hasattr(model, "transfer"):
+    if model.model_kind == "transfer":
         preds, aux = model(frames, mask, bank=bank, return_aux=True, distill_until=distill_until)
         distill = aux["distill_loss"]
     else:
@@ -106,7 +107,7 @@ class ForecastModule(L.LightningModule):
         self.augment, self.crop = tuple(augment), int(crop)
         self.l1_weight = l1_weight
         self.t_in = schedule.t_in
-        self.is_tmu = hasattr(model, "transfer")
+        self.is_tmu = model.model_kind == "transfer"
         self.seed = seed
         # validation MSE as a (sum, weight) metric: exact when the val set is split over processes
         self.val_mse = WeightedMean()
@@ -199,8 +200,7 @@ class ForecastModule(L.LightningModule):
 
     @property
     def patch_size(self) -> int:
-        backbone = getattr(self.model, "backbone", self.model)  # a TMU pads for its backbone
-        return int(getattr(getattr(backbone, "config", None), "patch_size", 1) or 1)
+        return int(self.model.patch_size)
 
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
         """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too).
