@@ -4,14 +4,15 @@ import json
 import pytest
 import torch
 
+from backbones import BACKBONES, small
 from transmem import zoo
 from transmem.models import create_model
 
 
-@pytest.mark.parametrize("name", ["convlstm", "predrnn"])
+@pytest.mark.parametrize("name", BACKBONES)
 def test_round_trip_identical_predictions(tmp_path, name):
     torch.manual_seed(0)
-    m = create_model(name, num_layers=2, hidden=8, filter_size=3, patch_size=2).eval()
+    m = small(name, patch_size=2).eval()
     path = zoo.save_entry(m, tmp_path / "zoo" / "a", {"t_in": 3, "t_out": 2})
     assert (path / "weights.safetensors").is_file() and (path / "card.json").is_file()
     card = json.loads((path / "card.json").read_text())
@@ -24,14 +25,15 @@ def test_round_trip_identical_predictions(tmp_path, name):
     assert card2 == card
 
 
-def test_tmu_round_trip(tmp_path):
-    m = create_model("tmu", backbone="predrnn", backbone_config=dict(num_layers=2, hidden=4, filter_size=3, patch_size=2),
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_tmu_round_trip(tmp_path, backbone):
+    m = create_model("tmu", backbone=backbone, backbone_config=dict(num_layers=2, hidden=4, filter_size=3, patch_size=2),
                      source_names=["a", "b"], source_channels=[4, 6], tmu_layers="all").eval()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.1)
     zoo.save_entry(m, tmp_path / "t")
     loaded, card = zoo.load_entry(tmp_path / "t")
-    assert card["config"]["source_names"] == ["a", "b"]
+    assert card["config"]["source_names"] == ["a", "b"] and card["config"]["backbone"] == backbone
     x = torch.rand(1, 4, 1, 8, 8)
     with torch.inference_mode():
         assert torch.equal(m(x, t_in=2), loaded(x, t_in=2))

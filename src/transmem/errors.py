@@ -8,9 +8,9 @@ import os
 
 
 class UserError(Exception):
-    """A problem with what the user gave. ``where``: the file or config key the message names
-    (given by the raiser, or read from the message's ``WHERE: problem`` form); None when it
-    names neither."""
+    """A problem with what the user gave. ``where``: the file, config key or flag the message
+    names (given by the raiser, or read from the message's ``WHERE: problem`` form); None when
+    it names neither."""
 
     def __init__(self, *args, where: str | os.PathLike | None = None):
         super().__init__(*args)
@@ -20,9 +20,11 @@ class UserError(Exception):
     def where(self) -> str | None:
         if self._where is not None:
             return self._where
-        msg = str(self.args[0]) if self.args else ""
-        head, sep, _ = msg.partition(": ")
-        return head if sep and head and " " not in head.strip("'\"") else None
+        head, sep, _ = (str(self.args[0]) if self.args else "").partition(": ")
+        words = head.split()
+        if not sep or not words or (len(words) > 1 and not words[0].startswith("--")):
+            return None  # a sentence, not "WHERE: problem" ("--flag 'value': ..." names the flag)
+        return words[0].split("=", 1)[0]  # "train.steps=0: ..." names train.steps
 
 
 class ChoiceError(UserError, ValueError):
