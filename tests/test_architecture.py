@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "src" / "transmem"
 
 # lower layers never import higher ones; a module may import its own layer or any lower one
@@ -106,6 +108,7 @@ def test_no_private_names_imported_across_modules():
     assert not bad, bad
 
 
+@pytest.mark.slow  # a fresh interpreter importing every module
 def test_every_module_imports_alone():
     """Each module imported first, in a fresh set of transmem modules: an order-dependent cycle
     would fail here."""

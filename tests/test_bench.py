@@ -8,6 +8,8 @@ from transmem.bench import REQUIRED_KEYS, BenchSpec, run_bench
 from transmem.cli import main
 from transmem.models import create_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 TINY = ["--layers", "1", "--hidden", "4", "--filter", "3", "--patch", "4", "--size", "16",
         "--batch", "2", "--frames", "6", "--steps", "10", "--warmup", "1", "--threads", "1"]
 

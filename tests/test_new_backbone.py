@@ -15,6 +15,8 @@ from transmem.models import list_models, register_model
 from transmem.models.base import BackboneConfig, PredictiveRNN
 from transmem.models import registry
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 
 @dataclass
 class ToyConfig(BackboneConfig):

@@ -1,0 +1,46 @@
+"""Settings with a fixed set of values: each tuple is named once (transmem.choices, or the TMU's
+options in transmem.options) and every owner checks against it with one message."""
+import pytest
+
+
+def test_every_owner_of_a_choice_accepts_its_tuple_and_refuses_with_one_message():
+    """Each choice list is named once (transmem.choices, or the TMU's options); every owner -- the
+    config and the library objects -- accepts each value of that tuple and refuses any other with
+    the one message of ``choices.problem`` naming the key, as a UserError."""
+    from transmem import choices
+    from transmem.config import ConfigError, load_experiment
+    from transmem.errors import UserError
+    from transmem.models import create_model
+    from transmem.training import ForecastModule, SamplingSchedule
+    from transmem.transfer import MemoryBank
+
+    small = dict(num_layers=1, hidden=4, filter_size=3, patch_size=4)
+    sched = SamplingSchedule(t_in=2, frames=4)
+    owners = {  # key: (tuple, build with value v)
+        "schedule": (choices.SCHEDULE_KINDS, lambda v: SamplingSchedule(kind=v, t_in=2, frames=4)),
+        "distill_decay": (choices.DISTILL_DECAYS, lambda v: ForecastModule(create_model("convlstm", **small), sched,
+                                                                           distill_decay=v, total_steps=10)),
+        "distill_span": (choices.DISTILL_SPANS, lambda v: ForecastModule(create_model("convlstm", **small), sched,
+                                                                         distill_span=v)),
+        "mode": (choices.TMU_MODES, lambda v: create_model("tmu", backbone_config=small, source_names=["a"],
+                                                           source_channels=[4], mode=v)),
+        "weighting": (choices.TMU_WEIGHTINGS, lambda v: create_model("tmu", backbone_config=small, source_names=["a"],
+                                                                     source_channels=[4], weighting=v)),
+        "distiller_norm": (choices.NORMS, lambda v: create_model("tmu", backbone_config=small, source_names=["a"],
+                                                                  source_channels=[4], distiller_norm=v)),
+        "teacher_inputs": (choices.TEACHER_INPUTS, lambda v: MemoryBank(
+            [create_model("convlstm", **small)], ["a"], create_model("convlstm", **small), [0], v)),
+        "norm": (choices.NORMS, lambda v: create_model("convlstm", **small, norm=v)),
+    }
+    for key, (values, build) in owners.items():
+        for v in values:
+            build(v)  # every value of the tuple is accepted
+        with pytest.raises(UserError) as e:
+            build("bogus")
+        assert str(e.value) == choices.problem(key, "bogus", values), key
+    config_keys = {**choices.CONFIG_CHOICES, "transfer.mode": choices.TMU_MODES,
+                   "transfer.weighting": choices.TMU_WEIGHTINGS, "transfer.distiller_norm": choices.NORMS}
+    for key, values in config_keys.items():
+        with pytest.raises(ConfigError) as e:
+            load_experiment(None, {key: "bogus"})
+        assert str(e.value) == choices.problem(key, "bogus", values) and e.value.where == key
