@@ -1,6 +1,7 @@
 """Settings with a fixed set of values: each tuple is named once (transmem.choices, or the TMU's
 options in transmem.options) and every owner checks against it with one message."""
 import pytest
+import torch
 
 
 def test_every_owner_of_a_choice_accepts_its_tuple_and_refuses_with_one_message():
@@ -44,3 +45,38 @@ def test_every_owner_of_a_choice_accepts_its_tuple_and_refuses_with_one_message(
         with pytest.raises(ConfigError) as e:
             load_experiment(None, {key: "bogus"})
         assert str(e.value) == choices.problem(key, "bogus", values) and e.value.where == key
+
+
+def test_the_tmu_options_are_declared_once_and_reach_config_cli_builder_and_model(capsys):
+    """TMUOptions is the one declaration: the model's config and the config's transfer section
+    hold its fields, the transfer command has a flag for each (the same as --transfer.KEY, checked
+    by the config), and a value set in the config reaches the built TMU (distiller_norm)."""
+    import dataclasses
+
+    from transmem.cli import build_parser, main
+    from transmem.config import TransferConfig, load_experiment
+    from transmem.models import create_model
+    from transmem.models.tmu import TMUConfig
+    from transmem.options import NAMES, TMUOptions, tmu_options
+    from transmem.transfer import build_tmu
+
+    assert set(NAMES) <= {f.name for f in dataclasses.fields(TMUConfig)}
+    assert set(NAMES) <= {f.name for f in dataclasses.fields(TransferConfig)}
+    assert issubclass(TMUConfig, TMUOptions) and issubclass(TransferConfig, TMUOptions)
+    transfer = build_parser()._subparsers._group_actions[0].choices["transfer"]
+    dests = {a.dest for a in transfer._actions}
+    assert {f"transfer.{n}" for n in NAMES} <= dests
+
+    exp = load_experiment(None, {"transfer.distiller_norm": "group", "transfer.tmu_layers": "top",
+                                 "model.num_layers": "2", "model.hidden": "8"})
+    teacher = create_model("convlstm", num_layers=1, hidden=4, filter_size=3, patch_size=4)
+    model, _ = build_tmu("convlstm", {"num_layers": 2, "hidden": 8, "patch_size": 4}, [teacher], ["t"],
+                         tmu_options(exp.transfer))
+    assert model.layers == [1]  # "top": the last layer
+    assert isinstance(model.transfer["1"].distill[1], torch.nn.GroupNorm)
+
+    assert main(["transfer", "--out", "never-made", "--teachers", "x", "--distiller-norm", "batch"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "transmem: error: transfer.distiller_norm: expected one of none, group, got 'batch'"
+    assert main(["transfer", "--out", "never-made", "--teachers", "x", "--gate-kernel", "2"]) == 2
+    assert "transfer.gate_kernel=2: must be an odd integer" in capsys.readouterr().err
