@@ -80,3 +80,21 @@ def test_the_tmu_options_are_declared_once_and_reach_config_cli_builder_and_mode
     assert err.strip() == "transmem: error: transfer.distiller_norm: expected one of none, group, got 'batch'"
     assert main(["transfer", "--out", "never-made", "--teachers", "x", "--gate-kernel", "2"]) == 2
     assert "transfer.gate_kernel=2: must be an odd integer" in capsys.readouterr().err
+
+
+def test_blend_and_baseline_flags_are_checked_once_in_api():
+    """`--blend` and `--baselines` have one check each (api), which evaluate and predict share."""
+    from transmem import api
+    from transmem.baselines import list_baselines
+    from transmem.config import ConfigError
+    assert api.parse_blend(None) is None
+    assert api.parse_blend("extrapolation:0.3") == ("extrapolation", 0.3)
+    assert api.parse_blend("persistence") == ("persistence", 0.5)
+    with pytest.raises(ConfigError) as e:
+        api.parse_blend("nowcast:0.3")
+    assert str(e.value) == f"--blend: expected one of {', '.join(list_baselines())}, got 'nowcast'"
+    with pytest.raises(ConfigError, match="--blend 'persistence:2': the weight"):
+        api.parse_blend("persistence:2")
+    assert api.parse_baselines("persistence,default") == "persistence,default"
+    with pytest.raises(ConfigError, match="--baselines: expected one of .*got 'nope'"):
+        api.parse_baselines("persistence,nope")

@@ -78,3 +78,21 @@ def test_list_entries(tmp_path):
     (tmp_path / "junk").mkdir()
     names = [p.name for p, _ in zoo.list_entries(tmp_path)]
     assert names == ["a", "b"]
+
+
+def test_zoo_table_describes_models_and_data_through_their_registries(tmp_path):
+    """`transmem zoo list`: the model column is the model class's describe (a TMU names its
+    backbone and sources), the data column the reader's (flying digits name their count); a bad
+    entry is a row with its problem."""
+    cards = [(tmp_path / "d3", {"model": "convlstm", "config": {}, "data": {"name": "flying_digits", "num_digits": 3},
+                                "frame_size": [32, 32], "t_in": 5, "t_out": 5, "train": {"steps": 300},
+                                "metrics": {"mse": 41.234}}),
+             (tmp_path / "t", {"model": "tmu", "config": {"backbone": "predrnn", "source_names": ["a", "b"]},
+                               "data": {"name": "npy"}}),
+             (tmp_path / "bad", None, "card lacks the key 'model'")]
+    rows = zoo.format_table(cards).splitlines()
+    assert rows[0].split()[:3] == ["name", "backbone", "data"]
+    assert rows[1].split() == ["d3", "convlstm", "flying_digits", "k=3", "32x32", "5->5", "300", "41.23"]
+    assert "tmu(predrnn, 2 src)" in rows[2] and rows[2].split()[-1] == "-" and " npy " in rows[2]
+    assert rows[3].startswith("bad") and "unusable: card lacks the key 'model'" in rows[3]
+    assert zoo.format_table([]) == "(zoo is empty)"
