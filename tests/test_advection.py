@@ -215,10 +215,12 @@ def train_and_score(name, steps=150, t_in=4, seed=0):
     return mse, persistence
 
 
-def test_learns_motion_beats_persistence():
+@pytest.mark.slow
+def test_learns_motion_beats_persistence_and_convlstm():
     """4 -> 4 frames, 32x32, |v| <= 2 px/step, 150 Adam steps (batch 16, lr 3e-3). Measured:
     advection 0.20-0.22 of persistence's rollout MSE (seeds 0-2); ConvLSTM at the same budget
-    0.41-0.49 (seeds 0-2), reported only. Asserted with margin: below half of persistence."""
+    0.41-0.49 (seeds 0-2). Asserted with margin: advection below half of persistence, and below
+    three quarters of ConvLSTM at the same budget (the motion prior is what it is for)."""
     # one thread: these tensors are small, and on a shared 2-core machine two threads per
     # process oversubscribe it (measured under load: 6 s with one thread, 54 s with two; the
     # same numbers either way)
@@ -226,12 +228,13 @@ def test_learns_motion_beats_persistence():
     torch.set_num_threads(1)
     try:
         mse, persistence = train_and_score("advection")
-        ref, _ = train_and_score("convlstm")  # the same budget, for the record (not asserted)
+        ref, _ = train_and_score("convlstm")  # the same budget
     finally:
         torch.set_num_threads(threads)
     print(f"\nrollout MSE: advection {mse:.5f} ({mse / persistence:.2f}x persistence), "
           f"convlstm {ref:.5f} ({ref / persistence:.2f}x), persistence {persistence:.5f}")
     assert mse < 0.5 * persistence
+    assert mse < 0.75 * ref, f"advection {mse:.5f} is not clearly better than ConvLSTM {ref:.5f} at the same budget"
 
 
 # --- the Lucas-Kanade motion prior -------------------------------------------------------------

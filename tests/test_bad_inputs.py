@@ -34,6 +34,8 @@ from transmem.cli import main
 from transmem.config import load_experiment
 from transmem.models import create_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 8, "val_clips": 4,
              "test_clips": 4, "num_digits": 1},

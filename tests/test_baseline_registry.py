@@ -19,6 +19,8 @@ from transmem.baselines import (BaselineUnavailable, create_baseline, default_ba
 from transmem.data import DataConfig
 from transmem.data.radar import rain_to_unit, rain_units
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 T, T_IN, N = 10, 6, 64
 RAIN = rain_units(DataConfig(name="radar_mch"))
 

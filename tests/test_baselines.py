@@ -175,6 +175,7 @@ def test_unavailable_reason_is_what_the_constructor_raises(monkeypatch):
 
 
 # ------------------------------------------------------------------------ through evaluate()
+@pytest.mark.slow  # the evaluation loop over every baseline
 @pytest.mark.parametrize("name", BASELINES)
 def test_baseline_through_evaluate(name):
     from transmem.training import evaluate

@@ -1,13 +1,14 @@
 """`transmem bench` on tiny sizes: the JSON has the agreed keys and sane values."""
-import argparse
 import json
 
 import pytest
 import torch
 
-from transmem.bench import REQUIRED_KEYS, run_bench
+from transmem.bench import REQUIRED_KEYS, BenchSpec, run_bench
 from transmem.cli import main
 from transmem.models import create_model
+
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
 
 TINY = ["--layers", "1", "--hidden", "4", "--filter", "3", "--patch", "4", "--size", "16",
         "--batch", "2", "--frames", "6", "--steps", "10", "--warmup", "1", "--threads", "1"]
@@ -43,11 +44,10 @@ def test_bench_cli_writes_json_with_the_agreed_keys(tmp_path, capsys):
 
 
 def test_bench_tmu_cached_counts_only_the_target(tmp_path):
-    ns = argparse.Namespace(model="tmu", backbone="convlstm", layers=1, hidden=4, filter=3, patch=4,
-                            size=16, batch=2, frames=6, teachers=2, cached_bank=True, mode="both",
-                            steps=10, warmup=1, threads=1, json=str(tmp_path / "b.json"),
-                            lightning=False, peak=True)
-    res = run_bench(ns)
+    spec = BenchSpec(model="tmu", backbone="convlstm", layers=1, hidden=4, filter=3, patch=4, size=16,
+                     batch=2, frames=6, teachers=2, cached_bank=True)
+    res = run_bench(spec, "both", steps=10, warmup=1, threads=1, json_path=tmp_path / "b.json",
+                    lightning=False, peak=True)
     assert json.loads((tmp_path / "b.json").read_text())["params"] == res["params"]
     tmu = create_model("tmu", backbone="convlstm",
                        backbone_config=dict(num_layers=1, hidden=4, filter_size=3, patch_size=4),

@@ -69,6 +69,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow  # evaluate and predict end to end
 def test_evaluate_blend_scores_the_weighted_mean(tmp_path, capsys):
     from transmem import api
     from transmem.config import load_experiment

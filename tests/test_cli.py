@@ -10,6 +10,8 @@ import yaml
 
 from transmem.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, real radar files): not in make test-fast
+
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
              "test_clips": 8, "num_digits": 1},
@@ -101,23 +103,6 @@ def test_a_value_outside_a_settings_choices_is_refused_before_the_run_folder(tmp
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and key in err and value in err and "expected one of" in err
     assert not out.exists()
-
-
-def test_config_choices_are_the_values_their_owners_accept():
-    """Each choice list is named once (transmem.choices); config and every owner use that tuple."""
-    from transmem import choices
-    from transmem.config import CONFIG_CHOICES
-    from transmem.models import tmu
-    from transmem.training import module, schedules
-    from transmem.transfer import bank
-    owners = {"train.schedule": schedules.SCHEDULE_KINDS, "transfer.distill_decay": module.DISTILL_DECAYS,
-              "transfer.distill_span": module.DISTILL_SPANS, "transfer.mode": choices.TRANSFER_MODES,
-              "transfer.weighting": tmu.TMU_WEIGHTINGS, "transfer.teacher_inputs": bank.TEACHER_INPUTS}
-    for key, values in owners.items():
-        assert CONFIG_CHOICES[key] is values, key
-    # transfer.mode: the TMU's own modes, or the mixture of finetuned members (not a TMU)
-    assert tmu.TMU_MODES is choices.TMU_MODES and choices.TRANSFER_MODES == choices.TMU_MODES + ("mixture",)
-    assert CONFIG_CHOICES is choices.CONFIG_CHOICES
 
 
 def test_bad_data_file_gives_one_line_error_and_nonzero_exit(tmp_path, cfg):

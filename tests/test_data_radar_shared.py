@@ -12,6 +12,8 @@ from transmem.data import DataConfig, build_datasets
 from transmem.data.inputs import read_input_frames
 from transmem.data.radar import rain_to_unit
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, real radar files): not in make test-fast
+
 R_BIG = 1000.0  # mm/h: no clipping in the comparisons (OPERA holds a few artefacts over 1000)
 MRMS_BOX = {"latitude": [250, 750], "longitude": [3750, 4750]}  # 34 % no coverage, 14 % rain > 0.5 mm/h
 

@@ -283,5 +283,5 @@ def test_channel_and_fit_helpers():
     np.testing.assert_allclose(fit_frames(y, 3, crop=[0, 0, 6, 6]), y[:, :, :6, :6].reshape(2, 1, 3, 2, 3, 2).mean((3, 5)))
     with pytest.raises(DataError, match="smaller than size"):
         fit_frames(y, 7, "crop")
-    with pytest.raises(DataError, match="resize must be"):
+    with pytest.raises(DataError, match="resize: expected one of resize, crop, none"):
         fit_frames(y, 4, "zoom")

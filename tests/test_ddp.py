@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from transmem.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 9,
              "test_clips": 8, "num_digits": 1},

@@ -12,6 +12,8 @@ from PIL import Image
 from transmem.baselines import extrapolation_available
 from transmem.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -33,6 +33,8 @@ from transmem.cli import main
 from transmem.models import create_model
 from transmem.training import checkpoints
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 TINY = {

@@ -56,6 +56,7 @@ def test_tiles_cover_the_field_and_blend_without_seams():
     assert (tiled - whole).abs().mean() < 0.05
 
 
+@pytest.mark.slow  # predict on a whole radar composite
 @pytest.mark.skipif(not MCH.is_dir(), reason="../shared/data/radar/mch is absent")
 def test_predict_native_writes_the_forecast_on_the_composites_own_grid(tmp_path):
     from transmem.cli import main

@@ -10,22 +10,7 @@ import torch
 from transmem.models import create_model, get_model_class, kernels, list_models, patchify, unpatchify
 from transmem.models.base import conv1x1, gated_tanh, lstm_memory, teacher_forcing_mask
 
-BACKBONES = list_models(kind="backbone")  # every registered backbone, found by the package scan
-
-
-def small(name, **kw):
-    """A small model of ``name``; a backbone that starts as persistence (zero heads) gets random
-    heads, so that its output depends on its memory as the protocol tests expect."""
-    cfg = dict(num_layers=2, hidden=8, filter_size=3, patch_size=4)
-    cfg.update(kw)
-    m = create_model(name, **cfg)
-    if getattr(m, "starts_as_persistence", False):
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in m.parameters():
-                if not p.any():
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return m
+from backbones import BACKBONES, small  # every registered backbone, and a small one of each
 
 
 def test_registry_lists_backbones_and_tmu():
@@ -36,7 +21,7 @@ def test_registry_lists_backbones_and_tmu():
     assert sorted(backbones + transfer) == list_models()  # every model has exactly one kind
     assert get_model_class("tmu").model_kind == "transfer"
     assert get_model_class("predrnn").model_kind == "backbone"
-    with pytest.raises(ValueError, match="unknown model kind"):
+    with pytest.raises(ValueError, match="model kind: expected one of backbone, transfer"):
         list_models(kind="teacher")
     with pytest.raises(KeyError, match="unknown model"):
         create_model("nope")

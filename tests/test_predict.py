@@ -10,6 +10,8 @@ from transmem import zoo
 from transmem.cli import main
 from transmem.models import create_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 
 def entry(tmp_path, name="m", model=None, data=None):
     torch.manual_seed(0)

@@ -10,6 +10,8 @@ from PIL import Image
 
 from transmem.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 xr = pytest.importorskip("xarray", reason="the xarray reader needs transmem[io]")
 pytest.importorskip("h5netcdf", reason="netCDF4 files through h5netcdf (transmem[io])")
 pd = pytest.importorskip("pandas", reason="xarray's time index")

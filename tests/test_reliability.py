@@ -32,6 +32,8 @@ from transmem.training import ForecastModule, SamplingSchedule, evaluate, fit
 from transmem.training import checkpoints, samplers
 from transmem.progress import LineProgress, progress_lines, train_progress
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
              "test_clips": 8, "num_digits": 1},

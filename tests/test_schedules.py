@@ -47,7 +47,7 @@ def test_masks_follow_the_probabilities():
 
 
 def test_bad_schedule_is_refused():
-    with pytest.raises(ValueError, match="linear, reverse or none"):
+    with pytest.raises(ValueError, match="schedule: expected one of linear, reverse, none"):
         SamplingSchedule("cosine")
     with pytest.raises(ValueError, match="t_in"):
         SamplingSchedule(t_in=10, frames=10)

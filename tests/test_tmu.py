@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from backbones import BACKBONES
 from transmem.models import create_model, kernels
 from transmem.training import ForecastModule, SamplingSchedule
 from transmem.transfer import BankCache, MemoryBank, TeacherMismatch
@@ -48,7 +49,7 @@ def distill_loss(model, bank, x):
     return aux["distill_loss"]
 
 
-@pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("layers", ["bottom", "all"])
 def test_distill_gradient_reaches_distillers_and_backbone_below(backbone, layers):
     model, bank = build(backbone, layers=layers)
@@ -57,6 +58,8 @@ def test_distill_gradient_reaches_distillers_and_backbone_below(backbone, layers
     assert loss.requires_grad and loss.item() > 0
     loss.backward()
     top = max(model.layers)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("backbone.")), "the distillation loss does not reach the backbone"
     for name, p in model.named_parameters():
         if ".distill." in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"distiller {name} gets no gradient"
@@ -172,7 +175,7 @@ def test_distill_span_input_uses_only_input_steps():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_any_number_of_teachers(n, backbone):
     teachers = [teacher(hidden=4 + 2 * i) for i in range(n)]
     model, bank = build(backbone, teachers=teachers, layers="all", weighting="softmax")
@@ -352,9 +355,8 @@ def _assert_same_step(a, b):
         assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6 * max(1.0, gb.abs().max().item()))
 
 
-@pytest.mark.parametrize("backbone,layers,kernel,n", [
-    ("convlstm", "bottom", 1, 2), ("convlstm", "all", 3, 1), ("predrnn", "bottom", 1, 3),
-    ("predrnn", "all", 3, 2)])
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("layers,kernel,n", [("bottom", 1, 2), ("all", 3, 3)])
 def test_fused_fast_path_matches_plain_autograd(backbone, layers, kernel, n, monkeypatch):
     """The default configuration runs one fused autograd node per step (folded projection,
     1x1 convolutions as matmuls, [x, h] shared with the backbone) while the kernels' switch is
@@ -377,7 +379,7 @@ def test_fused_fast_path_matches_plain_autograd(backbone, layers, kernel, n, mon
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("backbone", ["convlstm", "predrnn"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_tmu_model_passes_gradcheck_on_both_paths(backbone, fused):
     """The whole TMU model in double, gradient with respect to the frames and to the distiller,
     gate and projection weights, on the fused and on the plain path."""

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):

@@ -16,6 +16,8 @@ from transmem import zoo
 from transmem.cli import main
 from transmem.models import create_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 TINY_MODEL = {"name": "convlstm", "num_layers": 1, "hidden": 4, "filter_size": 3, "patch_size": 2}
 TRAIN = {"steps": 2, "batch_size": 2, "t_in": 3, "progress": False, "threads": 1}
 

@@ -15,6 +15,8 @@ from transmem.models import create_model
 from transmem.training import forecast_loss
 from transmem.transfer import build_tmu
 
+pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
+
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
              "test_clips": 8, "num_digits": 1},

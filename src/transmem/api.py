@@ -16,22 +16,25 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from . import zoo
+from . import run_report, zoo
 from .choices import MIX_LR, MIX_STEPS
-from .config import ConfigError, Experiment, TransferConfig, read_config_file
-from .data import DataError, build_datasets, frame_size_of, physical_units
+from .config import ConfigError, Experiment, TransferConfig, check_patch, load_experiment, read_config_file, validate
+from .data import adopt_fitted, build_datasets, frame_size_of, physical_units
 from .environment import environment
-from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, check_output_dir, held_lock, held_locks, lock_folder,
-                    lock_holder, lock_path_beside, write_json)
-from .models import build_config, create_model
+from .errors import UserError
+from .files import (LOCK_NAME, FolderBusy, FolderLock, OutputPathError, atomic_folder, atomic_write, check_output_dir,
+                    held_lock, held_locks, lock_folder, lock_holder, lock_path_beside, write_json)
+from .options import NAMES as TMU_OPTIONS, tmu_options
+from .models import build_config, build_model
 from .training import ForecastModule, SamplingSchedule, evaluate, fit, is_launch_rank_zero
 from .training.checkpoints import resume_point
-from .baselines import baseline_for_data
-from .blend import BlendForecaster
-from .transfer import BankCache, MemoryBank, TeacherMismatch, build_tmu
+from .baselines import BaselineUnavailable, baseline_for_data, default_baselines, list_baselines
+from .blend import BlendForecaster, parse_blend as blend_spec
+from .choices import EVAL_SPLITS, check
+from .transfer import BankCache, MemoryBank, build_tmu
 from .transfer.mixture import (MixtureOptions, build_mixture, check_baselines, check_count, check_member,
                                check_one_process, fit_clips, member_card, unique_names)
 
@@ -155,8 +158,7 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool = False) -> Path:
 #: shapes in the checkpoint, or what the clips are
 RESUME_KEYS = {"data": ("name", "path", "frames", "size", "channels", "resize", "extra"),
                "train": ("t_in",),
-               "transfer": ("mode", "tmu_layers", "gates", "weighting", "teacher_inputs", "distiller_kernel",
-                            "gate_kernel")}
+               "transfer": (*TMU_OPTIONS, "teacher_inputs")}
 
 
 def check_run_dir(out: str | os.PathLike, resume: bool = False, exp: Experiment | None = None,
@@ -264,7 +266,7 @@ def _no_leftovers(run):
     def wrapper(exp, out, resume=False, *args, **kwargs):
         try:
             return run(exp, out, resume, *args, **kwargs)
-        except (ConfigError, OutputPathError, zoo.ZooError, DataError, TeacherMismatch, MisconfigurationException):
+        except UserError:
             # only a folder this process made and still holds the lock of: never one that another
             # run is writing (a second run into the same --out is refused, not cleaned up)
             ckpts = Path(out) / "checkpoints"
@@ -296,21 +298,10 @@ def data_frame_size(exp: Experiment, datasets: dict | None) -> tuple[int, int]:
 
 
 def check_patch_fits(patch, hw: tuple[int, int], exp: Experiment, who: str = "the model's") -> None:
-    """A one-line ConfigError when ``patch`` does not divide the frames ``hw`` the data has (or a
-    training crop does not fit them), before anything is created."""
-    t = exp.train
-    h, w = hw
-    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
-        if exp.data.resize == "none":
-            hint = (f"data.resize is none, so frames keep their native {h}x{w}: give a patch size that divides "
-                    f"both, or set --data.resize resize (or crop) with a data.size divisible by {patch}")
-        else:
-            hint = f"set data.size to a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
-        raise ConfigError(f"{who} patch size {patch} does not divide the data's {h}x{w} frames ({hint}); "
-                          "nothing was trained or written")
-    if t.crop and ((isinstance(patch, int) and patch > 0 and t.crop % patch) or t.crop > min(h, w)):
-        raise ConfigError(f"train.crop={t.crop} must divide by the model's patch size {patch} and be at "
-                          f"most the data's frame size {h}x{w}")
+    """A one-line ConfigError when ``patch`` does not divide the frames ``hw`` the data really has
+    (or a training crop does not fit them), before anything is created: :func:`config.check_patch`
+    on the built data's frame size."""
+    check_patch(patch, hw, exp.data.resize, exp.train.crop, who)
 
 
 def _model_patch(exp: Experiment, init_from=None, zoo_root=None):
@@ -327,8 +318,6 @@ def _model_patch(exp: Experiment, init_from=None, zoo_root=None):
 
 def _module(exp: Experiment, model, bank=None, cache=None, hw: tuple[int, int] | None = None) -> ForecastModule:
     t = exp.train
-    patch = getattr(model, "backbone", model).config.patch_size
-    check_patch_fits(patch, hw or (exp.data.size, exp.data.size), exp)
     return ForecastModule(model, schedule_for(exp), lr=t.lr, bank=bank,
                           distill_weight=exp.transfer.distill_weight if bank is not None else 0.0,
                           bank_cache=cache, reverse_prob=t.reverse_time_prob, l1_weight=t.l1_weight,
@@ -386,9 +375,9 @@ def _finish(exp, out: Path, module: ForecastModule, datasets, wall: float, kind:
 
 def _check_data(exp: Experiment, train: bool = True):
     """Build the data; refuse, before anything is trained, an empty evaluation split (and an
-    empty training split when ``train``)."""
-    if exp.train.t_in >= exp.data.frames:
-        raise ConfigError(f"train.t_in={exp.train.t_in} must be smaller than data.frames={exp.data.frames}")
+    empty training split when ``train``). ``exp`` is validated first (it may have been built in
+    Python rather than loaded): every range check has its one owner, :func:`config.validate`."""
+    validate(exp)
     datasets = build_datasets(exp.data)
     for split, key in ([("train", "train")] if train else []) + [(exp.eval.split, "eval.split")]:
         if datasets.get(split) is None or len(datasets[split]) == 0:
@@ -450,19 +439,16 @@ def run_train(exp: Experiment, out, resume=False, init_from=None, zoo_name=None,
         _record_ranking(out, ranking)
         extra["ranking"] = {"from": ranking.summary(chosen, "finetune", RANKING_FILE)}
     if init_from:
-        model, card = zoo.load_entry(init_from, zoo_root)
-        if not hasattr(model.config, "in_channels"):
-            raise zoo.ZooError(f"{init_from}: a '{card['model']}' model (a transfer target with its teachers), "
-                               "not a backbone: a finetune starts from a backbone entry")
+        model, card = zoo.load_entry(init_from, zoo_root, kind="backbone", role="a finetune starts from a backbone entry")
         model.train()
         exp.model = {"name": card["model"], **card["config"]}
         extra["init_from"] = {"entry": str(init_from), "sha256": card["sha256"]}
     else:
         cfg = dict(exp.model)
-        torch.manual_seed(exp.train.seed)  # initial weights are a function of the seed
-        model = create_model(cfg.pop("name"), cfg)
-    if model.config.in_channels != exp.data.channels:
-        raise ConfigError(f"model reads {model.config.in_channels}-channel frames but data.channels={exp.data.channels}")
+        # initial weights are a function of the seed
+        model = build_model(cfg.pop("name"), cfg, kind="backbone", seed=exp.train.seed)
+    if model.in_channels != exp.data.channels:
+        raise ConfigError(f"model reads {model.in_channels}-channel frames but data.channels={exp.data.channels}")
     module = _module(exp, model, hw=hw)
     exp.save(out / "config.yaml")
     t0 = time.time()
@@ -480,28 +466,20 @@ def build_transfer(exp: Experiment, teachers: list | None = None, zoo_root=None)
     if not refs:
         raise ConfigError("transfer needs at least one teacher (--teachers ZOO_A [ZOO_B ...])")
     refs = [zoo.resolve(r, zoo_root) for r in refs]
-    loaded = [zoo.load_entry(r) for r in refs]
-    for r, (m, c) in zip(refs, loaded):
-        if not hasattr(m.config, "in_channels"):
-            raise zoo.ZooError(f"{r}: a '{c['model']}' model (a transfer target with its own teachers), not a "
-                               "backbone: teachers are backbone entries")
+    loaded = [zoo.load_entry(r, kind="backbone", role="teachers are backbone entries") for r in refs]
     names = [c.get("name", Path(str(r)).name) for r, (_, c) in zip(refs, loaded)]
     init_state = None
     if tr.init_from:
-        init_model, init_card = zoo.load_entry(tr.init_from, zoo_root)
-        if not hasattr(init_model.config, "in_channels"):
-            raise zoo.ZooError(f"{tr.init_from}: a '{init_card['model']}' model (a transfer target with its "
-                               "teachers), not a backbone: transfer.init_from takes a backbone entry")
+        init_model, init_card = zoo.load_entry(tr.init_from, zoo_root, kind="backbone",
+                                               role="transfer.init_from takes a backbone entry")
         backbone_name, backbone_cfg = init_card["model"], dict(init_card["config"])
         init_state = init_model.state_dict()
     else:
         cfg = dict(exp.model)
         backbone_name = cfg.pop("name")
-        backbone_cfg = asdict(create_model(backbone_name, cfg).config)
-    model, bank = build_tmu(backbone_name, backbone_cfg, [m for m, _ in loaded], names,
-                            frame_channels=exp.data.channels, tmu_layers=tr.tmu_layers, mode=tr.mode,
-                            gates=tr.gates, weighting=tr.weighting, distiller_kernel=tr.distiller_kernel,
-                            gate_kernel=tr.gate_kernel, teacher_inputs=tr.teacher_inputs,
+        backbone_cfg = asdict(build_config(backbone_name, cfg))
+    model, bank = build_tmu(backbone_name, backbone_cfg, [m for m, _ in loaded], names, tmu_options(tr),
+                            frame_channels=exp.data.channels, teacher_inputs=tr.teacher_inputs,
                             seed=exp.train.seed,  # initial weights are a function of the seed
                             backbone_state=init_state)
     teachers_card = [{"name": n, "entry": str(r), "sha256": c["sha256"], "model": c["model"]}
@@ -552,7 +530,7 @@ def run_transfer(exp: Experiment, out, resume=False, teachers=None, zoo_name=Non
     datasets = datasets or _check_data(exp)
     model, bank, teachers_card = build_transfer(exp, teachers, zoo_root)
     hw = data_frame_size(exp, datasets)
-    check_patch_fits(getattr(model, "backbone", model).config.patch_size, hw, exp)  # before the run folder
+    check_patch_fits(model.patch_size, hw, exp)  # before the run folder
     for t in teachers_card:  # the teachers run on the target's frames too
         cfg = zoo.read_card(t["entry"]).get("config") or {}
         check_patch_fits(cfg.get("patch_size"), hw, exp, f"teacher {t['entry']}: its")
@@ -677,14 +655,15 @@ def load_for_inference(ref) -> tuple[ForecastModule, dict]:
     bank_read mode) gets those listed on its card; any other runs alone."""
     model, card = zoo.load_entry(ref)
     bank = None
-    if model.needs_teachers_at_inference:
-        wanted = len(getattr(model.config, "source_names", []) or [])
+    if model.needs_teachers_at_inference:  # a transfer model: its config names its sources
+        wanted = len(model.config.source_names)
         if len(card.get("teachers") or []) != wanted:
             raise zoo.ZooError(f"{ref}: its card lists {len(card.get('teachers') or [])} teachers, the model reads "
                                f"{wanted}: the card was changed; refusing to load")
-        teachers = [zoo.load_entry(t["entry"], expect_sha256=t["sha256"])[0] for t in card["teachers"]]
+        teachers = [zoo.load_entry(t["entry"], expect_sha256=t["sha256"], kind="backbone",
+                                   role="teachers are backbone entries")[0] for t in card["teachers"]]
         bank = MemoryBank(teachers, [t["name"] for t in card["teachers"]], model,
-                          model.layers, "own", frame_channels=model.backbone.config.in_channels)
+                          model.layers, "own", frame_channels=model.in_channels)
     frames = card.get("t_in", 10) + card.get("t_out", 10)
     sched = SamplingSchedule(kind="none", t_in=card.get("t_in", 10), frames=frames)
     module = ForecastModule(model, sched, bank=bank)
@@ -757,14 +736,7 @@ def check_model_fits(card: dict, exp: Experiment, datasets: dict | None = None) 
     frames of the data's channels (checked before any clip is rolled out)."""
     cfg = card.get("config") or {}
     patch = (cfg.get("backbone_config") or cfg).get("patch_size")
-    h, w = data_frame_size(exp, datasets)
-    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
-        if exp.data.resize == "none":
-            hint = f"data.resize is none, so the frames keep their native {h}x{w}; set --data.resize resize"
-        else:
-            hint = f"evaluate at a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
-        raise ConfigError(f"data.size={exp.data.size}: the model's patch size {patch} does not divide the data's "
-                          f"{h}x{w} frames ({hint})")
+    check_patch(patch, data_frame_size(exp, datasets), exp.data.resize, who=f"data.size={exp.data.size}: the model's")
     channels = card.get("channels")
     if channels is not None and channels != exp.data.channels:
         raise ConfigError(f"data.channels={exp.data.channels}: the model reads {channels}-channel frames")
@@ -790,3 +762,164 @@ def run_evaluate(forecaster, exp: Experiment, out, datasets=None, label: str | N
     out.mkdir(parents=True, exist_ok=True)
     _write_metrics(out, metrics)
     return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# what the commands do beyond one run (the CLI is a face over these): evaluate into a folder,
+# compare, rank the zoo, export clips; each flag's value is checked here, once
+
+
+def parse_blend(spec: str | None, flag: str = "--blend") -> tuple[str, float] | None:
+    """``BASELINE[:W]`` (W = 0.5 unless given) as ``(baseline, W)``, or None for no blend: the
+    one check of a blend for every face (a weight in [0, 1], a registered baseline)."""
+    if not spec:
+        return None
+    try:
+        name, weight = blend_spec(spec)
+    except ValueError as e:
+        raise ConfigError(str(e), where=flag) from None
+    check(flag, name, list_baselines(), ConfigError)
+    return name, weight
+
+
+def parse_baselines(spec: str | None, flag: str = "--baselines") -> str | None:
+    """``NAME[,NAME...]`` or ``default``: every name a registered baseline (None: no baselines)."""
+    for name in (spec or "default").split(","):
+        check(flag, name, (*list_baselines(), "default"), ConfigError)
+    return spec
+
+
+def evaluate_to_folder(exp: Experiment, out, model=None, baseline: str | None = None, blend: str | None = None,
+                       overwrite: bool = False) -> dict:
+    """``transmem evaluate``: the metrics (``metrics.json``) and the report (plots, forecast GIFs,
+    TMU maps) of a zoo ``model`` or a registered ``baseline`` (optionally blended with a
+    baseline) on ``exp``'s eval split, in ``out``. ``out`` is locked first (a second evaluate into
+    it is refused) and written as a whole: a temporary folder replaces it once complete."""
+    if (model is None) == (baseline is None):
+        raise ConfigError("evaluate needs one of a model (--model) or a baseline (--baseline)")
+    if baseline is not None:
+        check("--baseline", baseline, list_baselines(), ConfigError)
+    mix = parse_blend(blend)
+    if mix and baseline is not None:
+        raise ConfigError(f"--blend {blend!r}: blends a model with a baseline; give --model, not --baseline")
+    with claim_output(out):
+        card = zoo.read_card(zoo.resolve(model)) if model is not None else None
+        if card is not None:  # a field normalised as the model was trained on it
+            adopt_fitted(exp.data, card.get("data"))
+        datasets = eval_datasets(exp, out, overwrite)  # checked before anything is loaded or written
+        if baseline is not None:
+            forecaster, name, label = load_baseline(baseline, exp), baseline, baseline
+        else:
+            check_model_fits(card, exp, datasets)
+            forecaster, card = load_for_inference(model)
+            name, label = card.get("name") or Path(str(model)).name, str(model)
+        if mix:
+            forecaster = blend_with_baseline(forecaster, mix[0], exp.train.t_in, mix[1], exp.data)
+            name, label = f"{name}+{mix[0]}", f"{mix[1]:g} * {label} + {1 - mix[1]:g} * {mix[0]}"
+        with atomic_folder(out, replace=True, keep_others=True) as tmp:
+            metrics = run_evaluate(forecaster, exp, tmp, datasets, label=label, overwrite=overwrite)
+            run_report.method_report(
+                tmp, f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})", {name: metrics},
+                {name: forecaster}, datasets[exp.eval.split], forecaster.t_in, examples=exp.eval.examples,
+                settings={"model": label, "data": exp.data.to_dict()})
+    return metrics
+
+
+def compare_runs(runs: list, out, config=None, overrides: dict | None = None, baselines: bool = False,
+                 overwrite: bool = False, zoo_root=None, say=print) -> dict:
+    """``transmem compare``: every run folder (its ``model/``) or zoo entry of ``runs`` -- and with
+    ``baselines`` every default baseline -- scored on the same clips of one dataset: ``config``
+    (plus ``overrides``), else the first run's ``config.yaml``, else its card's data.
+    ``out/metrics.json`` maps method -> metrics; the report holds the side-by-side table, the
+    per-lead plots and the example forecasts. Returns the metrics."""
+    entries = []
+    for ref in runs:
+        p = Path(ref)
+        entry = p / "model" if (p / "model" / zoo.CARD).is_file() else zoo.resolve(ref, zoo_root)
+        label = p.name or str(p)
+        while label in [e[0] for e in entries]:
+            label += "'"
+        entries.append((label, p, entry, zoo.read_card(entry)))
+    config = config or next((str(p / "config.yaml") for _, p, _, _ in entries if (p / "config.yaml").is_file()),
+                            None)
+    if config is not None:
+        exp = load_experiment(config, overrides)
+    else:  # a zoo entry: the data its card records
+        card = entries[0][3]
+        exp = load_experiment(None, overrides, base={"data": dict(card.get("data") or {}),
+                                                     "train": {"t_in": int(card.get("t_in", 10))}})
+    adopt_fitted(exp.data, entries[0][3].get("data"))
+    datasets = eval_datasets(exp, out, overwrite)  # checked before anything is loaded or written
+    forecasters = {}
+    for label, _, entry, card in entries:
+        check_model_fits(card, exp, datasets)
+        forecasters[label] = load_for_inference(entry)[0]
+    for name in default_baselines(physical_units(exp.data)) if baselines else ():
+        try:
+            forecasters[name] = load_baseline(name, exp)
+        except BaselineUnavailable as e:
+            say(f"baseline {name} left out: {e}")
+    metrics = {}
+    for name, f in forecasters.items():
+        f.t_in = exp.train.t_in
+        metrics[name] = evaluate_forecaster(exp, f, datasets)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    run_report.method_report(
+        out, f"transmem compare on {exp.data.name} ({exp.eval.split}, {len(datasets[exp.eval.split])} clips)",
+        metrics, forecasters, datasets[exp.eval.split], exp.train.t_in, examples=exp.eval.examples,
+        settings={"runs": [str(e[2]) for e in entries], "data": exp.data.to_dict()})
+    return metrics
+
+
+def format_compare_table(metrics: dict) -> str:
+    """Methods side by side (best MSE first): MSE/frame, MSE/pixel, SSIM, and RMSE in the data's
+    units where it declares them."""
+    units = next((m["units"] for m in metrics.values() if isinstance(m.get("units"), str)), None)
+    head = ("method", "MSE/frame", "MSE/pixel", "SSIM") + ((f"RMSE ({units})", f"MAE ({units})") if units else ())
+
+    def num(x):
+        return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
+    order = sorted(metrics, key=lambda n: (metrics[n].get("mse") is None, metrics[n].get("mse") or 0.0))
+    rows = [head] + [(n, num(metrics[n].get("mse")), num(metrics[n].get("mse_pixel")), num(metrics[n].get("ssim")))
+                     + ((num(metrics[n].get("rmse_physical")), num(metrics[n].get("mae_physical"))) if units else ())
+                     for n in order]
+    return zoo.format_rows(rows)
+
+
+def rank_zoo(exp: Experiment, zoo_root=None, probe_steps: int = zoo.PROBE_STEPS, json_path=None,
+             overwrite: bool = False) -> zoo.Ranking:
+    """``transmem zoo rank``: :func:`transmem.zoo.rank` for ``exp``'s target over the entries
+    under ``zoo_root``, written to ``json_path`` when given (checked before anything is ranked)."""
+    if json_path:
+        path = Path(json_path)
+        if path.is_dir():
+            raise RunFolderError(f"{path}: is a folder; --json needs a file name (nothing was ranked)")
+        if path.exists() and not overwrite:
+            raise RunFolderError(f"{path}: exists; pass --overwrite to replace it, or choose another "
+                                 "--json (nothing was ranked)")
+    paths, where = zoo.candidates(zoo_root)
+    if not paths:
+        raise zoo.ZooError(f"{where}: no zoo entries to rank (give --zoo-root DIR or set TRANSMEM_ZOO)")
+    ranking = zoo.rank(exp, zoo_root=zoo_root, probe_steps=probe_steps, seed=exp.train.seed,
+                       progress=exp.train.progress)
+    if json_path:
+        write_json(json_path, ranking.to_dict())
+    return ranking
+
+
+def export_clips(exp: Experiment, split: str, out) -> tuple:
+    """The clips of ``exp``'s data split ``split`` as one ``(N, T, C, H, W)`` uint8 ``.npy`` file
+    ``out`` (never overwritten); returns its shape."""
+    check("--split", split, EVAL_SPLITS, ConfigError)
+    if os.path.exists(out):
+        raise RunFolderError(f"{out}: exists; not overwriting")
+    ds = build_datasets(exp.data)[split]
+    arr = np.stack([(ds[i]["frames"].numpy() * 255).round().astype(np.uint8) for i in range(len(ds))])
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    atomic_write(out, save)
+    return arr.shape

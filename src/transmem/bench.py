@@ -25,7 +25,7 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import create_model, list_models
+from .choices import check
+from .models import build_model, list_models, model_kind
+from .options import TMUOptions
 from .training import ForecastModule, SamplingSchedule, forecast_loss, quiet_lightning
 from .transfer import BankCache, build_mixture, build_tmu
 
@@ -64,10 +66,13 @@ class BenchSpec:
     device: str = "cpu"            # "cuda" on a GPU
     precision: str = "32-true"     # "32-true" | "bf16-mixed" (autocast)
 
+    #: the fields ``transmem bench`` sets from its flags of the same names (the rest: scripts)
+    FLAGS = ("model", "backbone", "layers", "hidden", "filter", "patch", "size", "batch", "frames",
+             "teachers", "cached_bank")
+
     @classmethod
     def from_args(cls, args) -> "BenchSpec":
-        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**kw)
+        return cls(**{k: getattr(args, k) for k in cls.FLAGS})
 
     @property
     def t_in(self) -> int:
@@ -110,22 +115,21 @@ class Workload:
         self.bank = self.cache = None
         self.teachers: list = []
         cfg = _backbone_config(spec)
-        if spec.model == "tmu":
-            self.teachers = [create_model("convlstm", cfg).to(self.device) for _ in range(spec.teachers)]
+        check("--model", spec.model, list_models())
+        if spec.model == "mixture":  # --teachers frozen convlstm members, weights per lead
+            members = [build_model("convlstm", cfg) for _ in range(spec.teachers)]
+            self.model = build_mixture(members, [f"member{i}" for i in range(spec.teachers)], t_in=spec.t_in,
+                                       leads=T - spec.t_in)
+        elif model_kind(spec.model) == "transfer":  # a TMU target on ``backbone`` with N teachers
+            self.teachers = [build_model("convlstm", cfg).to(self.device) for _ in range(spec.teachers)]
             names = [f"teacher{i}" for i in range(spec.teachers)]
             self.model, self.bank = build_tmu(spec.backbone, cfg, self.teachers, names,
-                                              tmu_layers=spec.tmu_layers, mode=spec.tmu_mode)
+                                              TMUOptions(tmu_layers=spec.tmu_layers, mode=spec.tmu_mode))
             if spec.cached_bank:
                 self.cache = BankCache(b)
                 self.cache.put(self.index, self.bank(self.frames, self.mask, spec.t_in))
-        elif spec.model == "mixture":  # --teachers frozen convlstm members, weights per lead
-            members = [create_model("convlstm", cfg) for _ in range(spec.teachers)]
-            self.model = build_mixture(members, [f"member{i}" for i in range(spec.teachers)], t_in=spec.t_in,
-                                       leads=T - spec.t_in)
-        elif spec.model in list_models(kind="backbone"):
-            self.model = create_model(spec.model, cfg)
         else:
-            raise ValueError(f"unknown bench model '{spec.model}'")
+            self.model = build_model(spec.model, cfg)
         self.model.to(self.device).train()
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=spec.lr)
 
@@ -135,7 +139,7 @@ class Workload:
 
     @property
     def is_tmu(self) -> bool:
-        return self.spec.model == "tmu"
+        return self.model.model_kind == "transfer"
 
     def get_bank(self):
         if self.bank is None:
@@ -454,8 +458,8 @@ def load_warning(res: dict) -> str | None:
 
 def format_table(res: dict) -> str:
     c = res["config"]
-    name = c["model"] if c["model"] != "tmu" else (
-        f"tmu[{c['backbone']}] {c['teachers']} teachers {'cached' if c['cached_bank'] else 'uncached'}")
+    name = c["model"] if model_kind(c["model"]) != "transfer" else (
+        f"{c['model']}[{c['backbone']}] {c['teachers']} teachers {'cached' if c['cached_bank'] else 'uncached'}")
     rows = [
         ("model", f"{name}  {c['layers']}x{c['hidden']} k{c['filter']} p{c['patch']}"),
         ("batch x frames x size", f"{c['batch']} x {c['frames']} x {c['size']}^2"),
@@ -483,14 +487,13 @@ def _ms(x):
     return "-" if x is None else f"{x:.1f} ms"
 
 
-def run_bench(args) -> dict:
-    spec = BenchSpec.from_args(args)
-    res = benchmark(spec, mode=args.mode, steps=args.steps, warmup=args.warmup,
-                    threads=args.threads, lightning=getattr(args, "lightning", True),
-                    peak=getattr(args, "peak", True))
+def run_bench(spec: BenchSpec, mode: str = "both", steps: int = 10, warmup: int = 3, threads: int = 0,
+              json_path=None, lightning: bool = True, peak: bool = True) -> dict:
+    """:func:`benchmark`, its table printed and (``json_path``) its JSON written."""
+    res = benchmark(spec, mode=mode, steps=steps, warmup=warmup, threads=threads, lightning=lightning, peak=peak)
     print(format_table(res))
-    if getattr(args, "json", None):
-        path = Path(args.json)
+    if json_path:
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")

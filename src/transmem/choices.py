@@ -1,6 +1,8 @@
 """Settings with a fixed set of values, named once. Torch-free, so that reading a config (and
 checking these values before any run folder exists) needs no torch; every owner -- schedules,
-ForecastModule, TMUModel, MemoryBank, the bank cache -- checks against the same tuple."""
+ForecastModule, TMUModel, MemoryBank, the bank cache -- checks against the same tuple, through
+:func:`check`, so that every refusal says the same thing: ``KEY: expected one of A, B, got 'x'``."""
+from .errors import ChoiceError
 
 SCHEDULE_KINDS = ("linear", "reverse", "none")        # scheduled sampling
 DISTILL_DECAYS = ("none", "linear", "cosine")         # how lambda falls over training
@@ -21,15 +23,17 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning's
 EVAL_SPLITS = ("train", "val", "test")                 # the splits every dataset builder returns
 RESIZE_MODES = ("resize", "crop", "none")             # how readers bring frames to data.size
 NORMS = ("none", "group")                              # a backbone's normalisation
+MODEL_KINDS = ("backbone", "transfer", "mixture")     # runs alone; wraps a backbone and draws on teachers (TMU);
+                                                      # or combines frozen members' forecasts
 PROBE_STEPS = 50                                      # default K of zoo rank's finetuning probe
 
-#: config key -> allowed values (checked by :func:`transmem.config.load_experiment`)
+#: config key -> allowed values (checked by :func:`transmem.config.load_experiment`); the TMU's
+#: options (``transfer.mode``, ``transfer.weighting``, ``transfer.distiller_norm``) carry theirs in
+#: :class:`transmem.options.TMUOptions`
 CONFIG_CHOICES = {
     "train.schedule": SCHEDULE_KINDS,
     "transfer.distill_decay": DISTILL_DECAYS,
     "transfer.distill_span": DISTILL_SPANS,
-    "transfer.mode": TRANSFER_MODES,
-    "transfer.weighting": TMU_WEIGHTINGS,
     "transfer.teacher_inputs": TEACHER_INPUTS,
     "transfer.cache_bank": CACHE_BANK,
     "train.augment": AUGMENTS,  # a list: each item one of these
@@ -39,3 +43,15 @@ CONFIG_CHOICES = {
     "data.resize": RESIZE_MODES,
     "model.norm": NORMS,
 }
+
+
+def problem(key: str, value, allowed) -> str:
+    """The one message of a value outside ``allowed`` (config, CLI flags and library owners)."""
+    return f"{key}: expected one of {', '.join(map(str, allowed))}, got {value!r}"
+
+
+def check(key: str, value, allowed, error: type = ChoiceError) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``: an ``error`` (default
+    :class:`~transmem.errors.ChoiceError`, a ValueError) with :func:`problem`'s message."""
+    if value not in allowed:
+        raise error(problem(key, value, allowed))

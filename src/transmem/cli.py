@@ -11,14 +11,16 @@ from . import signals as _signals
 _STARTUP_SIGNALS = _signals.install_startup()  # SIGINT/SIGTERM while the imports below run: one line
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
-from pathlib import Path
 
 import transmem
 from .choices import MIX_LR, MIX_STEPS, MIXTURE_FIT_SPLITS, MIXTURE_GATINGS, PROBE_STEPS, TRANSFER_MODES
+from .errors import UserError
+from .options import TMUOptions, flag as option_flag
 
 # torch, Lightning and the rest are imported where a command needs them: `transmem --help`,
 # `--version` and argument errors answer without loading torch (about 0.1 s instead of 8-14 s)
@@ -52,29 +54,35 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--zoo-root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
 
 
-class _Registered:
-    """Choices read from a registry (``list_models``, ``list_baselines``) when a choice is checked
-    or listed, so that building the parser, and ``transmem --help``, import no torch; and so that
-    a backbone or baseline added by a file or a plugin is a valid choice with no edit here."""
-
-    def __init__(self, module: str, function: str):
-        self.module, self.function = module, function
-
-    def _names(self) -> list[str]:
-        import importlib
-        return list(getattr(importlib.import_module(self.module, __package__), self.function)())
-
-    def __contains__(self, name) -> bool:
-        return name in self._names()
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
+def _probe_steps(p: argparse.ArgumentParser, what: str = "with 'auto': ") -> None:
+    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
+                   help=f"{what}finetuning steps of the ranking's probe on the target (0: zero-shot only)")
 
 
-BASELINES = _Registered(".baselines", "list_baselines")
+#: the ``transfer`` command's flags that are the config's ``transfer.<key>`` (the TMU's options come
+#: from their declaration, :class:`transmem.options.TMUOptions`, with its help and values)
+TRANSFER_FLAGS = {
+    "distill_weight": "lambda of L_distill",
+    "init_from": "zoo entry (folder or name under --zoo-root) to initialise the target backbone, or 'auto': "
+                 "the best finetune entry by `zoo rank`",
+    **{f.name: f.metadata["help"] + (f": one of {', '.join(f.metadata['choices'])}" if f.metadata["choices"] else "")
+       for f in dataclasses.fields(TMUOptions)},
+}
+TRANSFER_FLAGS["mode"] = (TRANSFER_FLAGS["mode"].split(": one of")[0] + "; or mixture: finetune each of --teachers "
+                          f"on the target, then learn weights per lead time that combine their forecasts (one zoo "
+                          f"entry): one of {', '.join(TRANSFER_MODES)}")
+#: the mixture's options (``transfer --mode mixture``, :func:`transmem.api.run_mixture`)
+MIXTURE_FLAGS = {
+    "baselines": dict(metavar="NAME[,NAME...]", help="registered reference nowcasts that join as members "
+                                                     "(e.g. extrapolation)"),
+    "gating": dict(choices=MIXTURE_GATINGS, help="weights per lead time (lead, the default) or also per pixel"),
+    "member_steps": dict(type=int, help="finetuning steps of each member (default train.steps; 0: use the entries "
+                                        "as they are, already finetuned on this target)"),
+    "mix_steps": dict(type=int, help=f"steps that train the weights (default {MIX_STEPS})"),
+    "mix_lr": dict(type=float, help=f"learning rate of the weights (default {MIX_LR})"),
+    "mix_on": dict(choices=MIXTURE_FIT_SPLITS, help="the clips the weights train on (default val: clips the "
+                                                    "members never trained on)"),
+}
 
 
 class UsageError(SystemExit):
@@ -118,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="init_from", required=True,
                    help="zoo entry to start from (a folder, or a name under --zoo-root), or 'auto': the best "
                         "for this target by `zoo rank` (under --zoo-root; the ranking goes to ranking.json in --out)")
-    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
-                   help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
+    _probe_steps(p)
     p = sub.add_parser("transfer", help="train a TMU target that draws on frozen zoo teachers, or (--mode mixture) "
                                         "a mixture of the zoo entries finetuned on the target")
     _common(p)
@@ -127,31 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zoo entries (folders, or names under --zoo-root), or auto[:K]: the K best teachers "
                         "for this target by `zoo rank` (K = 1 unless given; with --mode mixture: the members, "
                         "the K best entries to finetune)")
-    p.add_argument("--distill-weight", type=float, help="lambda of L_distill (config transfer.distill_weight)")
-    p.add_argument("--mode", choices=TRANSFER_MODES,
-                   help="config transfer.mode: a TMU mode, or mixture: finetune each of --teachers on the target, "
-                        "then learn softmax weights per lead time that combine their forecasts (one zoo entry)")
-    p.add_argument("--baselines", metavar="NAME[,NAME...]",
-                   help="mixture: registered reference nowcasts that join as members (e.g. extrapolation)")
-    p.add_argument("--gating", choices=MIXTURE_GATINGS,
-                   help="mixture: weights per lead time (lead, the default) or also per pixel (pixel)")
-    p.add_argument("--member-steps", type=int,
-                   help="mixture: finetuning steps of each member (default train.steps; 0: use the entries as "
-                        "they are, already finetuned on this target)")
-    p.add_argument("--mix-steps", type=int, help=f"mixture: steps that train the weights (default {MIX_STEPS})")
-    p.add_argument("--mix-lr", type=float, help=f"mixture: learning rate of the weights (default {MIX_LR})")
-    p.add_argument("--mix-on", choices=MIXTURE_FIT_SPLITS,
-                   help="mixture: the clips the weights train on (default val: clips the members never trained on)")
-    p.add_argument("--init-from", help="zoo entry (folder or name under --zoo-root) to initialise the target backbone, "
-                                       "or 'auto': the best finetune entry by `zoo rank`")
-    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
-                   help="with 'auto': finetuning steps of the ranking's probe (0: zero-shot only)")
+    for key, text in TRANSFER_FLAGS.items():  # each the same as --transfer.KEY VALUE (and checked there)
+        p.add_argument(option_flag(key), dest=f"transfer.{key}", metavar="VALUE", help=f"{text}; transfer.{key}")
+    for key, kw in MIXTURE_FLAGS.items():
+        p.add_argument(option_flag(key), dest=f"mixture.{key}", **{**kw, "help": "mixture: " + kw["help"]})
+    _probe_steps(p)
 
     p = sub.add_parser("evaluate", help="per-frame MSE/MAE/SSIM/PSNR of a zoo model or a baseline on a dataset")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", help="zoo entry to evaluate")
-    who.add_argument("--baseline", choices=BASELINES,
-                     help="a reference nowcast instead of a model (the registered ones; see docs/baselines.md)")
+    who.add_argument("--baseline",
+                     help="a registered reference nowcast instead of a model (persistence, extrapolation, ...; "
+                          "see docs/baselines.md)")
     p.add_argument("--blend", metavar="BASELINE[:W]",
                    help="score W * model + (1 - W) * BASELINE (W = 0.5 unless given), e.g. extrapolation")
     p.add_argument("--config")
@@ -175,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", nargs="?", const="default", metavar="NAME[,NAME...]",
                    help="also write reference nowcasts of the same input: the data's default ones "
                         "(persistence, extrapolation; for rain also S-PROG, ANVIL, STEPS mean), or those named "
-                        "(`transmem evaluate --help` lists them)")
+                        "(see docs/baselines.md)")
     p.add_argument("--native", action="store_true",
                    help="read the input at its own grid (no resize to the model's training size): the "
                         "forecast lies on the input's grid, e.g. a whole 1 km radar composite")
@@ -193,14 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--root", "--zoo-root", dest="root", help="zoo root folder (default: $TRANSMEM_ZOO or ./zoo)")
     p.add_argument("--config", help="rank: the target's YAML experiment config (plus --section.key overrides)")
-    p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
-                   help="rank: finetuning steps of the probe on the target (0: zero-shot only)")
+    _probe_steps(p, "rank: ")
     p.add_argument("--json", help="rank: also write the ranking to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="rank: replace an existing --json file")
 
     p = sub.add_parser("bench", help="time training steps and inference rollouts")
-    p.add_argument("--model", default="convlstm", choices=_Registered(".models", "list_models"), metavar="MODEL",
-                   help="a registered model (`transmem models`)")
+    p.add_argument("--model", default="convlstm", metavar="MODEL", help="a registered model (`transmem models`)")
     p.add_argument("--backbone", default="convlstm", help="TMU target backbone")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=32)
@@ -249,11 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_signals.message(_signals.pending()), file=sys.stderr)
             return 128 + _signals.pending()
         raise
-    except Exception as e:  # known input problems end in one clean line
-        if _is_user_error(e):
-            print(f"transmem: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+    except (UserError, OSError) as e:  # bad input, or the OS refusing a file: one clean line
+        print(f"transmem: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     finally:
         _signals.restore(old)
 
@@ -277,28 +267,14 @@ def _one_line(e: Exception) -> str:
     return " ".join(msg.split())
 
 
-#: (module, class) of every user-error type; only those of modules already imported are looked at
-#: (an exception can only come from a loaded module), so that checking imports nothing
-_USER_ERRORS = (("transmem.files", "OutputPathError"), ("transmem.config", "ConfigError"),
-                ("transmem.data.errors", "DataError"), ("transmem.transfer.bank", "TeacherMismatch"),
-                ("transmem.zoo", "ZooError"), ("transmem.training.checkpoints", "CheckpointError"),
-                ("transmem.baselines", "BaselineUnavailable"),
-                ("lightning.fabric.utilities.exceptions", "MisconfigurationException"))
-
-
-def _is_user_error(e: Exception) -> bool:
-    types = tuple(getattr(sys.modules[m], n) for m, n in _USER_ERRORS if m in sys.modules)
-    return isinstance(e, types + (FloatingPointError, OSError))
-
-
 def _dispatch(args, rest, ap) -> int:
     zoo_rank = args.cmd == "zoo" and args.action == "rank"  # takes the config's overrides
-    if args.cmd == "compare":
-        return _compare(args, _split_overrides(rest, ap))
     if args.cmd in ("demo", "zoo", "predict", "bench", "models") and rest and not zoo_rank:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     overrides = _split_overrides(rest, ap)
-    from .config import ConfigError, load_experiment, validate
+    # the transfer command's flags are the config's transfer.KEY (the config checks them)
+    overrides.update({k: v for k, v in vars(args).items() if k.startswith("transfer.") and v is not None})
+    from .config import ConfigError, load_experiment
 
     if args.cmd == "demo":
         from .demo import run_demo
@@ -306,19 +282,17 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "models":
+        from .choices import MODEL_KINDS, check
         from .models import list_models
-        names = list_models(kind=args.kind)
-        if not names:
-            raise ConfigError(f"--kind {args.kind}: no models of this kind; kinds: backbone, transfer")
-        print("\n".join(names))
+        if args.kind is not None:
+            check("--kind", args.kind, MODEL_KINDS, ConfigError)
+        print("\n".join(list_models(kind=args.kind)))
         return 0
 
-    if args.cmd == "zoo":
-        from .zoo import read_card, resolve, scan_entries
-        if args.action == "rank":
-            return _zoo_rank(args, overrides, ap)
+    if args.cmd == "zoo" and not zoo_rank:
+        from .zoo import format_table, read_card, resolve, scan_entries
         if args.action == "list":
-            print(format_zoo_table(scan_entries(args.root)))
+            print(format_table(scan_entries(args.root)))
         else:
             if not args.name:
                 ap.error("zoo show needs a NAME")
@@ -326,30 +300,39 @@ def _dispatch(args, rest, ap) -> int:
         return 0
 
     if args.cmd == "bench":
-        from .bench import run_bench
-        run_bench(args)
+        from .bench import BenchSpec, run_bench
+        run_bench(BenchSpec.from_args(args), args.mode, args.steps, args.warmup, args.threads, args.json)
         return 0
 
     if args.cmd == "predict":
-        from .blend import parse_blend
+        from . import api
         from .predict import run_predict
-        try:
-            blend = parse_blend(args.blend) if args.blend else None
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if blend and blend[0] not in BASELINES:
-            raise ConfigError(f"--blend {args.blend!r}: the baseline must be one of {', '.join(BASELINES)}")
-        wrong = [n for n in (args.baselines or "default").split(",") if n not in (*BASELINES, "default")]
-        if wrong:
-            raise ConfigError(f"--baselines {args.baselines!r}: unknown {', '.join(wrong)}; "
-                              f"choose from {', '.join(BASELINES)}")
-        run_predict(args.model, args.input, args.out, baselines=args.baselines, fmt=args.format, blend=blend,
-                    native=args.native, leads=args.leads, tile=args.tile)
+        run_predict(args.model, args.input, args.out, baselines=api.parse_baselines(args.baselines), fmt=args.format,
+                    blend=api.parse_blend(args.blend), native=args.native, leads=args.leads, tile=args.tile)
         return 0
+
+    if args.cmd == "compare":
+        from . import api
+        metrics = api.compare_runs(args.runs, args.out, args.config, overrides, baselines=args.baselines,
+                                   overwrite=args.overwrite, zoo_root=args.zoo_root)
+        print(api.format_compare_table(metrics))
+        return 0
+
+    if zoo_rank:
+        if not args.config:
+            ap.error("zoo rank needs --config TARGET.yaml (the target task)")
+        if args.name:
+            ap.error(f"zoo rank takes no NAME (got {args.name!r}); it ranks every entry under --zoo-root")
 
     exp = load_experiment(args.config, overrides)  # config errors answer before Lightning is loaded
     from . import api
 
+    if zoo_rank:
+        ranking = api.rank_zoo(exp, args.root, args.probe_steps, args.json, args.overwrite)
+        print(ranking.format())
+        if args.json:
+            print(f"wrote {args.json}")
+        return 0
     if args.cmd == "data":
         from .data import list_datasets
         if args.action == "list":
@@ -357,32 +340,26 @@ def _dispatch(args, rest, ap) -> int:
             return 0
         if not args.out:
             ap.error("data export needs --out FILE.npy")
-        return _export(exp, args.split, args.out)
+        print(f"wrote {args.out}: {api.export_clips(exp, args.split, args.out)} uint8")
+        return 0
     if args.cmd == "pretrain":
         m = api.run_train(exp, args.out, args.resume, zoo_name=args.zoo_name, zoo_root=args.zoo_root)
     elif args.cmd == "finetune":
         m = api.run_train(exp, args.out, args.resume, init_from=args.init_from,
                           zoo_name=args.zoo_name, zoo_root=args.zoo_root, probe_steps=args.probe_steps)
     elif args.cmd == "transfer":
-        if args.distill_weight is not None:
-            exp.transfer.distill_weight = args.distill_weight
-        if args.mode:
-            exp.transfer.mode = args.mode
-        if args.init_from:
-            exp.transfer.init_from = args.init_from
-        validate(exp)  # the flags above, as the config's values
-        mix = {k: getattr(args, k) for k in ("baselines", "gating", "member_steps", "mix_steps", "mix_lr", "mix_on")
-               if getattr(args, k) is not None}  # the mixture's options, as given
+        mix = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("mixture.") and v is not None}
         if exp.transfer.mode == "mixture":
             m = api.run_mixture(exp, args.out, args.resume, teachers=args.teachers, zoo_name=args.zoo_name,
                                 zoo_root=args.zoo_root, probe_steps=args.probe_steps, **mix)
         elif mix:
-            raise ConfigError(f"--{next(iter(mix)).replace('_', '-')}: an option of --mode mixture")
+            raise ConfigError(f"{option_flag(next(iter(mix)))}: an option of --mode mixture", where="--mode")
         else:
             m = api.run_transfer(exp, args.out, args.resume, teachers=args.teachers,
                                  zoo_name=args.zoo_name, zoo_root=args.zoo_root, probe_steps=args.probe_steps)
     elif args.cmd == "evaluate":
-        m = _evaluate(args, exp)
+        m = api.evaluate_to_folder(exp, args.out, model=args.model, baseline=args.baseline, blend=args.blend,
+                                   overwrite=args.overwrite)
     else:  # pragma: no cover - argparse guards the choices
         ap.error(f"unknown command {args.cmd}")
     print(_summary_line(m))
@@ -395,215 +372,6 @@ def _summary_line(m: dict) -> str:
     parts += [f"{k}={m[k]:.4g}{units}" for k in ("rmse_physical", "mae_physical")
               if isinstance(m.get(k), float)]
     return "test: " + " ".join(parts)
-
-
-def _evaluate(args, exp) -> dict:
-    """``evaluate``: metrics.json and the report (plots, forecast GIFs, TMU maps) in --out."""
-    from . import api
-    from .blend import parse_blend
-    from .config import ConfigError
-    from .data import adopt_fitted
-    from .files import atomic_folder
-    from .run_report import method_report
-    from .zoo import read_card, resolve
-    try:
-        blend = parse_blend(args.blend) if args.blend else None
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if blend and (args.baseline or blend[0] not in BASELINES):
-        raise ConfigError(f"--blend {args.blend!r}: give --model and one of {', '.join(BASELINES)}")
-    # --out is locked first (a second evaluate into it is refused), and the results are written
-    # into a temporary folder that replaces --out only once complete (Ctrl-C: all or nothing)
-    with api.claim_output(args.out):
-        if args.model:  # a field normalised as the model was trained on it (data.adopt_fitted)
-            adopt_fitted(exp.data, read_card(resolve(args.model)).get("data"))
-        datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
-        if args.baseline:
-            forecaster, name, label = api.load_baseline(args.baseline, exp), args.baseline, args.baseline
-        else:
-            api.check_model_fits(read_card(resolve(args.model)), exp, datasets)
-            forecaster, card = api.load_for_inference(args.model)
-            name, label = card.get("name") or Path(str(args.model)).name, str(args.model)
-        if blend:
-            forecaster = api.blend_with_baseline(forecaster, blend[0], exp.train.t_in, blend[1], exp.data)
-            name, label = f"{name}+{blend[0]}", f"{blend[1]:g} * {label} + {1 - blend[1]:g} * {blend[0]}"
-        with atomic_folder(args.out, replace=True, keep_others=True) as tmp:
-            metrics = api.run_evaluate(forecaster, exp, tmp, datasets, label=label, overwrite=args.overwrite)
-            method_report(tmp, f"transmem evaluate: {name} on {exp.data.name} ({exp.eval.split})",
-                          {name: metrics}, {name: forecaster}, datasets[exp.eval.split], forecaster.t_in,
-                          examples=exp.eval.examples, settings={"model": label, "data": exp.data.to_dict()})
-    return metrics
-
-
-def _compare(args, overrides) -> int:
-    """``compare``: every model (and with ``--baselines`` every baseline) scored on the same
-    clips of one dataset; ``metrics.json`` maps method -> metrics, the report holds the side-by-side
-    table, the per-lead plots and the example forecasts, and the table is printed."""
-    from . import api
-    from .baselines import BaselineUnavailable, default_baselines
-    from .config import load_experiment
-    from .data import adopt_fitted, physical_units
-    from .files import write_json
-    from .run_report import method_report
-    from .zoo import read_card, resolve
-    entries = []
-    for ref in args.runs:
-        p = Path(ref)
-        entry = p / "model" if (p / "model" / "card.json").is_file() else resolve(ref, args.zoo_root)
-        label = p.name or str(p)
-        while label in [e[0] for e in entries]:
-            label += "'"
-        entries.append((label, p, entry, read_card(entry)))
-    config = args.config or next((str(p / "config.yaml") for _, p, _, _ in entries if (p / "config.yaml").is_file()),
-                                 None)
-    if config is not None:
-        exp = load_experiment(config, overrides)
-    else:  # a zoo entry: the data its card records
-        card = entries[0][3]
-        exp = load_experiment(None, overrides, base={"data": dict(card.get("data") or {}),
-                                                     "train": {"t_in": int(card.get("t_in", 10))}})
-    adopt_fitted(exp.data, entries[0][3].get("data"))
-    datasets = api.eval_datasets(exp, args.out, args.overwrite)  # checked before anything is loaded or written
-    forecasters = {}
-    for label, _, entry, card in entries:
-        api.check_model_fits(card, exp, datasets)
-        forecasters[label] = api.load_for_inference(entry)[0]
-    for name in default_baselines(physical_units(exp.data)) if args.baselines else ():
-        try:
-            forecasters[name] = api.load_baseline(name, exp)
-        except BaselineUnavailable as e:
-            print(f"baseline {name} left out: {e}")
-    metrics = {}
-    for name, f in forecasters.items():
-        f.t_in = exp.train.t_in
-        metrics[name] = api.evaluate_forecaster(exp, f, datasets)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", metrics)
-    method_report(out, f"transmem compare on {exp.data.name} ({exp.eval.split}, {len(datasets[exp.eval.split])} clips)",
-                  metrics, forecasters, datasets[exp.eval.split], exp.train.t_in, examples=exp.eval.examples,
-                  settings={"runs": [str(e[2]) for e in entries], "data": exp.data.to_dict()})
-    print(format_compare_table(metrics))
-    return 0
-
-
-def format_compare_table(metrics: dict) -> str:
-    """Methods side by side (best MSE first): MSE/frame, MSE/pixel, SSIM, and RMSE in the data's
-    units where it declares them."""
-    units = next((m["units"] for m in metrics.values() if isinstance(m.get("units"), str)), None)
-    head = ("method", "MSE/frame", "MSE/pixel", "SSIM") + ((f"RMSE ({units})", f"MAE ({units})") if units else ())
-
-    def num(x):
-        return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
-    order = sorted(metrics, key=lambda n: (metrics[n].get("mse") is None, metrics[n].get("mse") or 0.0))
-    rows = [head] + [(n, num(metrics[n].get("mse")), num(metrics[n].get("mse_pixel")), num(metrics[n].get("ssim")))
-                     + ((num(metrics[n].get("rmse_physical")), num(metrics[n].get("mae_physical"))) if units else ())
-                     for n in order]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _export(exp, split: str, out: str) -> int:
-    import numpy as np
-
-    from .data import build_datasets
-    from .files import atomic_write
-    if os.path.exists(out):
-        raise FileExistsError(f"{out}: exists; not overwriting")
-    ds = build_datasets(exp.data)[split]
-    arr = np.stack([(ds[i]["frames"].numpy() * 255).round().astype(np.uint8) for i in range(len(ds))])
-
-    def save(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-    atomic_write(out, save)
-    print(f"wrote {out}: {arr.shape} uint8")
-    return 0
-
-
-def format_zoo_table(entries) -> str:
-    """The zoo as a table; ``entries`` as :func:`~transmem.zoo.scan_entries` gives them (or
-    ``(path, card)`` pairs): an unusable entry is a row with its problem."""
-    rows = [("name", "backbone", "data", "frame", "T_in->T_out", "steps", "test MSE/frame")]
-    for path, card, *problem in entries:
-        if card is None:
-            rows.append((path.name, f"unusable: {problem[0] if problem else 'bad card'}", "", "", "", "", ""))
-            continue
-        data = card.get("data", {})
-        desc = data.get("name", "?")
-        if desc == "flying_digits":
-            desc = f"flying_digits k={data.get('num_digits')}"
-        model = card.get("model", "?")
-        if model == "tmu":
-            model = f"tmu({card['config'].get('backbone')}, {len(card['config'].get('source_names', []))} src)"
-        elif model == "mixture":
-            cfg = card["config"]
-            model = f"mixture({', '.join(cfg.get('member_names', []) + cfg.get('baselines', []))})"
-        size = card.get("frame_size", ["?", "?"])
-        mse = card.get("metrics", {}).get("mse")
-        rows.append((path.name, model, desc, f"{size[0]}x{size[1]}",
-                     f"{card.get('t_in', '?')}->{card.get('t_out', '?')}",
-                     str(card.get("train", {}).get("steps", "?")),
-                     f"{mse:.2f}" if isinstance(mse, (int, float)) else "-"))
-    if len(rows) == 1:
-        return "(zoo is empty)"
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _zoo_rank(args, overrides, ap) -> int:
-    """``zoo rank``: the table (and ``--json``) of :func:`transmem.zoo.rank` for a target."""
-    from . import api
-    from .config import ConfigError, load_experiment
-    from .files import write_json
-    from .zoo import ZooError, candidates, rank
-    if not args.config:
-        ap.error("zoo rank needs --config TARGET.yaml (the target task)")
-    if args.name:
-        ap.error(f"zoo rank takes no NAME (got {args.name!r}); it ranks every entry under --zoo-root")
-    if args.probe_steps < 0:
-        raise ConfigError(f"--probe-steps {args.probe_steps}: must be 0 (zero-shot only) or more")
-    if args.json:  # checked before anything is ranked
-        out = Path(args.json)
-        if out.is_dir():
-            raise api.RunFolderError(f"{out}: is a folder; --json needs a file name (nothing was ranked)")
-        if out.exists() and not args.overwrite:
-            raise api.RunFolderError(f"{out}: exists; pass --overwrite to replace it, or choose another "
-                                     "--json (nothing was ranked)")
-    exp = load_experiment(args.config, overrides)
-    paths, where = candidates(args.root)
-    if not paths:
-        raise ZooError(f"{where}: no zoo entries to rank (give --zoo-root DIR or set TRANSMEM_ZOO)")
-    ranking = rank(exp, zoo_root=args.root, probe_steps=args.probe_steps, seed=exp.train.seed,
-                   progress=exp.train.progress)
-    print(format_rank_table(ranking))
-    if args.json:
-        write_json(args.json, ranking.to_dict())
-        print(f"wrote {args.json}")
-    return 0
-
-
-def format_rank_table(ranking) -> str:
-    """The zoo ranked for a target: one row per entry (best first, unusable ones last with the
-    reason) and one per baseline, MSE per frame on the target's validation clips."""
-    def num(x):
-        return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
-    k = ranking.probe_steps
-    rows = [("rank", "name", "model", "usable as", "zero-shot MSE", f"probe MSE ({k} steps)" if k else "probe MSE",
-             "note")]
-    for r in ranking.rows:
-        rows.append((str(r["rank"] or "-"), r["name"], r.get("model") or "?",
-                     ", ".join(r["uses"]) if r["usable"] else "unusable",
-                     num(r["zero_shot_mse"]), num(r["probe_mse"]), r["reason"] or ""))
-    for name, mse in ranking.baselines.items():
-        rows.append(("-", name, "baseline", "reference", num(mse), "-",
-                     "" if mse is not None else "not installed: pip install 'transmem[nowcast]'"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    t = ranking.target
-    head = (f"{len(ranking.rows)} zoo entries ({t.get('zoo')}) ranked for {t['data'].get('name')} "
-            f"(validation: {t.get('val_clips')} clips, "
-            f"score: {ranking.score_key}, seed {ranking.seed}, {ranking.wall_s:.1f} s)")
-    return head + "\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 if __name__ == "__main__":

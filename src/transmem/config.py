@@ -14,12 +14,14 @@ from typing import Any
 
 import yaml
 
-from .choices import CONFIG_CHOICES, NORMS
+from .choices import CONFIG_CHOICES, NORMS, TRANSFER_MODES
+from .errors import UserError
+from .options import TMUOptions, check as check_tmu_options
 from .data.registry import GENERATORS, DataConfig
 from .files import read_small_file
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration (one-line message)."""
 
 
@@ -53,20 +55,17 @@ class TrainConfig:
 
 
 @dataclass
-class TransferConfig:
+class TransferConfig(TMUOptions):
+    """The TMU's options (:class:`~transmem.options.TMUOptions`: tmu_layers, mode, gates,
+    weighting, distiller_kernel, distiller_norm, gate_kernel; declared there once) plus how the
+    target trains with its teachers."""
     teachers: list = field(default_factory=list)  # zoo entries (folders or names in the zoo root)
     distill_weight: float = 0.1       # lambda in L = L_pred + lambda * L_distill (must be > 0 to transfer)
     distill_decay: str = "none"       # none | linear | cosine: lambda falls to 0 by the last step
     distill_span: str = "all"         # all | input: distill at every step or only while both read inputs
-    mode: str = "distill"             # distill | bank_read
-    tmu_layers: Any = "bottom"        # bottom | all | top | [layer, ...]
-    gates: bool = True
-    weighting: str = "none"           # none | softmax
     teacher_inputs: str = "ground_truth"  # ground_truth | own
     cache_bank: str = "memory"        # memory | disk | none (ground_truth teachers only)
     init_from: Any = None             # zoo entry whose weights initialise the target backbone
-    distiller_kernel: int = 1
-    gate_kernel: int = 1
 
 
 @dataclass
@@ -289,8 +288,11 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     if "model" in raw:
         model = {"name": "convlstm", **raw["model"]}
         name = model.pop("name")
-        from .models import build_config  # torch: only for a config that names a model
+        from .models import build_config, kind_problem  # torch: only for a config that names a model
         try:
+            if why := kind_problem(name, "backbone"):  # the model a run trains (a TMU's target backbone)
+                raise ConfigError(f"model.name: {why}: the model section names the backbone a run trains",
+                                  where="model.name")
             # coerce the override strings through the dataclass defaults (unknown keys pass as they
             # are), then build the model's config: it refuses unknown keys and bad values
             cfg_default = build_config(name)
@@ -312,7 +314,7 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
 #: upper bounds: beyond these a value is a typo (or an attack), not an experiment
 LIMITS = {"size": 8192, "frames": 10_000, "clips": 10_000_000, "batch_size": 1_000_000,
           "steps": 10**9, "lr": 10.0, "hidden": 4096, "num_layers": 64, "filter_size": 63,
-          "patch_size": 256, "threads": 4096, "workers": 1024, "kernel": 63}
+          "patch_size": 256, "threads": 4096, "workers": 1024}
 
 
 def _int_in(value, key: str, lo: int, hi: int | None = None) -> None:
@@ -356,6 +358,34 @@ def check_model_config(cfg: dict, where: str = "model") -> None:
             _int_in(v, key, 0, 1_000_000)
         elif isinstance(v, float):
             _num_in(v, key, -1e6, 1e6)
+
+
+def patch_problem(patch, hw: tuple[int, int], whose: str = "the data's") -> str | None:
+    """Why a model of patch size ``patch`` cannot read frames of ``hw`` (one line), or None."""
+    h, w = hw
+    if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
+        return f"patch size {patch} does not divide {whose} {h}x{w} frames"
+    return None
+
+
+def check_patch(patch, hw: tuple[int, int] | None, resize: str = "resize", crop: int = 0,
+                who: str = "the model's") -> None:
+    """The one check that a patch size fits the frames ``hw`` (None: unknown yet, only the crop is
+    checked) and a training ``crop``: a one-line ConfigError starting with ``who`` (the config
+    key, a zoo entry, ``"the model's"``), with a hint, before anything is created."""
+    why = None if hw is None else patch_problem(patch, hw)
+    if why:
+        h, w = hw
+        if resize == "none":
+            hint = (f"data.resize is none, so frames keep their native {h}x{w}: give a patch size that divides "
+                    f"both, or set --data.resize resize (or crop) with a data.size divisible by {patch}")
+        else:
+            hint = f"set data.size to a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
+        raise ConfigError(f"{who} {why} ({hint}); nothing was trained or written")
+    fits = hw is None or crop <= min(hw)
+    if crop and ((isinstance(patch, int) and patch > 0 and crop % patch) or not fits):
+        size = "" if hw is None else f" and be at most the data's frame size {hw[0]}x{hw[1]}"
+        raise ConfigError(f"train.crop={crop} must divide by the model's patch size {patch}{size}")
 
 
 def implied_memory_bytes(exp: "Experiment") -> dict[str, int]:
@@ -418,8 +448,6 @@ def validate(exp: "Experiment") -> None:
     # resize: none keeps a reader's native frame size, which data.size does not describe: the checks
     # against the real size run once the data is read (api.check_patch_fits)
     native = d.resize == "none" and d.name not in GENERATORS
-    if t.crop > d.size and not native:
-        raise ConfigError(f"train.crop={t.crop} must be at most data.size={d.size}")
     _int_in(t.val_every, "train.val_every", 0)
     _int_in(t.val_batches, "train.val_batches", 0)
     _int_in(t.ckpt_every, "train.ckpt_every", 1)
@@ -449,17 +477,9 @@ def validate(exp: "Experiment") -> None:
         raise ConfigError(f"train.devices: expected a count >= 1, -1, 'auto' or a list of device ids, got {dev!r}")
 
     _num_in(tr.distill_weight, "transfer.distill_weight", 0.0, 1e6)
-    for k in ("distiller_kernel", "gate_kernel"):
-        v = getattr(tr, k)
-        _int_in(v, f"transfer.{k}", 1, LIMITS["kernel"])
-        if v % 2 == 0:
-            raise ConfigError(f"transfer.{k}={v}: must be odd (same-size convolution)")
+    check_tmu_options(tr, "transfer.", ConfigError, choices={"mode": TRANSFER_MODES})
     if not isinstance(tr.teachers, list) or not all(isinstance(x, str) for x in tr.teachers):
         raise ConfigError(f"transfer.teachers: expected a list of zoo entries, got {tr.teachers!r}")
-    layers = tr.tmu_layers
-    if not (layers in ("bottom", "all", "top") or (isinstance(layers, list) and layers and all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < LIMITS["num_layers"] for i in layers))):
-        raise ConfigError(f"transfer.tmu_layers: expected bottom, all, top or a list of layer numbers, got {layers!r}")
     if tr.init_from is not None and not isinstance(tr.init_from, str):
         raise ConfigError(f"transfer.init_from: expected a zoo entry, got {tr.init_from!r}")
 
@@ -470,10 +490,8 @@ def validate(exp: "Experiment") -> None:
 
     check_model_config(exp.model)
     patch = exp.model.get("patch_size")
-    if isinstance(patch, int) and d.size % patch and not native:
-        raise ConfigError(f"data.size={d.size} is not divisible by model.patch_size={patch}")
-    if isinstance(patch, int) and t.crop and t.crop % patch:
-        raise ConfigError(f"train.crop={t.crop} must divide by model.patch_size={patch}")
+    # with resize: none the real frame size is known once the data is read (api.check_patch_fits)
+    check_patch(patch, None if native else (d.size, d.size), d.resize, t.crop, f"model.patch_size={patch}:")
     need, limit = implied_memory_bytes(exp), _memory_limit()
     for what, n in need.items():
         if n > limit:

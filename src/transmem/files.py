@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable (best effort: not every file system allows it)."""
@@ -268,7 +270,7 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-class OutputPathError(ValueError):
+class OutputPathError(UserError, ValueError):
     """An output path that cannot be used (one-line message, nothing was created)."""
 
 

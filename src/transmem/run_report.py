@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .report_page import summarize_transfer, write_report
-from .training import make_loader, predict_batches
+from .training import ForecastModule, make_loader, predict_batches
 from .viz import plot_per_frame, plot_transfer_maps, save_gif, save_grid
 
 
@@ -82,7 +82,7 @@ def method_report(out: Path, title: str, methods: dict, forecasters: dict, datas
         module.t_in = t_in
         if examples > 0:  # eval.examples: 0 draws no clip (and rolls none out)
             frames, preds[name] = forecasts(module, dataset, examples)
-        if hasattr(getattr(module, "model", None), "transfer"):  # a TMU: draw its transfer maps
+        if isinstance(module, ForecastModule) and module.model.model_kind == "transfer":  # its transfer maps
             maps = transfer_maps(module, dataset)
             names = module.model.config.source_names
             for layer, m in maps.items():

@@ -29,10 +29,12 @@ from torch.utils.data import default_collate
 
 from . import choices
 from .baselines import BaselineUnavailable, baseline_for_data, default_baselines
-from .config import ConfigError
+from .config import ConfigError, patch_problem
+from .errors import Diverged, UserError
 from .data import DataConfig, build_datasets, frame_size_of, physical_units
+from .data import describe as describe_data
 from .files import OutputPathError, atomic_folder, check_output_dir, read_small_file
-from .models import PredictiveRNN, create_model
+from .models import build_model, describe_model, kind_problem
 from .models.tmu import resolve_layers
 from .progress import eval_progress
 from .training import ForecastModule, SamplingSchedule, evaluate, forecast_loss
@@ -44,7 +46,7 @@ WEIGHTS = "weights.safetensors"
 CARD_VERSION = 1
 
 
-class ZooError(ValueError):
+class ZooError(UserError, ValueError):
     """A zoo entry that is missing, incomplete or tampered with (one-line message)."""
 
 
@@ -246,7 +248,7 @@ def _check_weights_fit(path: Path, weights: Path, model_name: str, config: dict)
     of the card's model (built on the meta device: nothing is allocated), shape for shape."""
     try:
         with torch.device("meta"):
-            meta = create_model(model_name, config)
+            meta = build_model(model_name, config)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise ZooError(f"{path / CARD}: cannot build model '{model_name}': {' '.join(str(e).split())}") from None
     want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
@@ -270,12 +272,22 @@ def _check_weights_fit(path: Path, weights: Path, model_name: str, config: dict)
                        f"e.g. {k}: {list(h)} in the file, {list(w)} for the card's config)")
 
 
-def load_entry(ref: str | os.PathLike, root=None, expect_sha256: str | None = None):
+def load_entry(ref: str | os.PathLike, root=None, expect_sha256: str | None = None, kind: str | None = None,
+               role: str = ""):
     """Return ``(model, card)``; the model is in eval mode. The card must pass the schema, the
     weights' sha256 must match it (and ``expect_sha256``, the checksum another card recorded for
-    this entry, when given), their shapes must fit the card's model and their values be finite."""
+    this entry, when given), their shapes must fit the card's model and their values be finite.
+    ``kind``: the model kind the caller needs (``"backbone"``), checked from the card before any
+    weight is read; ``role`` says why, in the error (``"teachers are backbone entries"``)."""
     path = resolve(ref, root)
     card = read_card(path)
+    if kind is not None:
+        try:
+            why = kind_problem(card["model"], kind)
+        except KeyError as e:
+            raise ZooError(f"{path / CARD}: {e.args[0]}") from None
+        if why:
+            raise ZooError(f"{path}: {why}" + (f": {role}" if role else ""))
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ZooError(f"{weights}: missing weights")
@@ -288,10 +300,6 @@ def load_entry(ref: str | os.PathLike, root=None, expect_sha256: str | None = No
                        "recorded for it: the entry was replaced or another entry sits at this path; refusing")
     _check_weights_fit(path, weights, card["model"], card["config"])
     try:
-        model = create_model(card["model"], card["config"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ZooError(f"{path / CARD}: cannot build model '{card['model']}': {e}") from None
-    try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types
         raise ZooError(f"{weights}: unreadable safetensors file ({e})") from None
@@ -299,10 +307,10 @@ def load_entry(ref: str | os.PathLike, root=None, expect_sha256: str | None = No
     if bad:
         raise ZooError(f"{weights}: {len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]}); "
                        "refusing to load")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ZooError(f"{weights}: weights do not fit the card's model "
-                       f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:  # the names and shapes were checked against the card's model above
+        model = build_model(card["model"], card["config"], state=state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ZooError(f"{path / CARD}: cannot build model '{card['model']}': {' '.join(str(e).split())}") from None
     model.eval()
     return model, card
 
@@ -331,6 +339,31 @@ def scan_entries(root: str | os.PathLike | None = None) -> list[tuple[Path, dict
             msg = " ".join(str(e).split())
             out.append((d, None, msg.split(": ", 1)[1] if msg.startswith(str(d)) else msg))
     return out
+
+
+def format_rows(rows: list[tuple]) -> str:
+    """Rows of strings as left-aligned columns (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_table(entries) -> str:
+    """The zoo as a table; ``entries`` as :func:`scan_entries` gives them (or ``(path, card)``
+    pairs): an unusable entry is a row with its problem. The model and the data are described by
+    their registries (``describe`` of the model class and of the reader)."""
+    rows = [("name", "backbone", "data", "frame", "T_in->T_out", "steps", "test MSE/frame")]
+    for path, card, *problem in entries:
+        if card is None:
+            rows.append((path.name, f"unusable: {problem[0] if problem else 'bad card'}", "", "", "", "", ""))
+            continue
+        size = card.get("frame_size", ["?", "?"])
+        mse = card.get("metrics", {}).get("mse")
+        rows.append((path.name, describe_model(card.get("model", "?"), card.get("config") or {}),
+                     describe_data(card.get("data") or {}), f"{size[0]}x{size[1]}",
+                     f"{card.get('t_in', '?')}->{card.get('t_out', '?')}",
+                     str(card.get("train", {}).get("steps", "?")),
+                     f"{mse:.2f}" if isinstance(mse, (int, float)) else "-"))
+    return "(zoo is empty)" if len(rows) == 1 else format_rows(rows)
 
 
 def list_entries(root: str | os.PathLike | None = None) -> list[tuple[Path, dict]]:
@@ -425,6 +458,27 @@ class Ranking:
     def from_dict(cls, d: dict) -> "Ranking":
         return cls(d["target"], d["probe_steps"], d["seed"], d["rows"], d["baselines"], d.get("wall_s", 0.0))
 
+    def format(self) -> str:
+        """The ranking as a table: one row per entry (best first, unusable ones last with the
+        reason) and one per baseline, MSE per frame on the target's validation clips."""
+        def num(x):
+            return f"{x:.4g}" if isinstance(x, (int, float)) else "-"
+        k = self.probe_steps
+        rows = [("rank", "name", "model", "usable as", "zero-shot MSE",
+                 f"probe MSE ({k} steps)" if k else "probe MSE", "note")]
+        for r in self.rows:
+            rows.append((str(r["rank"] or "-"), r["name"], r.get("model") or "?",
+                         ", ".join(r["uses"]) if r["usable"] else "unusable",
+                         num(r["zero_shot_mse"]), num(r["probe_mse"]), r["reason"] or ""))
+        for name, mse in self.baselines.items():
+            rows.append(("-", name, "baseline", "reference", num(mse), "-",
+                         "" if mse is not None else "not installed: pip install 'transmem[nowcast]'"))
+        t = self.target
+        head = (f"{len(self.rows)} zoo entries ({t.get('zoo')}) ranked for {t['data'].get('name')} "
+                f"(validation: {t.get('val_clips')} clips, "
+                f"score: {self.score_key}, seed {self.seed}, {self.wall_s:.1f} s)")
+        return head + "\n" + format_rows(rows)
+
     def summary(self, chosen: list[dict], use: str, file: str = "ranking.json") -> dict:
         """What a card says about an ``auto`` choice: the chosen entries and their scores."""
         keys = ("name", "rank", "score", "zero_shot_mse", "probe_mse")
@@ -437,12 +491,18 @@ class _Adapted(torch.nn.Module):
     """An entry whose frames have other channels than the target's (gray <-> RGB): the target's
     frames are converted to the entry's channels and its forecasts back, by the bank's adapter."""
 
+    model_kind = "backbone"  # a backbone behind an adapter
+
     def __init__(self, model: torch.nn.Module, channels: int):
         super().__init__()
         self.model, self.channels = model, channels
 
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_size
+
     def forward(self, frames, sampling_mask=None, t_in=None):
-        x = convert_channels(frames, self.model.config.in_channels)
+        x = convert_channels(frames, self.model.in_channels)
         return convert_channels(self.model(x, sampling_mask, t_in=t_in), self.channels)
 
 
@@ -453,15 +513,14 @@ def serves(model: torch.nn.Module, card: dict, exp, target_probe: torch.nn.Modul
     source in a memory bank, through the bank's adapters, for a TMU on ``target_probe``'s
     backbone) -- and, when it serves neither way, why not (one line). ``hw``: the target's frame
     size as its data has it (``resize: none`` keeps the native size), default ``data.size``."""
-    if not isinstance(model, PredictiveRNN):
-        return [], (f"a '{card.get('model')}' model (a transfer target with its own teachers), not a "
-                    "backbone: it can neither start a finetune nor be a teacher (rank its teachers instead)")
-    p = model.config.patch_size
-    h, w = hw or (exp.data.size, exp.data.size)
-    if h % p or w % p:
-        return [], f"its patch size {p} does not divide the target's {h}x{w} frames"
+    why = kind_problem(card["model"], "backbone")
+    if why:
+        return [], f"{why}: it can neither start a finetune nor be a teacher (rank its teachers instead)"
+    why = patch_problem(model.patch_size, hw or (exp.data.size, exp.data.size), "the target's")
+    if why:
+        return [], f"its {why}"
     uses, reason = [], None
-    if model.config.in_channels == exp.data.channels:
+    if model.in_channels == exp.data.channels:
         uses.append("finetune")
     try:
         layers = resolve_layers(exp.transfer.tmu_layers, target_probe.num_layers)
@@ -474,16 +533,18 @@ def serves(model: torch.nn.Module, card: dict, exp, target_probe: torch.nn.Modul
 
 
 def _forecaster(model: torch.nn.Module, exp) -> torch.nn.Module:
-    same = model.config.in_channels == exp.data.channels
+    same = model.in_channels == exp.data.channels
     return model if same else _Adapted(model, exp.data.channels)
 
 
+def _rollout(model: torch.nn.Module, exp) -> ForecastModule:
+    """A model rolled out from the target's ``t_in`` frames (what :func:`_val_mse` scores)."""
+    return ForecastModule(model, SamplingSchedule(kind="none", t_in=exp.train.t_in, frames=exp.data.frames))
+
+
 def _val_mse(forecaster, exp, val) -> float:
-    """Per-frame MSE (the evaluation's ``mse``) on the clips ``val`` of a baseline, or of a model
-    rolled out from the target's ``t_in`` frames."""
-    if not hasattr(forecaster, "rollout"):
-        forecaster = ForecastModule(forecaster, SamplingSchedule(kind="none", t_in=exp.train.t_in,
-                                                                 frames=exp.data.frames))
+    """Per-frame MSE (the evaluation's ``mse``) of a forecaster (a baseline, or a model through
+    :func:`_rollout`) on the clips ``val``."""
     return float(evaluate(forecaster, val, exp.eval.batch_size)["mse"])
 
 
@@ -512,7 +573,7 @@ def probe(model: torch.nn.Module, exp, train, steps: int, seed: int = 0) -> torc
         mask = sched.mask(step, len(idx), None, g)
         loss, _, _ = forecast_loss(model, batch["frames"], mask, batch.get("mask"), l1_weight=t.l1_weight)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"probe loss became {loss.item()} at step {step}")
+            raise Diverged(f"probe loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -537,12 +598,12 @@ def _score_entry(path: Path, exp, datasets, probe_steps: int, seed: int, target_
     if not row["uses"]:
         return row
     forecaster = _forecaster(model, exp)
-    row["zero_shot_mse"] = _finite(_val_mse(forecaster, exp, datasets["val"]))
+    row["zero_shot_mse"] = _finite(_val_mse(_rollout(forecaster, exp), exp, datasets["val"]))
     if probe_steps > 0:
         torch.manual_seed(seed)  # anything random in the model's own layers
         try:
             probe(forecaster, exp, datasets["train"], probe_steps, seed)
-            row["probe_mse"] = _finite(_val_mse(forecaster, exp, datasets["val"]))
+            row["probe_mse"] = _finite(_val_mse(_rollout(forecaster, exp), exp, datasets["val"]))
         except FloatingPointError as e:
             row["reason"] = f"the finetuning probe diverged ({e}): lower train.lr"
     row["score"] = row["probe_mse"] if probe_steps > 0 else row["zero_shot_mse"]
@@ -598,7 +659,7 @@ def rank(target, zoo_root=None, entries=None, probe_steps: int = PROBE_STEPS, se
                            f"(data.{split}_clips or the data's split)")
     cfg = dict(target.model)
     try:  # the target's backbone: what a teacher's memory is adapted to
-        target_probe = create_model(cfg.pop("name", None), cfg)
+        target_probe = build_model(cfg.pop("name", None), cfg, kind="backbone")
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"model: the target's backbone does not build ({' '.join(str(e).split())})") from None
     hw = frame_size_of(datasets)  # the frames as the data has them (resize: none keeps the native size)

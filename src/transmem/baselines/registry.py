@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
+
 SCALES = ("values", "physical", "dbr")
 INFLOWS = ("zero", "last")  # what enters the frame where nothing is known: no rain, or the last frame
 DBR_THRESHOLD_MMH = 0.1     # pysteps' gallery: dB transform with threshold 0.1 mm/h ...
@@ -40,7 +42,7 @@ FIRST = ("persistence_nowcast", "extrapolation")  # listed first; the other modu
 PIP_NAMES = {"pysteps": "transmem[nowcast]", "cv2": "transmem[nowcast]", "skimage": "scikit-image"}
 
 
-class BaselineUnavailable(RuntimeError):
+class BaselineUnavailable(UserError, RuntimeError):
     """A baseline whose optional dependency is missing (the message is one line)."""
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..choices import RESIZE_MODES, problem
 from ..files import atomic_folder
 from ..progress import BlockProgress
 from .errors import DataError
@@ -207,8 +208,8 @@ def _resize_tensor(t: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def _check_fit_args(size, mode, aspect, path):
-    if mode not in ("resize", "crop", "none"):
-        raise DataError(path, f"resize must be 'resize', 'crop' or 'none', got {mode!r}")
+    if mode not in RESIZE_MODES:
+        raise DataError(path, problem("resize", mode, RESIZE_MODES))
     if aspect not in ("crop", "stretch"):
         raise DataError(path, f"extra.aspect must be 'crop' or 'stretch', got {aspect!r}")
     if mode != "none" and (not isinstance(size, (int, np.integer)) or size < 1):

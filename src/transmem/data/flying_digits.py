@@ -162,7 +162,7 @@ class FlyingDigits(Dataset):
         return {"frames": x.unsqueeze(1)}
 
 
-@register_dataset("flying_digits", extra=(), inflow="zero")  # digits bounce on a black canvas
+@register_dataset("flying_digits", extra=(), inflow="zero", describe=lambda cfg: f"flying_digits k={cfg.num_digits}")  # digits bounce on a black canvas
 def build_flying_digits(cfg: DataConfig) -> dict:
     """Train / val / test :class:`FlyingDigits` from ``num_digits, size, frames, seed, mnist_dir`` and
     ``train_clips, val_clips, test_clips``."""

@@ -58,7 +58,7 @@ from .clips import (CLIP_KEYS, SequenceSpec, read_bytes, build_clip_datasets, fi
 from .conventions import refuse_undeclared_fill
 from .errors import DataError
 from .radar import FMI_A, FMI_B, R_MAX, dbz_to_rainrate, rain_to_unit, rain_units
-from .registry import DataConfig, Units, register_dataset
+from .registry import DataConfig, Grid, Units, register_dataset
 
 GRID_EXTS = frozenset({".nc", ".nc4", ".nc3", ".cdf", ".netcdf", ".grib", ".grib2", ".grb", ".grb2", ".zarr"})
 _GRIB_EXTS = (".grib", ".grib2", ".grb", ".grb2")
@@ -129,23 +129,6 @@ def open_grid(path: str | os.PathLike, engine: str | None = None):
 # --------------------------------------------------------------------------------------------
 # one variable as frames
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Grid:
-    """What a gridded input is, besides its values: the variable, its units, the time of each
-    frame, and the spatial coordinates (1-D, after crop/resize) with their attributes."""
-    variable: str = ""
-    units: str = ""
-    attrs: dict = field(default_factory=dict)
-    times: list = field(default_factory=list)        # numpy datetime64 (or float) per frame
-    y_name: str = "y"
-    x_name: str = "x"
-    y: np.ndarray | None = None
-    x: np.ndarray | None = None
-    y_attrs: dict = field(default_factory=dict)
-    x_attrs: dict = field(default_factory=dict)
-    crs: dict = field(default_factory=dict)          # CF grid mapping: {"name": ..., "attrs": {...}}
-
-
 def _pick_variable(ds, name: str | None, path):
     if name:
         if name not in ds.data_vars:

@@ -47,7 +47,7 @@ from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, read_bytes, fi
                     opt_int, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
-from .registry import DataConfig, Units, register_dataset
+from .registry import DataConfig, Grid, Units, register_dataset
 
 FMI_A, FMI_B = 223.0, 1.53
 R_MAX = 100.0
@@ -418,7 +418,6 @@ def composite_grid(importer: str, **kwargs):
             from pysteps.io import get_method
         except ImportError:
             return None
-        from .gridded import Grid
         path = Path(cfg.path)
         src = FMI if cfg.name == "radar_fmi" else MCH
         events = find_events(path, src) if path.is_dir() else {"": [(None, path)]}

@@ -25,6 +25,7 @@ _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
 _INFLOWS: dict[str, str] = {}  # dataset -> the inflow its reference nowcasts assume
+_DESCRIBE: dict[str, Callable] = {}  # dataset -> a short description of a config (zoo tables)
 _PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read
 _GRIDS: dict[str, Callable] = {}  # dataset -> the projected coordinates of its frames as read (or None)
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
@@ -41,9 +42,28 @@ class Units:
     precipitation: bool = False
 
 
+@dataclass
+class Grid:
+    """What a gridded input is, besides its values: the variable, its units, the time of each
+    frame, and the spatial coordinates (1-D, after crop/resize) with their attributes (the
+    xarray reader fills it from the file, a radar reader declares it: ``register_dataset(grid=)``)."""
+    variable: str = ""
+    units: str = ""
+    attrs: dict = field(default_factory=dict)
+    times: list = field(default_factory=list)        # numpy datetime64 (or float) per frame
+    y_name: str = "y"
+    x_name: str = "x"
+    y: Any = None                                    # 1-D numpy array, or None
+    x: Any = None
+    y_attrs: dict = field(default_factory=dict)
+    x_attrs: dict = field(default_factory=dict)
+    crs: dict = field(default_factory=dict)          # CF grid mapping: {"name": ..., "attrs": {...}}
+
+
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
                      extra: tuple[str, ...] | None = None, inflow: str | None = None,
                      pixel_km: Callable[["DataConfig"], float | None] | None = None,
+                     describe: Callable[["DataConfig"], str] | None = None,
                      grid: Callable[["DataConfig"], Any] | None = None):
     """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
     (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
@@ -52,9 +72,11 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
     data does not say (``"zero"``: a scene on a known empty background, as generated digits;
     default: zero for rain, the last frame for anything else). ``pixel_km``: a function of the
     config giving the grid spacing of the frames as read (km per pixel), for reference nowcasts
-    whose perturbations are physical (STEPS). ``grid``: a function of the config (``path`` the
-    input) giving the frames' spatial coordinates as a :class:`~transmem.data.gridded.Grid`, or
-    None; ``transmem predict --native`` writes its CF-netCDF on them."""
+    whose perturbations are physical (STEPS). ``describe``: a function of the config giving the
+    short description a zoo table shows (default: the name). ``grid``: a function of the config
+    (``path`` the input) giving the frames' spatial coordinates as a
+    :class:`~transmem.data.gridded.Grid`, or None; ``transmem predict --native`` writes its
+    CF-netCDF on them."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
@@ -65,6 +87,8 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
             _INFLOWS[name] = inflow
         if pixel_km is not None:
             _PIXEL_KM[name] = pixel_km
+        if describe is not None:
+            _DESCRIBE[name] = describe
         if grid is not None:
             _GRIDS[name] = grid
         return fn
@@ -84,6 +108,15 @@ def _declared(table: dict, cfg: "DataConfig | dict"):
 def pixel_km(cfg: "DataConfig | dict") -> float | None:
     """The grid spacing (km per pixel) of a dataset's frames as read, where its reader knows it."""
     return _declared(_PIXEL_KM, cfg)
+
+
+def describe(cfg: "DataConfig | dict") -> str:
+    """A short description of the data a config names (its reader's ``describe``, else the name);
+    a config that does not parse is described by its name alone."""
+    try:
+        return _declared(_DESCRIBE, cfg) or (cfg.name if isinstance(cfg, DataConfig) else cfg.get("name", "?"))
+    except (DataError, TypeError, ValueError):
+        return str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?"
 
 
 def frame_grid(cfg: "DataConfig | dict"):

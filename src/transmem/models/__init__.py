@@ -4,7 +4,8 @@ no import list needs an edit; another package adds one by an entry point in ``tr
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .registry import create_model, list_models, get_model_class, register_model, build_config
+from .registry import (build_config, build_model, create_model, describe_model, get_model_class, kind_problem,
+                       list_models, model_kind, register_model)
 from .base import PredictiveRNN, BackboneConfig, MemoryHook, patchify, unpatchify
 from . import kernels  # the fused-kernel switch: kernels.enabled() / use_fused(flag)
 
@@ -23,5 +24,6 @@ def _load_plugins() -> None:
 
 _load_plugins()
 
-__all__ = ["create_model", "list_models", "get_model_class", "register_model", "build_config",
+__all__ = ["create_model", "build_model", "describe_model", "model_kind", "kind_problem", "list_models", "get_model_class",
+           "register_model", "build_config",
            "PredictiveRNN", "BackboneConfig", "MemoryHook", "patchify", "unpatchify", "kernels"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import NORMS, check
 from . import kernels
 
 
@@ -110,7 +111,8 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
         groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
         return nn.GroupNorm(groups, channels)
-    raise ValueError(f"unknown norm '{kind}'; use 'none' or 'group'")
+    check("norm", kind, NORMS)
+    raise AssertionError(kind)  # every name of NORMS is built above
 
 
 def teacher_forcing_mask(batch: int, steps: int, t_in: int | None, device=None) -> torch.Tensor:
@@ -132,6 +134,11 @@ class PredictiveRNN(nn.Module):
     #: the last frame whatever its memory holds: the registry-wide protocol tests randomise those
     #: heads before checking that the output depends on the memory (a declared opt-out, not a skip)
     starts_as_persistence = False
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        """A short description of a model of this class with ``config`` (a card's), for tables."""
+        return cls.model_name
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
@@ -163,6 +170,16 @@ class PredictiveRNN(nn.Module):
         return self.config.num_layers
 
     @property
+    def patch_size(self) -> int:
+        """Frames are cut into ``p x p`` patches: their size must be a multiple of it."""
+        return self.config.patch_size
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the frames the model reads (1 gray, 3 RGB)."""
+        return self.config.in_channels
+
+    @property
     def needs_teachers_at_inference(self) -> bool:
         """A backbone predicts alone (a transfer model that reads teacher states says True)."""
         return False
@@ -171,9 +188,9 @@ class PredictiveRNN(nn.Module):
         if frames.dim() != 5:
             raise ValueError(f"frames must be (B, T, C, H, W), got shape {tuple(frames.shape)}")
         c, h, w = frames.shape[2:]
-        p = self.config.patch_size
-        if c != self.config.in_channels:
-            raise ValueError(f"model expects {self.config.in_channels} channels, frames have {c}")
+        p = self.patch_size
+        if c != self.in_channels:
+            raise ValueError(f"model expects {self.in_channels} channels, frames have {c}")
         if h % p or w % p:
             raise ValueError(f"frame size {h}x{w} is not divisible by patch size {p}")
 

@@ -39,7 +39,7 @@ class MixtureConfig:
     patch_size: int = 1                                # lcm of the members' patch sizes: frames are padded to it
 
 
-@register_model("mixture", kind="transfer")
+@register_model("mixture", kind="mixture")
 class MixtureModel(nn.Module):
     """Frozen members, learned per-lead (and optionally per-pixel) softmax weights. ``forward``
     has a backbone's signature, so training, checkpoints, evaluation and ``predict`` treat it as
@@ -47,6 +47,11 @@ class MixtureModel(nn.Module):
     weights: only the forecast leads train them)."""
 
     config_class = MixtureConfig
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        """The zoo table's model column: the members and the baselines."""
+        return f"{cls.model_name}({', '.join(list(config.get('member_names') or []) + list(config.get('baselines') or []))})"
 
     def __init__(self, config: MixtureConfig):
         super().__init__()
@@ -83,6 +88,15 @@ class MixtureModel(nn.Module):
     @property
     def names(self) -> list[str]:
         return list(self.config.member_names) + list(self.config.baselines)
+
+    @property
+    def patch_size(self) -> int:
+        """The least common multiple of the members' patch sizes (frames are padded to it)."""
+        return int(self.config.patch_size)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config.channels)
 
     @property
     def needs_teachers_at_inference(self) -> bool:

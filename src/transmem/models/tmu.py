@@ -29,28 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import TMU_MODES, TMU_WEIGHTINGS
+from ..options import TMUOptions, check as check_options
 from . import kernels
 from .base import make_norm
 from .registry import create_model, register_model
 
 
 @dataclass
-class TMUConfig:
+class TMUConfig(TMUOptions):
+    """The user's options (:class:`~transmem.options.TMUOptions`, declared there once) plus what
+    the builder fills in: the target backbone and one name and memory width per teacher."""
     backbone: str = "convlstm"
     backbone_config: dict = field(default_factory=dict)
     source_names: list = field(default_factory=list)     # one per teacher
     source_channels: list = field(default_factory=list)  # memory channels of each teacher
-    tmu_layers: list | str = "bottom"                    # "bottom" | "all" | list of layer indices
-    mode: str = "distill"                                # "distill" | "bank_read"
-    gates: bool = True                                   # False: plain sum (ablation)
-    weighting: str = "none"                              # "none" | "softmax" across sources
-    distiller_kernel: int = 1
-    distiller_norm: str = "none"                         # "none" | "group"
-    gate_kernel: int = 1
 
 
 def resolve_layers(spec, num_layers: int) -> list[int]:
+    """``tmu_layers`` as layer numbers: "bottom" (layer 0), "top" (the last), "all", or a list of
+    layer numbers below ``num_layers``."""
     if spec == "bottom":
         return [0]
     if spec == "all":
@@ -145,12 +142,13 @@ class TMUModel(nn.Module):
 
     config_class = TMUConfig
 
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        return f"{cls.model_name}({config.get('backbone')}, {len(config.get('source_names') or [])} src)"
+
     def __init__(self, config: TMUConfig):
         super().__init__()
-        if config.mode not in TMU_MODES:
-            raise ValueError(f"TMU mode must be 'distill' or 'bank_read', got '{config.mode}'")
-        if config.weighting not in TMU_WEIGHTINGS:
-            raise ValueError(f"TMU weighting must be 'none' or 'softmax', got '{config.weighting}'")
+        check_options(config)
         if len(config.source_names) != len(config.source_channels) or not config.source_names:
             raise ValueError("TMU needs one source name and one channel count per teacher")
         self.config = config
@@ -164,6 +162,14 @@ class TMUModel(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.backbone.num_layers
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.backbone.in_channels
 
     def hidden_channels(self, layer: int) -> int:
         return self.backbone.hidden_channels(layer)

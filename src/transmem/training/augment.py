@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from ..choices import AUGMENTS
+from ..choices import AUGMENTS, check
 
 
 def draw_augment(n: int, ops, generator: torch.Generator, square: bool) -> torch.Tensor:
     """Per clip ``[flip left-right, flip up-down, quarter turns]`` as an (n, 3) integer tensor.
     Rotations need square frames (a rotated clip must keep its size)."""
-    bad = sorted(set(ops) - set(AUGMENTS))
-    if bad:
-        raise ValueError(f"unknown augmentation {bad}; known: {', '.join(AUGMENTS)}")
+    for op in ops:
+        check("augment", op, AUGMENTS)
     params = torch.zeros(n, 3, dtype=torch.long)
     if "flip" in ops:
         params[:, :2] = torch.randint(0, 2, (n, 2), generator=generator)

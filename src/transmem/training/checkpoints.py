@@ -26,11 +26,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..errors import Diverged, UserError
 from ..files import WriteError, atomic_write, free_space_text
 from .samplers import StepSampler
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or is refused on load (one-line message)."""
 
 
@@ -268,7 +269,7 @@ class TrainingState(Callback):
         bad = _nonfinite(checkpoint.get("state_dict", {}), "state_dict") or \
             _nonfinite(checkpoint.get("optimizer_states", []), "optimizer_states")
         if bad:
-            raise FloatingPointError(
+            raise Diverged(
                 f"{bad} became NaN/Inf by step {trainer.global_step}: stopping without writing that "
                 "checkpoint; the last good checkpoint is kept (lower the learning rate or check the data)")
         rng = {"torch": torch.get_rng_state(), "numpy": _np_state_to_plain(np.random.get_state()),

@@ -18,11 +18,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.callbacks import Callback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from .. import signals
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..files import WriteError
 from .checkpoints import (AtomicCheckpointIO, CheckpointError, TrainingState, no_advice, clean_stale_temps,
                           keep_logs_before, load_checkpoint_safely, resume_point)
@@ -166,7 +167,53 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
     callbacks.append(StopOnSignal(last, callbacks[0]))
     progress_bar, progress_callbacks = train_progress(cfg.progress)
     callbacks.extend(progress_callbacks)
-    trainer = L.Trainer(
+    try:
+        trainer = _trainer(cfg, out_dir, callbacks, progress_bar, val_interval)
+    except MisconfigurationException as e:  # Lightning's word for a bad accelerator/devices/strategy
+        raise ConfigError(f"train: {' '.join(str(e).split())}", where="train") from None
+    sampler.step_source = trainer
+    g = torch.Generator()
+    g.manual_seed(cfg.seed)
+    train_loader = DataLoader(Indexed(train_ds), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                              generator=g, num_workers=cfg.num_workers,
+                              persistent_workers=cfg.num_workers > 0)
+    val_loader = None
+    if val_ds is not None and val_interval:
+        val_loader = DataLoader(Indexed(val_ds), batch_size=cfg.batch_size, sampler=ShardSampler(len(val_ds)))
+    # weights_only: a checkpoint that carries pickled code is refused, never run
+    try:
+        with signals.deferred():  # a signal ends the running step first (StopOnSignal)
+            trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                        weights_only=True)
+            # the final state, so that a resume after training is a no-op: written again even on a
+            # checkpoint step, since Lightning wrote that one before the step's validation, and a
+            # resume with a higher cap from it would forget that validation (a worse model could then
+            # replace best.ckpt)
+            trainer.save_checkpoint(last)
+    except MisconfigurationException as e:
+        raise ConfigError(f"train: {' '.join(str(e).split())}", where="train") from None
+    except pickle.UnpicklingError as e:  # a rank that read another file than the one checked above
+        raise CheckpointError(f"{ckpt_path}: refused to load ({no_advice(str(e))})") from None
+    except SIGTERMException:  # Lightning's own SIGTERM stop (a SystemExit without a code)
+        raise signals.Interrupted(signal.SIGTERM) from None
+    except OSError as e:  # a log write (CSV, TensorBoard) on a full disk, or one while stopping
+        raise _write_failure(e, out_dir) from None
+    signals.raise_if_pending()
+    if best is not None and best.best_model_path and os.path.exists(best.best_model_path) \
+            and trainer.is_global_zero:
+        state = load_checkpoint_safely(best.best_model_path)["state_dict"]
+        module.load_state_dict(state)
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier("transmem.fit.end")
+        if not trainer.is_global_zero:
+            raise SystemExit(0)
+        torch.distributed.destroy_process_group()
+    return trainer
+
+
+def _trainer(cfg: TrainConfig, out_dir: Path, callbacks, progress_bar: bool, val_interval) -> L.Trainer:
+    """The Lightning trainer of :func:`fit` (its settings in one place)."""
+    return L.Trainer(
         max_steps=cfg.steps,
         max_epochs=-1,
         accelerator=cfg.accelerator,
@@ -187,39 +234,3 @@ def fit(module: ForecastModule, train_ds, val_ds, cfg: TrainConfig, out_dir: str
         num_sanity_val_steps=0,
         default_root_dir=str(out_dir),
     )
-    sampler.step_source = trainer
-    g = torch.Generator()
-    g.manual_seed(cfg.seed)
-    train_loader = DataLoader(Indexed(train_ds), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              generator=g, num_workers=cfg.num_workers,
-                              persistent_workers=cfg.num_workers > 0)
-    val_loader = None
-    if val_ds is not None and val_interval:
-        val_loader = DataLoader(Indexed(val_ds), batch_size=cfg.batch_size, sampler=ShardSampler(len(val_ds)))
-    # weights_only: a checkpoint that carries pickled code is refused, never run
-    try:
-        with signals.deferred():  # a signal ends the running step first (StopOnSignal)
-            trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
-                        weights_only=True)
-            # the final state, so that a resume after training is a no-op: written again even on a
-            # checkpoint step, since Lightning wrote that one before the step's validation, and a
-            # resume with a higher cap from it would forget that validation (a worse model could then
-            # replace best.ckpt)
-            trainer.save_checkpoint(last)
-    except pickle.UnpicklingError as e:  # a rank that read another file than the one checked above
-        raise CheckpointError(f"{ckpt_path}: refused to load ({no_advice(str(e))})") from None
-    except SIGTERMException:  # Lightning's own SIGTERM stop (a SystemExit without a code)
-        raise signals.Interrupted(signal.SIGTERM) from None
-    except OSError as e:  # a log write (CSV, TensorBoard) on a full disk, or one while stopping
-        raise _write_failure(e, out_dir) from None
-    signals.raise_if_pending()
-    if best is not None and best.best_model_path and os.path.exists(best.best_model_path) \
-            and trainer.is_global_zero:
-        state = load_checkpoint_safely(best.best_model_path)["state_dict"]
-        module.load_state_dict(state)
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        trainer.strategy.barrier("transmem.fit.end")
-        if not trainer.is_global_zero:
-            raise SystemExit(0)
-        torch.distributed.destroy_process_group()
-    return trainer

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 from ..fullfield import pad_to_multiple
-from ..choices import DISTILL_DECAYS, DISTILL_SPANS
+from ..choices import DISTILL_DECAYS, DISTILL_SPANS, check
+from ..errors import Diverged
 from .samplers import dist_info
 from .augment import augment_clips
 from .schedules import SamplingSchedule, reverse_time
@@ -38,12 +39,13 @@ def forecast_loss(model, frames, mask, valid=None, bank=None, distill_weight: fl
                   l1_weight: float = 0.0, distill_until: int | None = None):
     """``L = L_pred + distill_weight * L_distill`` for one batch: the loss of training and of the
     benchmarks. ``L_pred`` is the frame MSE over frames 1..T-1 (plus ``l1_weight`` times the L1),
-    counted where ``valid``; ``L_distill`` comes from a TMU (``model.transfer``) and its ``bank``
-    and stays in the graph. Returns ``(loss, L_pred, L_distill or None)``."""
+    counted where ``valid``; ``L_distill`` comes from a transfer model (``model_kind ==
+    "transfer"``, such as the TMU) and its ``bank`` and stays in the graph. Returns ``(loss,
+    L_pred, L_distill or None)``."""
     target = frames[:, 1:]
     tvalid = None if valid is None else valid[:, 1:]
     distill = None
-    if hasattr(model, "transfer"):
+    if model.model_kind == "transfer":
         preds, aux = model(frames, mask, bank=bank, return_aux=True, distill_until=distill_until)
         distill = aux["distill_loss"]
     else:
@@ -91,13 +93,11 @@ class ForecastModule(L.LightningModule):
         self.schedule = schedule
         self.lr = lr
         self.distill_weight = distill_weight
-        if distill_decay not in DISTILL_DECAYS:
-            raise ValueError(f"distill_decay must be 'none', 'linear' or 'cosine', got '{distill_decay}'")
+        check("distill_decay", distill_decay, DISTILL_DECAYS)
         if distill_decay != "none" and total_steps <= 0:
             raise ValueError("a decaying distillation weight needs the number of training steps")
         self.distill_decay = distill_decay
-        if distill_span not in DISTILL_SPANS:
-            raise ValueError(f"distill_span must be 'all' or 'input', got '{distill_span}'")
+        check("distill_span", distill_span, DISTILL_SPANS)
         # "input": only the steps that read input frames (t < T_in), where a ground_truth teacher
         # knows nothing the target could not know; later teacher states have seen true frames
         # that the target (once scheduled sampling ends) only predicts
@@ -107,7 +107,7 @@ class ForecastModule(L.LightningModule):
         self.augment, self.crop = tuple(augment), int(crop)
         self.l1_weight = l1_weight
         self.t_in = schedule.t_in
-        self.is_tmu = hasattr(model, "transfer")
+        self.is_tmu = model.model_kind == "transfer"
         self.seed = seed
         # validation MSE as a (sum, weight) metric: exact when the val set is split over processes
         self.val_mse = WeightedMean()
@@ -188,7 +188,7 @@ class ForecastModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, pred_loss, distill = self.compute_loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise Diverged(
                 f"loss became {loss.item()} at step {self.global_step}: stopping; the last good "
                 "checkpoint is kept (lower the learning rate or check the data)")
         self.log("train/loss", loss, prog_bar=True)
@@ -200,8 +200,7 @@ class ForecastModule(L.LightningModule):
 
     @property
     def patch_size(self) -> int:
-        backbone = getattr(self.model, "backbone", self.model)  # a TMU pads for its backbone
-        return int(getattr(getattr(backbone, "config", None), "patch_size", 1) or 1)
+        return int(self.model.patch_size)
 
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
         """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too).

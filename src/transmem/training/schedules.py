@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..choices import SCHEDULE_KINDS
+from ..choices import SCHEDULE_KINDS, check
 
 
 @dataclass
@@ -31,8 +31,7 @@ class SamplingSchedule:
     exp_alpha: float | None = None  # reverse only: exponential rise of the input part
 
     def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"sampling schedule must be linear, reverse or none, got '{self.kind}'")
+        check("schedule", self.kind, SCHEDULE_KINDS)
         if not 1 <= self.t_in < self.frames:
             raise ValueError(f"t_in={self.t_in} must be in [1, frames={self.frames})")
 

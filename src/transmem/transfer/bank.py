@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import TEACHER_INPUTS
+from ..choices import TEACHER_INPUTS, check
+from ..errors import UserError
 from ..files import write_text
 from ..models.base import PredictiveRNN
 
 
 
-class TeacherMismatch(ValueError):
+class TeacherMismatch(UserError, ValueError):
     """A teacher that cannot be adapted to the target (one-line message)."""
 
 
@@ -66,17 +67,16 @@ class MemoryBank(nn.Module):
     def __init__(self, teachers: list[PredictiveRNN], names: list[str], target: nn.Module,
                  layers: list[int], teacher_inputs: str = "ground_truth", frame_channels: int = 1):
         super().__init__()
-        if teacher_inputs not in TEACHER_INPUTS:
-            raise ValueError(f"teacher_inputs must be 'own' or 'ground_truth', got '{teacher_inputs}'")
+        check("teacher_inputs", teacher_inputs, TEACHER_INPUTS)
         self.names = list(names)
         self.teacher_inputs = teacher_inputs
         self.layers = list(layers)
         self.target_layers = target.num_layers
-        self.target_patch = _patch_size(target)
+        self.target_patch = target.patch_size
         self.frame_channels = frame_channels
         self.teachers = nn.ModuleList(teachers)
         for name, t in zip(names, teachers):
-            tc = t.config.in_channels
+            tc = t.in_channels
             if tc != frame_channels and not {tc, frame_channels} == {1, 3}:
                 raise TeacherMismatch(
                     f"teacher '{name}' reads {tc}-channel frames and the target has {frame_channels}: "
@@ -112,11 +112,11 @@ class MemoryBank(nn.Module):
         h, w = frames.shape[-2] // self.target_patch, frames.shape[-1] // self.target_patch
         out = []
         for n, teacher in enumerate(self.teachers):
-            p = teacher.config.patch_size
+            p = teacher.patch_size
             if frames.shape[-1] % p or frames.shape[-2] % p:
                 raise TeacherMismatch(f"teacher '{self.names[n]}' patch size {p} does not divide "
                                       f"the frame size {frames.shape[-2]}x{frames.shape[-1]}")
-            x = convert_channels(frames, teacher.config.in_channels)
+            x = convert_channels(frames, teacher.in_channels)
             wanted = {l: self.teacher_layer(n, l) for l in self.layers}
             if self.teacher_inputs == "ground_truth":
                 # only the teacher layers that are read (and those they depend on), no output head
@@ -138,11 +138,6 @@ class MemoryBank(nn.Module):
             return self(frames, mask, t_in)
         finally:
             self.teacher_inputs = mode
-
-
-def _patch_size(model: nn.Module) -> int:
-    inner = getattr(model, "backbone", model)
-    return inner.config.patch_size
 
 
 class BankCache:
