@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 from . import choices
-from .baselines import BaselineUnavailable, baseline_for_data, default_baselines
+from .baselines import BaselineUnavailable, baseline_for_data, default_baselines, get_method
 from .config import ConfigError, patch_problem
 from .errors import Diverged, UserError
 from .data import DataConfig, build_datasets, frame_size_of, physical_units
@@ -617,10 +617,13 @@ def _score_entry(path: Path, exp, datasets, probe_steps: int, seed: int, target_
 def baseline_mses(exp, val) -> dict:
     """The baselines' per-frame MSE on ``val``, each in the units it works in for this data (as
     ``api.load_baseline`` builds them: physical units where the reader declares them); None for
-    a baseline that is not installed."""
+    a baseline that is not installed or needs more input frames than the target's ``t_in``."""
     units = physical_units(exp.data)
     out = {}
     for name in default_baselines(units):
+        if get_method(name).inputs > exp.train.t_in:  # e.g. anvil reads 4 frames
+            out[name] = None
+            continue
         try:
             forecaster = baseline_for_data(name, exp.train.t_in, exp.data)
         except BaselineUnavailable:

@@ -1,0 +1,108 @@
+"""benchmarks/transfer_radar.py: leave one radar network out, end to end at toy scale (two
+networks, the ~1 hour budget, one seed), the JSON's keys and the convergence rule's fields; the
+budgets each network gets; a run whose best step is at its cap resumed with the cap doubled."""
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(load_benchmark):
+    return load_benchmark("transfer_radar")
+
+
+@pytest.fixture(scope="module")
+def tiny(bench, tmp_path_factory, shared_data):
+    if not (shared_data / "radar" / "mch").is_dir() or not (shared_data / "radar" / "fmi").is_dir():
+        pytest.skip(f"{shared_data}/radar: the MeteoSwiss and FMI events are absent")
+    root = tmp_path_factory.mktemp("radar")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRANSMEM_RADAR_CACHE", raising=False)  # the cache goes beside the runs, in tmp
+    mp.setattr(bench, "SHARED", shared_data)
+    out = root / "radar.json"
+    try:
+        assert bench.main(["--preset", "tiny", "--root", str(root / "runs"), "--json", str(out)]) == 0
+    finally:
+        mp.undo()
+    return root, out, json.loads(out.read_text())
+
+
+def test_the_budgets_each_network_gets(bench):
+    p = bench.load_preset("full")
+    assert {n: bench.budgets_of(p, n) for n in p["networks"]} == {
+        "mch": ["1h", "3h", "all"], "fmi": ["1h", "all"], "opera": ["1h", "all"], "mrms": ["all"]}
+    assert {n: bench.verdict_budget(p, n) for n in p["networks"]} == {"mch": "1h", "fmi": "1h", "opera": "1h",
+                                                                      "mrms": "all"}
+    # ~1 hour is 12 frames at 5 minutes; opera's 1 h (4 frames) is raised to one clip (6 frames)
+    assert bench.budget_frames(p, "mch", "1h") == 12 and bench.budget_frames(p, "opera", "1h") == 6
+    assert bench.budget_frames(p, "mch", "all") == 68 and bench.budget_frames(p, "fmi", "3h") is None
+    # a budget is the first frames in time; no frame is in two splits; every network is at 8 km
+    assert bench.train_windows(p, "mch", "3h") == [("20150515", 0, 36)]
+    for n, s in bench.NETWORKS.items():
+        frames = [(ev, f) for k in ("train", "val", "test") for ev, a, b in s[k] for f in range(a, b)]
+        assert len(frames) == len(set(frames)), n
+        assert bench.pixel_km(p, n) == 8.0
+
+
+def test_the_tiny_run_has_every_cell_and_the_schema(bench, tiny):
+    root, out, r = tiny
+    p = bench.load_preset("tiny")
+    for key in ("commit", "command", "machine", "networks", "budgets", "methods", "cells", "verdict"):
+        assert key in r, key
+    assert r["complete"] is True and r["missing"] == []
+    assert set(r["networks"]) == {"mch", "fmi"}
+    learned = bench.TRAINED + (bench.MIX,)
+    for t in ("mch", "fmi"):
+        cells = {(c["budget"], c["method"]): c for c in r["cells"] if c["target"] == t}
+        assert {("1h", m) for m in learned} | {("0", bench.ZERO_SHOT), ("0", "best_baseline")} <= set(cells)
+        # the target's own model is never in its zoo
+        assert t not in [row["name"] for row in r["rankings"][f"{t}/1h"]["rows"]]
+        assert cells[("0", bench.ZERO_SHOT)]["entry"] != t
+    for c in r["cells"]:
+        for key in ("target", "budget", "method", "per_seed", "mse_mean", "mse_std", "csi_1_mean", "best_step",
+                    "step_cap"):
+            assert key in c, (key, c["method"])
+        assert c["mse_mean"] > 0
+        if c.get("reference"):
+            continue
+        # the convergence rule's fields, per seed and per cell
+        assert [s["seed"] for s in c["per_seed"]] == p["seeds"]
+        for s in c["per_seed"]:
+            assert 0 < s["best_step"] <= s["step_cap"] and s["step_cap"] >= p["target_steps"]
+            assert s["converged"] == (s["step_cap"] >= 1.25 * s["best_step"])
+        assert c["best_step"] == max(s["best_step"] for s in c["per_seed"])
+        assert c["step_cap"] == min(s["step_cap"] for s in c["per_seed"])
+        assert c["converged"] or f"{c['target']} {c['budget']} {c['method']}" in r["convergence"]["unconverged"] \
+            or c["method"] == bench.MIX
+    for t, v in r["verdict"]["per_target"].items():
+        assert v["complete"] and v["best_transfer"] in bench.TRANSFER
+        assert v["beats_all"] == (v["beats_scratch"] and v["beats_zero_shot"] and v["beats_best_baseline"])
+    assert r["verdict"]["targets_won"] == sum(v["beats_all"] for v in r["verdict"]["per_target"].values())
+    md = out.with_suffix(".md").read_text()
+    assert "## Verdict at ~1 hour of target data" in md and "| mch | 1h (60 min) |" in md
+
+
+def test_a_run_best_at_its_cap_is_resumed_with_the_cap_doubled(bench, tiny):
+    root, _, _ = tiny
+    p = dict(bench.load_preset("tiny"), target_steps=2, val_every=1, max_doublings=2)
+    d = root / "double"
+    r = bench.run_to_convergence(p, root / "runs", "mch", "1h", "scratch", 0, d)
+    caps = [h["step_cap"] for h in r["history"]]
+    assert caps == [2 * 2 ** k for k in range(len(caps))] and r["step_cap"] == caps[-1]
+    for h in r["history"][:-1]:  # every cap but the last broke the rule
+        assert h["step_cap"] < 1.25 * h["best_step"]
+    assert r["converged"] == (r["step_cap"] >= 1.25 * r["best_step"])
+    assert r["converged"] or r["doublings"] == 2
+    assert r["best_step"] == bench.best_step(d / "run")
+
+
+def test_rank_scores_rain_with_fewer_input_frames_than_a_baseline_reads(bench):
+    """zoo.rank's baseline column leaves out a baseline that reads more frames than t_in (anvil
+    reads 4; this benchmark's clips give 3) instead of failing the ranking."""
+    from transmem import zoo
+    from transmem.data import build_datasets
+    p = bench.load_preset("tiny")
+    exp = bench.experiment(p, {"name": "advected_rain", "train_clips": 4, "val_clips": 4, "test_clips": 4}, 2, 0)
+    assert exp.train.t_in == 3
+    out = zoo.baseline_mses(exp, build_datasets(exp.data)["val"])
+    assert out["anvil"] is None and out["persistence"] > 0
