@@ -22,3 +22,18 @@ def small(name, seed: int = 1, **kw):
                 if not p.any():
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return m
+
+
+def trained_convlstm(arch: dict, clips, steps: int = 30, seed: int = 0):
+    """A convlstm of config ``arch`` trained briefly (teacher forcing) on the batches
+    ``clips(step)``: a zoo entry with a known history, for ranking and mixture tests."""
+    from transmem.training import forecast_loss
+    torch.manual_seed(seed)
+    model = create_model("convlstm", arch)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for step in range(steps):
+        loss, _, _ = forecast_loss(model, clips(step), None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -13,9 +13,10 @@ from transmem import api, zoo
 from transmem.cli import main
 from transmem.config import load_experiment
 from transmem.data import build_datasets
-from transmem.models import create_model
 from transmem.training import ForecastModule, SamplingSchedule, forecast_loss
 from transmem.transfer import MixtureError, build_mixture
+
+from backbones import trained_convlstm  # a briefly trained zoo entry
 
 TINY = {
     "data": {"name": "flying_digits", "size": 16, "frames": 6, "train_clips": 32, "val_clips": 8,
@@ -29,16 +30,7 @@ T_IN, LEADS = 3, 3
 
 
 def _train(clips, steps=30, seed=0, **arch):
-    """A convlstm trained briefly (teacher forcing) on the batches ``clips(step)``."""
-    torch.manual_seed(seed)
-    model = create_model("convlstm", {**ARCH, **arch})
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for step in range(steps):
-        loss, _, _ = forecast_loss(model, clips(step), None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return trained_convlstm({**ARCH, **arch}, clips, steps, seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from transmem.cli import main
 from transmem.config import load_experiment
 from transmem.data import build_datasets
 from transmem.models import create_model
-from transmem.training import forecast_loss
 from transmem.transfer import build_tmu
+
+from backbones import trained_convlstm  # a briefly trained zoo entry
 
 pytestmark = pytest.mark.slow  # end-to-end runs (training, the CLI, processes): not in make test-fast
 
@@ -28,16 +29,7 @@ ARCH = {k: v for k, v in TINY["model"].items() if k != "name"}
 
 
 def _train(clips, steps=30, seed=0, **arch):
-    """A convlstm trained briefly (teacher forcing) on the batches ``clips(step)``."""
-    torch.manual_seed(seed)
-    model = create_model("convlstm", {**ARCH, **arch})
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for step in range(steps):
-        loss, _, _ = forecast_loss(model, clips(step), None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return trained_convlstm({**ARCH, **arch}, clips, steps, seed)
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,8 @@ def motion_field(past: np.ndarray, frames: int = 3, **lk_kwargs) -> np.ndarray:
     if k < 2:
         return np.zeros((2, *past.shape[-2:]))
     pysteps = quiet_pysteps()
-    v = pysteps.motion.get_method("LK")(past[-k:], verbose=False, **lk_kwargs)
+    # quietly: LK's outlier filter warns on sparse rain (degrees of freedom), noise on a user's terminal
+    v = pysteps_call(pysteps.motion.get_method("LK"), past[-k:], verbose=False, **lk_kwargs)
     return finite(v)
 
 
