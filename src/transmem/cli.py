@@ -56,7 +56,8 @@ def _common(p: argparse.ArgumentParser, out_required: bool = True) -> None:
 
 def _probe_steps(p: argparse.ArgumentParser, what: str = "with 'auto': ") -> None:
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
-                   help=f"{what}finetuning steps of the ranking's probe on the target (0: zero-shot only)")
+                   help=f"{what}finetuning steps of the ranking's probe on the target (default {PROBE_STEPS}: "
+                        "zero-shot only, which ranked as well on the transfer map; e.g. 50 for a probe)")
 
 
 #: the ``transfer`` command's flags that are the config's ``transfer.<key>`` (the TMU's options come
