@@ -38,9 +38,9 @@ Registered datasets:
   the names ``PrecipRate_00.00_YYYYMMDD-hhmmss.grib2``.
 
 The frames of every item are ``(T, C, H, W)`` in [0, 1] with a ``mask`` (True where valid).
-:func:`read_grid` reads one input for ``transmem predict`` with the run's options and returns the
-frames with their times and coordinates (after crop and resize), which
-:func:`write_forecast_netcdf` writes as CF-netCDF.
+:func:`read_grid_input` (both readers' ``read_input``) reads one input for ``transmem predict``
+through :func:`read_grid`, with the run's options, and returns the frames with their times and
+coordinates (after crop and resize), which :func:`write_forecast_netcdf` writes as CF-netCDF.
 """
 from __future__ import annotations
 
