@@ -155,10 +155,21 @@ def test_a_plugin_baseline_reaches_evaluate_through_an_entry_point(tmp_path):
             """A backbone from another package."""
     '''))
     (plugin / "ones_reader.py").write_text(textwrap.dedent('''
+        from pathlib import Path
+
+        import numpy as np
         import torch
         from transmem.data.registry import register_dataset
 
-        @register_dataset("plugin_ramp")
+        def read_ramp(path, cfg, last):
+            """A .ramp file (a format transmem does not know): one brightness a line, a frame each."""
+            if Path(path).suffix != ".ramp":
+                return None  # read by its extension
+            levels = np.array(Path(path).read_text().split(), dtype=np.float32)[-last:]
+            frames = levels.reshape(-1, 1, 1, 1) * np.ones((1, cfg.channels, cfg.size, cfg.size), np.float32)
+            return frames, np.ones((len(levels), 1, cfg.size, cfg.size), bool), None
+
+        @register_dataset("plugin_ramp", read_input=read_ramp)
         def build(cfg):
             """Clips of a ramp that brightens frame by frame."""
             t = torch.linspace(0, 1, cfg.frames).view(1, -1, 1, 1, 1)
@@ -198,6 +209,15 @@ def test_a_plugin_baseline_reaches_evaluate_through_an_entry_point(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     card = json.loads((tmp_path / "ramp_run" / "model" / "card.json").read_text())
     assert card["model"] == "plugin_convlstm" and card["data"]["name"] == "plugin_ramp"
+    # and predict: the reader declared how it reads an input of its format, found by the registry
+    (tmp_path / "in.ramp").write_text("0.9\n0.1\n0.2\n0.3\n0.4\n")
+    r = subprocess.run([sys.executable, "-m", "transmem.cli", "predict", "--model", str(tmp_path / "ramp_run" / "model"),
+                        "--input", str(tmp_path / "in.ramp"), "--out", str(tmp_path / "fc")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pred = np.load(tmp_path / "fc" / "prediction.npy")
+    assert pred.shape == (3, 1, 8, 8) and np.isfinite(pred).all()  # T_out frames at the card's size
+    assert (tmp_path / "fc" / "forecast.png").is_file()
 
 
 def test_a_dataset_can_declare_its_inflow():

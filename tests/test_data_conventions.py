@@ -172,3 +172,50 @@ def test_image_in_npy_is_refused(tmp_path):
     np.save(tmp_path / "clip.npy", np.zeros((6, 48, 64, 3), dtype=np.uint8))
     assert read_input_frames(tmp_path / "clip.npy").shape == (6, 1, 48, 64)
     assert math.isfinite(float(read_input_frames(tmp_path / "clip.npy").sum()))
+
+
+def test_predict_reads_an_hdf5_input_with_the_models_file_conventions(tmp_path):
+    """An HDF5 model's reader declares how predict reads its input: the card's scale applies, the
+    training's ``max_frames`` does not; an input in another format is read by its extension."""
+    from transmem.predict import read_forecast_input
+    raw = np.random.default_rng(0).uniform(0, 4, (5, 8, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        f.create_dataset("precip", data=raw)
+    data = {"name": "hdf5", "resize": "none", "extra": {"dataset": "/precip", "scale": 5.0, "units": "mm/h",
+                                                        "max_frames": 2}}
+    frames, mask, grid = read_forecast_input(tmp_path / "r.h5", data, 1, 64)
+    assert frames.shape == (5, 1, 8, 8) and frames.dtype == np.float32 and mask.all() and grid is None
+    np.testing.assert_allclose(frames[:, 0], rain_to_unit(raw * 5.0), atol=2e-3)
+    plain, _, _ = read_forecast_input(tmp_path / "r.h5", {"name": "npy", "resize": "none", "extra": data["extra"]}, 1, 64)
+    np.testing.assert_allclose(plain[:, 0], rain_to_unit(raw), atol=2e-3)  # not an HDF5 model: the file's own values
+    np.save(tmp_path / "r.npy", (raw / 4).astype(np.float32))
+    frames, _, _ = read_forecast_input(tmp_path / "r.npy", data, 1, 64, last=3)
+    np.testing.assert_allclose(frames[:, 0], raw[-3:] / 4, atol=1e-6)
+
+
+def test_predict_asks_the_models_reader_first_and_falls_back_to_the_extension(tmp_path):
+    from transmem.data import registry
+    from transmem.predict import read_forecast_input
+    seen = []
+
+    def read_tens(path, cfg, last):  # a format of its own: ".tens", one value a line
+        seen.append((cfg.size, cfg.resize, last))
+        if not str(path).endswith(".tens"):
+            return None
+        v = np.loadtxt(path, dtype=np.float32)[-last:] / 10
+        return v.reshape(-1, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32), np.ones((len(v), 1, 4, 4), bool), None
+
+    registry.register_dataset("test_tens", read_input=read_tens)(lambda cfg: {})
+    try:
+        (tmp_path / "a.tens").write_text("1\n2\n3\n4\n")
+        frames, mask, grid = read_forecast_input(tmp_path / "a.tens", {"name": "test_tens"}, 1, 4, last=2)
+        assert seen == [(4, "resize", 2)] and grid is None
+        np.testing.assert_allclose(frames[:, 0, 0, 0], [0.3, 0.4])
+        np.save(tmp_path / "a.npy", np.full((3, 6, 6), 255, np.uint8))
+        frames, _, _ = read_forecast_input(tmp_path / "a.npy", {"name": "test_tens"}, 1, 4)
+        assert frames.shape == (3, 1, 4, 4) and frames.min() == 1  # not its format: by the extension
+        with pytest.raises(DataError, match="unsupported input format '.tens'"):
+            read_forecast_input(tmp_path / "a.tens", {"name": "npy"}, 1, 4)  # a reader that declares nothing
+    finally:
+        registry._DATASETS.pop("test_tens", None)
+        registry._READ_INPUT.pop("test_tens", None)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from transmem.choices import MODEL_KINDS
 from transmem.models import create_model, get_model_class, kernels, list_models, patchify, unpatchify
 from transmem.models.base import conv1x1, gated_tanh, lstm_memory, teacher_forcing_mask
 
@@ -18,7 +19,7 @@ def test_registry_lists_backbones_and_tmu():
     backbones, transfer = list_models(kind="backbone"), list_models(kind="transfer")
     assert {"convlstm", "predrnn"} <= set(backbones) and "tmu" not in backbones
     assert "tmu" in transfer and not {"convlstm", "predrnn"} & set(transfer)
-    assert sorted(backbones + transfer) == list_models()  # every model has exactly one kind
+    assert sorted(n for k in MODEL_KINDS for n in list_models(kind=k)) == list_models()  # exactly one kind each
     assert get_model_class("tmu").model_kind == "transfer"
     assert get_model_class("predrnn").model_kind == "backbone"
     with pytest.raises(ValueError, match="model kind: expected one of backbone, transfer"):

@@ -23,11 +23,11 @@ from PIL import Image
 
 from .api import RunFolderError, blend_with_baseline, claim_output, load_for_inference
 from .baselines import BASELINES, BaselineUnavailable, baseline_for_data, default_baselines
-from .data import DataError, physical_units
+from .data import DataConfig, DataError, physical_units
 from .data.clips import parse_time, split_at_gaps
-from .data.gridded import read_grid, write_forecast_netcdf
-from .data.inputs import read_input_frames
-from .data.registry import frame_grid
+from .data.gridded import write_forecast_netcdf
+from .data.inputs import read_by_extension
+from .data.registry import read_input
 from .data.radar import FMI, MCH, find_events, parse_fmi_time, parse_mch_time, radar_kind
 from .files import atomic_folder, remove_stale_temps
 from .fullfield import FullFieldForecaster
@@ -110,12 +110,9 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
             raise DataError(None, f"--tile {tile}: must be a multiple of the model's patch size {patch}, at least {4 * patch}")
         module = FullFieldForecaster(module, patch, tile=int(tile), overlap=max(patch, min(64, tile // 4) // patch * patch))
     frames, mask, grid = read_forecast_input(input_path, data, channels, size, last=t_in)
-    times = input_times(input_path, data, len(frames)) if grid is None else None
-    kind = radar_kind(Path(input_path)) if Path(input_path).is_dir() else None
-    if native and grid is None and kind:  # a composite at its own grid: its coordinates, as its reader reads them
-        grid = frame_grid({"name": f"radar_{kind}", "path": str(input_path), "resize": "none", "size": None})
-        if grid is not None and times:
-            grid.times, times = list(times), None
+    times = input_times(input_path, data, len(frames)) if grid is None or not grid.times else None
+    if grid is not None and times:  # coordinates without times (a radar composite): the times of its file names
+        grid.times, times = list(times), None
     frames = last_run_after_gaps(input_path, frames, t_in)
     times = times[len(times) - len(frames):] if times else None
     mask = mask[len(mask) - len(frames):]
@@ -162,12 +159,6 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
 # --------------------------------------------------------------------------------------------
 # gridded inputs, CF-netCDF and the forecast figure (issue 19)
 # --------------------------------------------------------------------------------------------
-GRID_READERS = ("xarray", "radar_mrms")
-#: the HDF5 reader's keys a run's config carries into predict (how the file's values are read)
-_H5_KEYS = ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a", "b",
-            "accumulation_minutes", "r_max", "time_regex", "time_format", "crop", "aspect")
-#: the other readers' keys that change how an input's values and frames are read
-_READ_KEYS = ("r_max", "a", "b", "white", "aspect", "crop", "time_regex", "time_format")
 RAIN_LEVELS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
@@ -185,49 +176,17 @@ def baseline_names(baselines, units) -> list[str]:
 
 
 def read_forecast_input(input_path, data: dict, channels: int, size: int, last: int | None = None):
-    """``(frames (T, C, S, S) in [0, 1], mask (T, 1, S, S), Grid or None)``: a gridded model
-    (``xarray``, ``radar_mrms``) reads its input as it read its data (variable, crop, the fitted
-    normalisation); an HDF5 model with its file conventions; anything else as before. ``last``:
-    only the last frames are needed (a ``.npy`` input is memory-mapped and only they are read,
-    a video keeps only them while it is decoded)."""
-    extra = data.get("extra") or {}
-    if data.get("name") in GRID_READERS:
-        def pick(times):  # the last gap-free run's last frames: only they are decoded
-            a, b = 0, len(times)
-            if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
-                secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
-                gap = extra.get("max_gap")
-                runs = split_at_gaps(list(secs), float(gap) if gap else None)
-                if len(runs) > 1:
-                    a, b = runs[-1]
-                    print(f"{input_path}: {len(runs) - 1} gap(s) in time; forecasting from the {b - a} frames "
-                          f"after {str(times[a - 1])[:16]}")
-            return slice(max(a, b - last) if last else a, b)
-        frames, mask, grid = read_grid(input_path, data, size, channels, pick=pick)
-        times = grid.times
-        if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
-            secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
-            gap = extra.get("max_gap")
-            runs = split_at_gaps(list(secs), float(gap) if gap else None)
-            if len(runs) > 1:  # forecast from the last gap-free run, as the datasets split there
-                a, b = runs[-1]
-                print(f"{input_path}: {len(runs) - 1} gap(s) in time; forecasting from the {b - a} frames "
-                      f"after {str(times[a - 1])[:16]}")
-                frames, mask, grid.times = frames[a:b], mask[a:b], times[a:b]
-        return frames, mask, grid
-    keys = _H5_KEYS if data.get("name") == "hdf5" else _READ_KEYS
-    opts = {k: extra[k] for k in keys if k in extra}
-    if "r_max" in opts:
-        opts["r_max"] = float(opts["r_max"])
-    if last:
-        opts["last"] = int(last)
-    # read as the model's data was read: resize: none keeps the native size (the card's frame_size
-    # is the data's true size), crop takes the central window, resize scales
+    """``(frames (T, C, S, S) in [0, 1], mask (T, 1, S, S), Grid or None)``: the input read as the
+    model's data was read (``data``, its card's data config; ``size`` its frame size), by the
+    data's reader where it declares how (``register_dataset(read_input=)``: a gridded model's
+    variable, crop and fitted normalisation, an HDF5 model's file conventions, a plugin's own
+    format), else by the input's extension. ``last``: only the last frames are needed (a ``.npy``
+    input is memory-mapped and only they are read, a video keeps only them while it is decoded)."""
     resize = data.get("resize") or "resize"
-    opts["resize"] = resize
-    frames, mask = read_input_frames(input_path, channels=channels, size=None if resize == "none" else size,
-                                     return_mask=True, **opts)
-    return frames, mask, None
+    cfg = DataConfig.from_dict({**data, "path": os.fspath(input_path), "size": size, "channels": channels,
+                                "resize": resize})
+    got = read_input(input_path, cfg, last)
+    return got if got is not None else read_by_extension(input_path, cfg, last)
 
 
 def input_times(input_path, data: dict, n: int) -> list | None:

@@ -38,9 +38,9 @@ Registered datasets:
   the names ``PrecipRate_00.00_YYYYMMDD-hhmmss.grib2``.
 
 The frames of every item are ``(T, C, H, W)`` in [0, 1] with a ``mask`` (True where valid).
-:func:`read_grid` reads one input for ``transmem predict`` with the run's options and returns the
-frames with their times and coordinates (after crop and resize), which
-:func:`write_forecast_netcdf` writes as CF-netCDF.
+:func:`read_grid_input` (both readers' ``read_input``) reads one input for ``transmem predict``
+through :func:`read_grid`, with the run's options, and returns the frames with their times and
+coordinates (after crop and resize), which :func:`write_forecast_netcdf` writes as CF-netCDF.
 """
 from __future__ import annotations
 
@@ -565,13 +565,45 @@ def grid_units(cfg: DataConfig) -> Units | None:
     return None
 
 
+def _last_run(path, times: list, extra: dict) -> tuple[int, int]:
+    """``(start, stop)`` of the last gap-free run of dated frames, split as the datasets split
+    (a step over ``extra.max_gap`` seconds, else 1.5 x the median step), with a line saying so
+    when there is a gap; all the frames when they have no dates."""
+    a, b = 0, len(times)
+    if len(times) >= 3 and all(isinstance(t, np.datetime64) for t in times):
+        secs = (np.asarray(times, dtype="datetime64[s]") - np.datetime64(0, "s")).astype(np.float64)
+        gap = extra.get("max_gap")
+        runs = split_at_gaps(list(secs), float(gap) if gap else None)
+        if len(runs) > 1:
+            a, b = runs[-1]
+            print(f"{path}: {len(runs) - 1} gap(s) in time; forecasting from the {b - a} frames "
+                  f"after {str(times[a - 1])[:16]}")
+    return a, b
+
+
+def read_grid_input(path: str | os.PathLike, cfg: DataConfig, last: int | None = None):
+    """``transmem predict``'s input for a gridded model (``register_dataset(read_input=)``), read
+    as its data was (variable, crop, the fitted normalisation, MRMS's conventions), with its
+    coordinates and times: the forecast starts from the last gap-free run, and only its ``last``
+    frames are decoded."""
+    extra = cfg.extra or {}
+
+    def pick(times):
+        a, b = _last_run(path, times, extra)
+        return slice(max(a, b - last) if last else a, b)
+    frames, mask, grid = read_grid(path, cfg.to_dict(), cfg.size, cfg.channels, pick=pick)
+    a, b = _last_run(path, grid.times, extra)
+    grid.times = list(grid.times[a:b])
+    return frames[a:b], mask[a:b], grid
+
+
 #: the ``extra`` keys of the ``xarray`` and ``radar_mrms`` readers
 GRID_KEYS = CLIP_KEYS + ("variable", "engine", "time", "time_regex", "time_format", "select", "isel", "sel",
                          "nodata", "units", "a", "b", "quantity", "normalize", "normalization", "margin", "span",
                          "max_gap", "r_max")
 
 
-@register_dataset("xarray", units=grid_units, extra=GRID_KEYS)
+@register_dataset("xarray", units=grid_units, extra=GRID_KEYS, read_input=read_grid_input)
 def build_xarray(cfg: DataConfig) -> dict:
     """Clips of any variable of netCDF / GRIB / zarr sources (rain log-scaled, fields normalised)."""
     return build_grid(cfg, "xarray")
@@ -586,7 +618,7 @@ def mrms_config(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
-@register_dataset("radar_mrms", units=rain_units, extra=GRID_KEYS)
+@register_dataset("radar_mrms", units=rain_units, extra=GRID_KEYS, read_input=read_grid_input)
 def build_radar_mrms(cfg: DataConfig) -> dict:
     """NOAA MRMS PrecipRate GRIB2 → log-scaled rain rate clips with a validity mask."""
     return build_grid(mrms_config(cfg), "radar_mrms")

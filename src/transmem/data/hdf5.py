@@ -304,7 +304,41 @@ HDF5_KEYS = CLIP_KEYS + ("dataset", "quantity", "scale", "offset", "nodata", "un
                          "b", "accumulation_minutes", "r_max", "time_regex", "time_format", "max_gap")
 
 
-@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS)
+#: the keys of a model's ``extra`` that say how ``predict`` reads its input's values (not which
+#: files or frames training took: ``max_frames``, splits, ...)
+INPUT_KEYS = ("dataset", "quantity", "scale", "offset", "nodata", "undetect", "units", "time_axis", "a", "b",
+              "accumulation_minutes", "r_max", "time_regex", "time_format", "crop", "aspect")
+
+
+def read_h5_input(path: str | os.PathLike, cfg: DataConfig, last: int | None = None):
+    """``transmem predict``'s input for an HDF5 model (``register_dataset(read_input=)``): an HDF5
+    file, or a folder of them in name order, read with the model's file conventions
+    (:data:`INPUT_KEYS`); None for any other input (read by its extension)."""
+    p = Path(path).expanduser()
+    if p.is_file() and is_hdf5_file(p):
+        files = [p]
+    elif p.is_dir():
+        try:
+            named = [p / n for n in os.listdir(p) if is_hdf5_file(n)]
+        except OSError as e:
+            raise DataError(p, f"cannot list folder ({e.strerror or e})") from None
+        odd = sorted(q for q in named if not (q.is_file() or q.is_dir()))  # a FIFO, device or socket
+        if odd:
+            raise DataError(odd[0], "named like an HDF5 file but not a regular file: the forecast would start from "
+                                    "an older frame; remove it or give a folder of regular files")
+        files = sorted((q for q in named if q.is_file()), key=lambda q: natural_key(q.name))
+        if not files:
+            return None
+    else:
+        return None
+    extra = cfg.extra or {}
+    read = DataConfig(name=cfg.name, path=os.fspath(p), size=None if cfg.resize == "none" else cfg.size,
+                      channels=cfg.channels, resize=cfg.resize, extra={k: extra[k] for k in INPUT_KEYS if k in extra})
+    x, mask = read_h5_frames(read, files, where=p)
+    return np.ascontiguousarray(x, dtype=np.float32), mask, None
+
+
+@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS, read_input=read_h5_input)
 def build_hdf5(cfg: DataConfig) -> dict:
     """Clips of log-scaled rain rate (+ mask) from HDF5 / NetCDF4 arrays."""
     specs = _h5_specs(cfg)

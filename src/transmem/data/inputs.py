@@ -1,6 +1,9 @@
 """Read one user input (file or folder) into frames for ``transmem predict``.
 
-:func:`read_input_frames` dispatches on the extension, and for folders on the contents:
+``predict`` asks the model's reader first (``register_dataset(read_input=)``); for a model trained
+on generated data, on a reader that declares nothing, or an input not in its reader's format,
+:func:`read_by_extension` reads it as the model's data was read (:data:`READ_KEYS`), through
+:func:`read_input_frames`, which dispatches on the extension, and for folders on the contents:
 
 =====================================  ==================================================
 input                                  read as
@@ -31,12 +34,15 @@ from .clips import fit_frames, natural_key, opt_float, opt_int, to_channels, uni
 from .errors import DataError
 from .frames import IMAGE_EXTS, is_image_file, read_frame_folder, read_image
 from .hdf5 import is_hdf5_file, read_h5_frames
-from .radar import parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
-from .registry import DataConfig
+from .radar import composite_grid, parse_fmi_time, parse_mch_time, radar_kind, read_radar_files, read_radar_folder
+from .registry import DataConfig, Grid
 from .stacks import data_white, frame_count, read_stack
 from .video import as_unit, is_video_file, iter_frames, prepare_frames, read_video
 
 _FIT_KEYS = ("resize", "aspect", "crop")
+#: the keys of a model's ``extra`` that change how :func:`read_by_extension` reads an input's values
+#: and frames (radar's Z-R relation and scale, 16-bit images' white level, the crop, frame times)
+READ_KEYS = ("r_max", "a", "b", "white", "aspect", "crop", "time_regex", "time_format")
 
 
 def _unit_array(a: np.ndarray, path) -> np.ndarray:
@@ -230,3 +236,22 @@ def read_input_frames(path: str | os.PathLike, channels: int = 1, size: int | No
             mask = np.ones((x.shape[0], 1) + x.shape[2:], dtype=bool)
         return x, np.ascontiguousarray(mask, dtype=bool)
     return x
+
+
+def read_by_extension(path: str | os.PathLike, cfg: DataConfig, last: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, Grid | None]:
+    """``(frames, mask, grid)`` of a forecast's input read by its extension (:func:`read_input_frames`)
+    with the :data:`READ_KEYS` of the model's data config ``cfg``: ``resize: none`` keeps the
+    native size (the card's frame size is the data's true size), ``crop`` takes the central window,
+    ``resize`` scales to ``cfg.size``; only the ``last`` frames are read where the format allows.
+    ``grid``: a folder of radar composites read at its own grid has its coordinates
+    (:func:`~transmem.data.radar.composite_grid`), anything else None."""
+    extra = cfg.extra or {}
+    opts = {k: extra[k] for k in READ_KEYS if k in extra}
+    if "r_max" in opts:
+        opts["r_max"] = float(opts["r_max"])
+    if last:
+        opts["last"] = int(last)
+    frames, mask = read_input_frames(path, channels=cfg.channels, size=None if cfg.resize == "none" else cfg.size,
+                                     return_mask=True, resize=cfg.resize, **opts)
+    return frames, mask, composite_grid(Path(path).expanduser(), cfg)

@@ -405,50 +405,50 @@ def composite_pixel_km(native_hw: tuple[int, int]):
     return km
 
 
-def composite_grid(importer: str, **kwargs):
-    """The composite's projected coordinates (cell centres in metres, north up) and its CF grid
-    mapping, from pysteps' importer metadata of the last file (of the last event): FMI's from the PGM header, the
-    MeteoSwiss CCS4 product grid as pysteps declares it. Only for frames at their own grid (no
-    resize, no crop); None without pysteps and pyproj."""
-    def grid(cfg: DataConfig):
-        if cfg.resize != "none" or opt(cfg, "crop") is not None or not cfg.path:
-            return None
-        try:
-            import pyproj
-            from pysteps.io import get_method
-        except ImportError:
-            return None
-        path = Path(cfg.path)
-        src = FMI if cfg.name == "radar_fmi" else MCH
-        events = find_events(path, src) if path.is_dir() else {"": [(None, path)]}
-        if not events:
-            return None
-        _, _, meta = get_method(importer, "importer")(str(max(events.items())[1][-1][1]), **kwargs)
-        H = int(round((meta["y2"] - meta["y1"]) / meta["ypixelsize"]))
-        W = int(round((meta["x2"] - meta["x1"]) / meta["xpixelsize"]))
-        x = meta["x1"] + (np.arange(W) + 0.5) * meta["xpixelsize"]
-        y = meta["y2"] - (np.arange(H) + 0.5) * meta["ypixelsize"]  # row 0 is the north edge
-        if meta.get("yorigin", "upper") == "lower":
-            y = y[::-1]
-        with warnings.catch_warnings():  # CF has no name for some parameters; crs_wkt keeps them all
-            warnings.simplefilter("ignore", UserWarning)
-            cf = pyproj.CRS.from_proj4(meta["projection"]).to_cf()
-        return Grid(y=y, x=x, y_name="y", x_name="x",
-                    y_attrs={"standard_name": "projection_y_coordinate", "units": "m"},
-                    x_attrs={"standard_name": "projection_x_coordinate", "units": "m"},
-                    crs={"name": "crs", "attrs": {**cf, "proj4": meta["projection"]}})
-    return grid
+#: pysteps' importer (and its arguments) of each composite, for its grid
+_IMPORTERS = {"fmi": ("fmi_pgm", {"gzipped": True}), "mch": ("mch_gif", {"product": "AQC", "unit": "mm", "accutime": 5.0})}
 
 
-@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((1226, 760)),
-                  grid=composite_grid("fmi_pgm", gzipped=True))
+def composite_grid(path: str | os.PathLike, cfg: DataConfig) -> Grid | None:
+    """The projected coordinates (cell centres in metres, north up) and the CF grid mapping of a
+    folder of FMI or MeteoSwiss composites read at their own grid (``cfg``: no resize, no crop),
+    from pysteps' importer metadata of its last file: FMI's from the PGM header, the MeteoSwiss
+    CCS4 product grid as pysteps declares it. None for any other input or reading, and without
+    pysteps and pyproj. ``transmem predict`` writes its CF-netCDF on it."""
+    p = Path(path)
+    kind = radar_kind(p) if p.is_dir() else None
+    if kind is None or cfg.resize != "none" or opt(cfg, "crop") is not None:
+        return None
+    try:
+        import pyproj
+        from pysteps.io import get_method
+    except ImportError:
+        return None
+    importer, kwargs = _IMPORTERS[kind]
+    events = find_events(p, FMI if kind == "fmi" else MCH)
+    _, _, meta = get_method(importer, "importer")(str(max(events.items())[1][-1][1]), **kwargs)
+    H = int(round((meta["y2"] - meta["y1"]) / meta["ypixelsize"]))
+    W = int(round((meta["x2"] - meta["x1"]) / meta["xpixelsize"]))
+    x = meta["x1"] + (np.arange(W) + 0.5) * meta["xpixelsize"]
+    y = meta["y2"] - (np.arange(H) + 0.5) * meta["ypixelsize"]  # row 0 is the north edge
+    if meta.get("yorigin", "upper") == "lower":
+        y = y[::-1]
+    with warnings.catch_warnings():  # CF has no name for some parameters; crs_wkt keeps them all
+        warnings.simplefilter("ignore", UserWarning)
+        cf = pyproj.CRS.from_proj4(meta["projection"]).to_cf()
+    return Grid(y=y, x=x, y_name="y", x_name="x",
+                y_attrs={"standard_name": "projection_y_coordinate", "units": "m"},
+                x_attrs={"standard_name": "projection_x_coordinate", "units": "m"},
+                crs={"name": "crs", "attrs": {**cf, "proj4": meta["projection"]}})
+
+
+@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((1226, 760)))
 def build_radar_fmi(cfg: DataConfig) -> dict:
     """FMI reflectivity composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_fmi", _radar_specs(cfg, FMI), order="name", what="events")
 
 
-@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((640, 710)),
-                  grid=composite_grid("mch_gif", product="AQC", unit="mm", accutime=5.0))
+@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((640, 710)))
 def build_radar_mch(cfg: DataConfig) -> dict:
     """MeteoSwiss rain-rate composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_mch", _radar_specs(cfg, MCH), order="name", what="events")

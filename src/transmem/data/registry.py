@@ -27,7 +27,7 @@ _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it
 _INFLOWS: dict[str, str] = {}  # dataset -> the inflow its reference nowcasts assume
 _DESCRIBE: dict[str, Callable] = {}  # dataset -> a short description of a config (zoo tables)
 _PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read
-_GRIDS: dict[str, Callable] = {}  # dataset -> the projected coordinates of its frames as read (or None)
+_READ_INPUT: dict[str, Callable] = {}  # dataset -> how `transmem predict` reads an input in its format
 _NOT_LOADED: dict[str, str] = {}  # reader module -> why it could not be imported
 
 
@@ -45,8 +45,9 @@ class Units:
 @dataclass
 class Grid:
     """What a gridded input is, besides its values: the variable, its units, the time of each
-    frame, and the spatial coordinates (1-D, after crop/resize) with their attributes (the
-    xarray reader fills it from the file, a radar reader declares it: ``register_dataset(grid=)``)."""
+    frame, and the spatial coordinates (1-D, after crop/resize) with their attributes: what a
+    reader's ``read_input`` (:func:`register_dataset`) returns beside the frames of a forecast's
+    input (the xarray reader from the file, the radar composites from their projection)."""
     variable: str = ""
     units: str = ""
     attrs: dict = field(default_factory=dict)
@@ -64,7 +65,7 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
                      extra: tuple[str, ...] | None = None, inflow: str | None = None,
                      pixel_km: Callable[["DataConfig"], float | None] | None = None,
                      describe: Callable[["DataConfig"], str] | None = None,
-                     grid: Callable[["DataConfig"], Any] | None = None):
+                     read_input: Callable[[Any, "DataConfig", "int | None"], Any] | None = None):
     """Register a builder under ``name``. ``extra``: every ``data.extra`` key the reader reads
     (a key outside it is refused by :func:`build_datasets`, naming the valid ones); ``None``
     leaves the reader's keys unchecked (a reader registered from outside transmem). ``inflow``:
@@ -73,10 +74,15 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
     default: zero for rain, the last frame for anything else). ``pixel_km``: a function of the
     config giving the grid spacing of the frames as read (km per pixel), for reference nowcasts
     whose perturbations are physical (STEPS). ``describe``: a function of the config giving the
-    short description a zoo table shows (default: the name). ``grid``: a function of the config
-    (``path`` the input) giving the frames' spatial coordinates as a
-    :class:`~transmem.data.gridded.Grid`, or None; ``transmem predict --native`` writes its
-    CF-netCDF on them."""
+    short description a zoo table shows (default: the name). ``read_input``: how ``transmem
+    predict`` reads one input (a file or folder) for a model trained on this data:
+    ``read_input(path, cfg, last) -> (frames, mask, grid)``, ``cfg`` the model's data config
+    (``size``, ``channels``, ``resize`` and the fitted ``extra`` as in training), ``last`` the
+    frames the forecast needs (None: all; the reader may read only those), ``frames`` float32
+    ``(T, C, H, W)`` in [0, 1], ``mask`` bool ``(T, 1, H, W)`` (True where valid), ``grid`` a
+    :class:`Grid` or None (with one, ``predict`` writes CF-netCDF on its coordinates and times);
+    it returns None for an input that is not in its format, which ``predict`` then reads by its
+    extension (:mod:`transmem.data.inputs`), as it does for a reader that declares none."""
     def deco(fn):
         _DATASETS[name] = fn
         if units is not None:
@@ -89,19 +95,25 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
             _PIXEL_KM[name] = pixel_km
         if describe is not None:
             _DESCRIBE[name] = describe
-        if grid is not None:
-            _GRIDS[name] = grid
+        if read_input is not None:
+            _READ_INPUT[name] = read_input
         return fn
     return deco
 
 
-def _declared(table: dict, cfg: "DataConfig | dict"):
-    """What the dataset's reader declared in ``table`` (:func:`register_dataset`), evaluated on the
-    config when it is a function of it; None when it declared nothing."""
+def _entry(table: dict, cfg: "DataConfig | dict") -> tuple[Any, "DataConfig"]:
+    """What the dataset's reader declared in ``table`` (:func:`register_dataset`; None when it
+    declared nothing), and the config as a :class:`DataConfig`."""
     _import_builtin_readers()
     if isinstance(cfg, dict):
         cfg = DataConfig.from_dict(cfg)
-    value = table.get(cfg.name)
+    return table.get(cfg.name), cfg
+
+
+def _declared(table: dict, cfg: "DataConfig | dict"):
+    """What the dataset's reader declared in ``table``, evaluated on the config when it is a
+    function of it; None when it declared nothing."""
+    value, cfg = _entry(table, cfg)
     return value(cfg) if callable(value) else value
 
 
@@ -119,10 +131,12 @@ def describe(cfg: "DataConfig | dict") -> str:
         return str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?"
 
 
-def frame_grid(cfg: "DataConfig | dict"):
-    """The spatial coordinates (a Grid) of the frames of ``cfg.path`` as read, where the reader
-    declares them; None otherwise."""
-    return _declared(_GRIDS, cfg)
+def read_input(path, cfg: "DataConfig | dict", last: int | None = None):
+    """``(frames, mask, grid)`` of a forecast's input read by the reader of ``cfg`` (a model's data
+    config) as it declared (``register_dataset(read_input=)``); None when it declared nothing or
+    the input is not in its format."""
+    fn, cfg = _entry(_READ_INPUT, cfg)
+    return None if fn is None else fn(path, cfg, last)
 
 
 def inflow_hint(cfg: "DataConfig | dict") -> str | None:
