@@ -53,7 +53,7 @@ FSS_THRESHOLD = 1.0
 SEEDS = (0, 1, 2)
 RECOMMENDED = "recipe:selected"    # the variant the other four events pick (see recipe_variants)
 PRETEXT_CONFIG = REPO / "configs" / "radar_native_pretext.yaml"
-QUICK = {"window": 256, "leads": 6, "seeds": (0,), "pretext_steps": 40, "windows_per_event": 1}
+QUICK = {"window": 256, "leads": 6, "seeds": (0,), "pretext_steps": 40, "windows_per_event": 1, "stack_steps": 20}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -159,14 +159,12 @@ def train_pretext(work: Path, seed: int, quick: bool) -> Path:
 
 #: the learned variants, all made from one rollout of the model per window: alone, its equal mean
 #: with a cached classical nowcast, and that mean probability-matched to the last input frame
-#: (transmem.blend.match_distribution). ``recipe:selected`` is, for each event, the variant with
-#: the lowest mean MSE on the *other* four events (nested leave-one-event-out: no event picks
-#: its own recipe).
+#: (transmem.blend.match_distribution). ``recipe:selected`` is, for each event, the learned
+#: variant (these and ``recipe:stack*``) picked on the *other* four events (see selection).
 VARIANTS = {"recipe:model": (None, False), "recipe:blend": ("extrapolation_log", False),
             "recipe:blend+pm": ("extrapolation_log", True), "recipe:sprog_blend": ("sprog_log", False),
             "recipe:sprog_blend+pm": ("sprog_log", True)}
 CACHED = ("extrapolation_log", "sprog_log")  # baselines whose forecasts the variants reuse
-RECIPES = (*VARIANTS, "recipe:selected")
 
 
 def forecast_path(work: Path, method: str, event: str, start: int) -> Path:
@@ -176,15 +174,43 @@ def forecast_path(work: Path, method: str, event: str, start: int) -> Path:
 def recipe_variants(model_pred: np.ndarray, last: np.ndarray, cached: dict) -> dict:
     """{variant: forecast (leads, H, W)} from the model's forecast, the last input frame and the
     cached classical forecasts of the same window."""
-    from transmem.blend import match_distribution
     out = {}
     for name, (other, pm) in VARIANTS.items():
         f = model_pred if other is None else 0.5 * model_pred + 0.5 * cached[other].astype(np.float32)
-        if pm:
-            ref = torch.from_numpy(last)
-            f = np.stack([match_distribution(torch.from_numpy(np.ascontiguousarray(x)), ref).numpy() for x in f])
-        out[name] = f
+        out[name] = probability_matched(f, last) if pm else f
     return out
+
+
+def probability_matched(forecast: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Each lead's values replaced, rank for rank, by the last input frame's (S-PROG's way of
+    keeping the observed intensity distribution; transmem.blend.match_distribution)."""
+    from transmem.blend import match_distribution
+    ref = torch.from_numpy(np.asarray(last, dtype=np.float32))
+    return np.stack([match_distribution(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), ref).numpy()
+                     for x in forecast])
+
+
+_MODELS: dict = {}
+
+
+def model_forecast(work: Path, event: str, seed: int, start: int, values: np.ndarray, leads: int) -> np.ndarray:
+    """The zero-shot model's forecast (leads, H, W) of one window, float16, cached on disk (the
+    learned combination trains on the other events' forecasts)."""
+    from transmem import api
+    path = forecast_path(work, f"model-seed{seed}", event, start)
+    if path.is_file():
+        return np.load(path)
+    if seed not in _MODELS:
+        _MODELS.clear()
+        _MODELS[seed] = api.load_for_inference(pretext_dir(work, seed) / "model")[0]
+    forecaster = _MODELS[seed]
+    forecaster.t_in = T_IN
+    clip = torch.from_numpy(values[start:start + T_IN + leads])[None]
+    with torch.inference_mode():
+        pred = forecaster.rollout(clip)[0, :, 0].float().clamp(0, 1).numpy().astype(np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, pred)
+    return pred
 
 
 def unit_path(work: Path, method: str, event: str, seed: int) -> Path:
@@ -194,7 +220,6 @@ def unit_path(work: Path, method: str, event: str, seed: int) -> Path:
 def run_unit(work: Path, method: str, event: str, seed: int, quick: bool, cache: dict) -> None:
     """One baseline on one event (method a baseline name), or every recipe variant of one seed on
     one event (method ``recipe``): scores per window, written as ``units/<method>/<event>/seedN.json``."""
-    from transmem import api
     from transmem.files import write_json
     names = list(VARIANTS) if method == "recipe" else [method]
     paths = {m: unit_path(work, m, event, seed) for m in names}
@@ -205,16 +230,17 @@ def run_unit(work: Path, method: str, event: str, seed: int, quick: bool, cache:
         cache.clear()
         cache[event] = read_event(event, quick)
     values, valid = cache[event]
-    if method == "recipe":
-        forecaster, _ = api.load_for_inference(pretext_dir(work, seed) / "model")
-    else:
-        forecaster = baseline(method)
-    forecaster.t_in = T_IN
+    forecaster = None if method == "recipe" else baseline(method)
+    if forecaster is not None:
+        forecaster.t_in = T_IN
     scores, t0 = {m: [] for m in names}, time.time()
     for s in windows(values.shape[0], leads, quick):
-        clip = torch.from_numpy(values[s:s + T_IN + leads])[None]
-        with torch.inference_mode():
-            pred = forecaster.rollout(clip)[0, :, 0].float().clamp(0, 1).numpy()
+        if method == "recipe":
+            pred = model_forecast(work, event, seed, s, values, leads).astype(np.float32)
+        else:
+            clip = torch.from_numpy(values[s:s + T_IN + leads])[None]
+            with torch.inference_mode():
+                pred = forecaster.rollout(clip)[0, :, 0].float().clamp(0, 1).numpy()
         obs, ok = values[s + T_IN:s + T_IN + leads, 0], valid[s + T_IN:s + T_IN + leads, 0]
         if method == "recipe":
             cached = {b: np.load(forecast_path(work, b, event, s)) for b in CACHED}
@@ -234,6 +260,149 @@ def run_unit(work: Path, method: str, event: str, seed: int, quick: bool, cache:
         print(f"[nowcast] {m} {event} seed {seed}: mse {summary(result)['mse']:.5f} ({wall} s)", flush=True)
 
 
+# ----------------------------------------------------------------------- learned combination (stack)
+#: ``recipe:stack*``: a small CNN that learns, per pixel and lead, how to weigh the model's,
+#: sprog_log's and extrapolation_log's forecasts (softmax weights) plus a bounded correction. It
+#: is trained, for each event, on the *other* events' windows (leave one event out), with the
+#: model of the same seed, and starts as recipe:sprog_blend (the equal mean of the model and
+#: sprog_log). ``+csi`` adds a soft CSI at 1 and 5 mm/h to the loss, so that the combination is
+#: not pushed towards smoothness alone. Settings fixed before the first run, never per event.
+STACK_MEMBERS = ("model", "sprog_log", "extrapolation_log")
+#: ``+pm``: the same forecast probability-matched to the last input frame, as the other variants.
+STACK_FITS = {"recipe:stack": 0.0, "recipe:stack+csi": 1e-2}  # name -> weight of the soft-CSI loss
+STACK_VARIANTS = [v for name in STACK_FITS for v in (name, name + "+pm")]
+STACK = {"steps": 300, "batch": 12, "crop": 128, "lr": 3e-3, "tau": 0.02, "wet_crops": 0.8, "width": 16}
+RECIPES = (*VARIANTS, *STACK_VARIANTS, "recipe:selected")
+
+
+class Combiner(torch.nn.Module):
+    """members (N, M, H, W), the last observed frame (N, 1, H, W) and the lead as a fraction of the
+    horizon (N,) -> the forecast (N, 1, H, W) in [0, 1]."""
+
+    def __init__(self, members: int = len(STACK_MEMBERS), width: int = STACK["width"]):
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(members + 2, width, 5, padding=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU())
+        self.head = nn.Conv2d(width, members + 1, 1)  # weight logits per member, and a correction
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():  # the start: equal weights for the model and sprog_log, nearly none for the rest
+            self.head.bias.copy_(torch.tensor([0.0, 0.0] + [-4.0] * (members - 2) + [0.0]))
+
+    def forward(self, members, last, lead):
+        x = torch.cat([members, last, lead.view(-1, 1, 1, 1).expand_as(last)], 1)
+        out = self.head(self.body(x))
+        mix = (out[:, :-1].softmax(1) * members).sum(1, keepdim=True)
+        return (mix + 0.1 * torch.tanh(out[:, -1:])).clamp(0, 1)
+
+
+def soft_csi_loss(pred, obs, valid, tau: float):
+    """Sum over the thresholds of 1 - CSI, with the forecast's exceedance softened by a sigmoid of
+    width ``tau`` (log units) so that its gradient reaches the combination."""
+    from transmem.data.radar import rain_to_unit
+    loss = pred.new_zeros(())
+    for t in THRESHOLDS:
+        u = float(rain_to_unit(t))
+        p, o = torch.sigmoid((pred - u) / tau) * valid, (obs >= u).float() * valid
+        hits = (p * o).sum()
+        loss = loss + 1 - hits / (p.sum() + o.sum() - hits + 1e-6)
+    return loss
+
+
+def stack_inputs(work: Path, event: str, seed: int, quick: bool, cache: dict) -> list[dict]:
+    """Per window: members (leads, M, H, W) float16, last (H, W), obs and valid (leads, H, W)."""
+    leads = QUICK["leads"] if quick else LEADS
+    if event not in cache:
+        cache.clear()
+        cache[event] = read_event(event, quick)
+    values, valid = cache[event]
+    out = []
+    for s in windows(values.shape[0], leads, quick):
+        members = [model_forecast(work, event, seed, s, values, leads)]
+        members += [np.load(forecast_path(work, b, event, s)) for b in STACK_MEMBERS[1:]]
+        out.append({"members": np.stack(members, 1), "last": values[s + T_IN - 1, 0].astype(np.float16),
+                    "obs": values[s + T_IN:s + T_IN + leads, 0].astype(np.float16),
+                    "valid": valid[s + T_IN:s + T_IN + leads, 0]})
+    return out
+
+
+def fit_combiner(train: list[dict], csi_weight: float, seed: int, steps: int) -> Combiner:
+    """Adam on random crops of the training windows' leads; most crops centred on observed rain
+    (a dry crop teaches nothing about where rain goes)."""
+    from transmem.data.radar import rain_to_unit
+    g = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    net = Combiner()
+    opt = torch.optim.Adam(net.parameters(), lr=STACK["lr"])
+    c, wet_u = STACK["crop"], float(rain_to_unit(THRESHOLDS[0]))
+    for _ in range(steps):
+        batch = []
+        for _ in range(STACK["batch"]):
+            w = train[g.integers(len(train))]
+            lead = int(g.integers(w["obs"].shape[0]))
+            H, W = w["obs"].shape[-2:]
+            wet = np.flatnonzero(w["obs"][lead] >= wet_u) if g.random() < STACK["wet_crops"] else []
+            if len(wet):
+                i, j = divmod(int(wet[g.integers(len(wet))]), W)
+                top, left = min(max(i - c // 2, 0), H - c), min(max(j - c // 2, 0), W - c)
+            else:
+                top, left = int(g.integers(H - c + 1)), int(g.integers(W - c + 1))
+            sl = (slice(top, top + c), slice(left, left + c))
+            batch.append((w["members"][lead][(slice(None), *sl)], w["last"][sl], w["obs"][lead][sl],
+                          w["valid"][lead][sl], (lead + 1) / w["obs"].shape[0]))
+        members, last, obs, valid = (torch.from_numpy(np.stack([b[k] for b in batch])).float() for k in range(4))
+        last, obs, valid, lead = last[:, None], obs[:, None], valid[:, None], torch.tensor([b[4] for b in batch])
+        pred = net(members, last, lead)
+        loss = ((pred - obs) ** 2 * valid).sum() / valid.sum().clamp_min(1)
+        if csi_weight:
+            loss = loss + csi_weight * soft_csi_loss(pred, obs, valid, STACK["tau"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def run_stack(work: Path, event: str, seed: int, events: list[str], quick: bool, cache: dict) -> None:
+    """Every recipe:stack variant of one seed, trained on the other events and scored on ``event``
+    (the combiner's weights are kept beside the units, so that a later variant reuses them)."""
+    from transmem.files import write_json
+    train = test = None
+    for name, csi_weight in STACK_FITS.items():
+        paths = {m: unit_path(work, m, event, seed) for m in (name, name + "+pm")}
+        if all(p.is_file() for p in paths.values()) or not claims.claim(paths[name].parent / f"seed{seed}"):
+            continue
+        if test is None:
+            train = [w for o in events if o != event for w in stack_inputs(work, o, seed, quick, cache)]
+            test = stack_inputs(work, event, seed, quick, cache)
+        t0, weights = time.time(), paths[name].with_suffix(".pt")
+        if weights.is_file():
+            net = Combiner()
+            net.load_state_dict(torch.load(weights, weights_only=True))
+            net.eval()
+        else:
+            net = fit_combiner(train, csi_weight, seed, QUICK["stack_steps"] if quick else STACK["steps"])
+            torch.save(net.state_dict(), weights)
+        scores = {m: [] for m in paths}
+        for w in test:
+            leads = w["obs"].shape[0]
+            with torch.inference_mode():
+                pred = net(torch.from_numpy(w["members"]).float(),
+                           torch.from_numpy(w["last"]).float()[None, None].expand(leads, 1, -1, -1),
+                           torch.arange(1, leads + 1) / leads)[:, 0].numpy()
+            obs = w["obs"].astype(np.float32)
+            scores[name].append(score_window(pred, obs, w["valid"]))
+            scores[name + "+pm"].append(score_window(probability_matched(pred, w["last"]), obs, w["valid"]))
+        for m, path in paths.items():
+            result = {**merge(scores[m]), "windows": len(scores[m]), "wall_s": round(time.time() - t0, 1),
+                      "trained_on": [o for o in events if o != event],
+                      "settings": {**STACK, "csi_weight": csi_weight, "quick": quick}}
+            write_json(path, result)
+            r = summary(result)
+            print(f"[nowcast] {m} {event} seed {seed}: mse {r['mse']:.5f} csi1 {r['csi_1']:.3f} "
+                  f"csi5 {r['csi_5']:.3f} ({result['wall_s']} s)", flush=True)
+
+
 # -------------------------------------------------------------------------------------- aggregate
 def paired_t(a: list[float], b: list[float]) -> tuple[float, float | None]:
     d = np.asarray(a) - np.asarray(b)
@@ -247,19 +416,33 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float | None]:
         return t, None
 
 
-def selection(work: Path, events: list[str], seeds) -> dict | None:
-    """{event: the variant with the lowest mean MSE over the other events and every seed}, or None
-    while a variant's units are missing."""
-    if not all(unit_path(work, v, e, s).is_file() for v in VARIANTS for e in events for s in seeds):
+def selection(work: Path, events: list[str], seeds, baselines: list[str]) -> dict | None:
+    """{event: the learned variant picked on the other events}, or None while a unit is missing.
+
+    The issue's bar is to beat the best baseline in MSE *and* in CSI at 1 and 5 mm/h, so a variant's
+    margin on a set of events is its worst relative lead over the baseline best in each score
+    (lower MSE, higher CSI), and each event gets the variant with the largest margin on the other
+    four (nested leave-one-event-out: no event picks its own recipe)."""
+    learned = [*VARIANTS, *STACK_VARIANTS]
+    if not all(unit_path(work, v, e, s).is_file() for v in learned for e in events for s in seeds) or \
+            not all(unit_path(work, b, e, 0).is_file() for b in baselines for e in events):
         return None
-    mse = {(v, e): np.mean([summary(json.loads(unit_path(work, v, e, s).read_text()))["mse"] for s in seeds])
-           for v in VARIANTS for e in events}
-    return {e: min(VARIANTS, key=lambda v: np.mean([mse[v, o] for o in events if o != e])) for e in events}
+    def scores(m, e, ss):  # noqa: E306
+        sums = [summary(json.loads(unit_path(work, m, e, s).read_text())) for s in ss]
+        return np.array([np.mean([x[k] or 0 for x in sums]) for k in ("mse", "csi_1", "csi_5")])
+    table = {(m, e): scores(m, e, seeds if m in learned else (0,)) for m in [*learned, *baselines] for e in events}
+
+    def margin(v, others):
+        mean = {m: np.mean([table[m, o] for o in others], 0) for m in [*learned, *baselines]}
+        best_mse = min(mean[b][0] for b in baselines)
+        best_csi = [max(mean[b][k] for b in baselines) for k in (1, 2)]
+        return min((best_mse - mean[v][0]) / best_mse, *((mean[v][k] - c) / c for k, c in zip((1, 2), best_csi)))
+    return {e: max(learned, key=lambda v: margin(v, [o for o in events if o != e])) for e in events}
 
 
 def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: bool, command: str) -> dict:
     out = {}
-    chosen = selection(work, events, seeds)
+    chosen = selection(work, events, seeds, [m for m in methods if not m.startswith("recipe:")])
     for m in methods:
         ss = seeds if m.startswith("recipe:") else (0,)
         per_seed, per_event, fss_acc, leads_acc = {}, {}, [], []
@@ -360,7 +543,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="baselines,pretext,recipes,aggregate")
+    ap.add_argument("--parts", default="baselines,pretext,recipes,stack,aggregate")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the rows")
     ap.add_argument("--work", default=None, help="where the units go (default runs/nowcast[_quick])")
     ap.add_argument("--threads", type=int, default=2)
@@ -396,6 +579,10 @@ def main(argv=None) -> int:
                     print(f"[nowcast] recipe {e} seed {s}: waits for the cached baselines or the model", flush=True)
                     continue
                 run_unit(work, "recipe", e, s, quick, cache)
+    if "stack" in parts:
+        for s in seeds:
+            for e in events:
+                run_stack(work, e, s, events, quick, cache)
     if "aggregate" in parts:
         command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
         result = aggregate(work, all_methods, events, seeds, quick, command)
