@@ -77,10 +77,10 @@ MIXTURE_FLAGS = {
     "baselines": dict(metavar="NAME[,NAME...]", help="registered reference nowcasts that join as members "
                                                      "(e.g. extrapolation)"),
     "gating": dict(choices=MIXTURE_GATINGS, help="weights per lead time (lead, the default) or also per pixel"),
-    "member_steps": dict(type=int, help="finetuning steps of each member (default train.steps; 0: use the entries "
+    "member_steps": dict(type=int, metavar="N", help="finetuning steps of each member (default train.steps; 0: use the entries "
                                         "as they are, already finetuned on this target)"),
-    "mix_steps": dict(type=int, help=f"steps that train the weights (default {MIX_STEPS})"),
-    "mix_lr": dict(type=float, help=f"learning rate of the weights (default {MIX_LR})"),
+    "mix_steps": dict(type=int, metavar="N", help=f"steps that train the weights (default {MIX_STEPS})"),
+    "mix_lr": dict(type=float, metavar="LR", help=f"learning rate of the weights (default {MIX_LR})"),
     "mix_on": dict(choices=MIXTURE_FIT_SPLITS, help="the clips the weights train on (default val: clips the "
                                                     "members never trained on)"),
 }

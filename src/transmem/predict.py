@@ -105,7 +105,7 @@ def _predict(model_ref, input_path, out: Path, baselines: bool, fmt: str | None,
     if native:
         data = {**data, "resize": "none"}
     if tile:  # overlapping tiles (a quarter of a tile, at most 64 pixels), aligned to the patch size
-        patch = int(getattr(module, "patch_size", 1))
+        patch = module.patch_size  # every model declares it (the mixture: its members' lcm)
         if tile < 4 * patch or tile % patch:
             raise DataError(None, f"--tile {tile}: must be a multiple of the model's patch size {patch}, at least {4 * patch}")
         module = FullFieldForecaster(module, patch, tile=int(tile), overlap=max(patch, min(64, tile // 4) // patch * patch))
