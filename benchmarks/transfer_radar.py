@@ -132,8 +132,9 @@ NETWORKS = {
 HOURS = {"1h": 1.0, "3h": 3.0}
 SCRATCH, AUTO, DISTILL, BANK, MIX = ("scratch", "finetune:auto", "tmu:distill+ft-init", "tmu:bank_read+ft-init",
                                      "mix:ft-auto+zoo+baseline")
+MIXP = "mix:product"  # the same members through `transmem transfer --mode mixture` (the ~1 hour cells)
 TRAINED = (SCRATCH, AUTO, DISTILL, BANK)
-TRANSFER = (AUTO, DISTILL, BANK, MIX)  # transmem's transfers: the verdict's "best transmem transfer"
+TRANSFER = (AUTO, DISTILL, BANK, MIX, MIXP)  # transmem's transfers: the verdict's "best transmem transfer"
 ZERO_SHOT = "zero-shot"
 METHOD_TEXT = {
     SCRATCH: "train the backbone from random weights on the budget's clips",
@@ -147,6 +148,9 @@ METHOD_TEXT = {
          "the finetuned auto model of the same seed, the next mix_members zoo entries of the cell's ranking as "
          "they are, and the registered baseline with the lowest validation MSE (the cheaper variant: the other "
          "members are not finetuned, and at most mix_members of them: the simplex grid's cost grows fast)",
+    MIXP: "the product's mixture (api.run_mixture, `transmem transfer --mode mixture --member-steps 0`) of the "
+          "same members and baseline as mix:ft-auto+zoo+baseline: softmax weights per lead learned by gradient "
+          "(100 Adam steps, lr 0.05) on the validation clips, the baseline on the [0, 1] values; ~1 hour cells only",
     ZERO_SHOT: "budget 0: the zoo entry with the lowest zero-shot validation MSE (zoo.rank, probe_steps 0), "
                "its forecast on the test clips",
     "baseline:<name>": "a registered reference nowcast (transmem.baselines) in mm/h through the reader's units, "
@@ -345,6 +349,7 @@ def jobs(p: dict) -> list[tuple]:
     for t, b in cells:
         out += [("run", t, b, m, s) for m in TRAINED for s in p["seeds"]]
         out += [("mix", t, b, MIX, s) for s in p["seeds"]]
+    out += [("mixp", t, verdict_budget(p, t), MIXP, s) for t in p["networks"] for s in p["seeds"]]
     return out
 
 
@@ -357,7 +362,7 @@ def needs(root: Path, job: str, target, budget, method, seed: int, p: dict) -> l
         return [done("zoo", None, None, e, 0) for e in zoo_names(p, target)]
     if job == "run":
         return [] if method == SCRATCH else [done("rank", target, budget, None, 0)]
-    if job == "mix":
+    if job in ("mix", "mixp"):
         return [done("run", target, budget, AUTO, seed), done("baselines", target, None, None, 0),
                 done("rank", target, budget, None, 0)]
     return []
@@ -522,7 +527,17 @@ def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) ->
     best = min(ok, key=ok.get)
     ranked = [x["name"] for x in rk["ranking"]["rows"] if x["usable"]]  # best first
     others = [e for e in ranked if e != Path(rk["finetune"]).name][:p["mix_members"]]
-    experts = [api.load_for_inference(job_dir(root, "run", target, budget, AUTO, seed) / "run" / "model")[0]]
+    auto_entry = job_dir(root, "run", target, budget, AUTO, seed) / "run" / "model"
+    if job == "mixp":  # the product, same members: its weights learned by gradient on the validation clips
+        t0 = time.time()
+        api.run_mixture(exp, d / "run", teachers=[str(auto_entry)] + [str(zoo_entry(root, e)) for e in others],
+                        member_steps=0, baselines=[best], mix_on="val")
+        module = api.load_for_inference(d / "run" / "model")[0]
+        m = eval_metrics(exp, module, data, "test")
+        return {**m, "weights": module.model.weights_per_lead(), "fit_wall_s": round(time.time() - t0, 1),
+                "best_step": ft["best_step"], "step_cap": ft["step_cap"], "converged": ft["converged"],
+                "train_wall_s": round(ft["train_wall_s"] + time.time() - t0, 1), "init_from": ft.get("init_from")}
+    experts = [api.load_for_inference(auto_entry)[0]]
     experts += [api.load_for_inference(zoo_entry(root, e))[0] for e in others]
     experts += [load_baseline(p, target, best, exp)]
     names = [f"{AUTO} ({Path(rk['finetune']).name})"] + others + [f"baseline:{best}"]
@@ -564,7 +579,7 @@ def work(p: dict, root: Path) -> int:
                 shutil.rmtree(d / "run")
             (d / "error.txt").unlink(missing_ok=True)
             label = " ".join(str(x) for x in (job, target, budget, method) if x is not None) + \
-                (f" seed {seed}" if job in ("run", "mix") else "")
+                (f" seed {seed}" if job in ("run", "mix", "mixp") else "")
             t0 = time.time()
             print(f"[{time.strftime('%H:%M:%S')}] start {label}", flush=True)
             try:
@@ -652,8 +667,11 @@ def collect(p: dict, root: Path) -> dict:
             if rk is not None:
                 rankings[f"{t}/{b}"] = {**_rank_summary(rk["ranking"]), "finetune": Path(rk["finetune"]).name,
                                         "teachers": [Path(x).name for x in rk["teachers"]]}
-            for m in TRAINED + (MIX,):
-                runs = [r for r in (get("mix" if m == MIX else "run", t, b, m, s) for s in p["seeds"]) if r]
+            for m in TRAINED + (MIX, MIXP):
+                if m == MIXP and b != verdict_budget(p, t):
+                    continue
+                job = {MIX: "mix", MIXP: "mixp"}.get(m, "run")
+                runs = [r for r in (get(job, t, b, m, s) for s in p["seeds"]) if r]
                 if not runs:
                     continue
                 mean, std = _stats([r["mse"] for r in runs])
@@ -669,7 +687,7 @@ def collect(p: dict, root: Path) -> dict:
                     cell["init_from"] = sorted({r.get("init_from") for r in runs if r.get("init_from")})
                 if m in (DISTILL, BANK):
                     cell["teachers"] = runs[0].get("teachers")
-                if m == MIX:
+                if m in (MIX, MIXP):
                     cell["weights_per_seed"] = [r["weights"] for r in runs]
                     cell["note"] = ("reuses finetune:auto's runs (its best_step / step_cap); the other members "
                                     "are not trained on the target")
@@ -728,7 +746,7 @@ def verdict(p: dict, cells: list[dict]) -> dict:
 
 
 def convergence(p: dict, cells: list[dict]) -> dict:
-    learned = [c for c in cells if not c.get("reference") and c["method"] != MIX]
+    learned = [c for c in cells if not c.get("reference") and c["method"] not in (MIX, MIXP)]
     bad = [f"{c['target']} {c['budget']} {c['method']}" for c in learned if not c["converged"]]
     return {"rule": "step_cap >= 1.25 * best_step for every seed (best_step: the step of the lowest validation MSE, "
                     "the checkpoint select_best keeps; a cell's best_step / step_cap are those of its seed nearest to "
@@ -786,7 +804,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, preset: str) ->
         "budgets": budgets_info(p),
         "zoo": c["zoo"],
         "baselines_not_scored": c["baseline_notes"],
-        "methods": {**{m: METHOD_TEXT[m] for m in TRAINED + (MIX, ZERO_SHOT)},
+        "methods": {**{m: METHOD_TEXT[m] for m in TRAINED + (MIX, MIXP, ZERO_SHOT)},
                     "baseline:<name>": METHOD_TEXT["baseline:<name>"], "best_baseline": METHOD_TEXT["best_baseline"]},
         "mse_units": f"MSE per frame: squared error summed over the valid pixels of a {fp['size']} x {fp['size']} frame, values the "
                      "log-scaled rain rate in [0, 1]; csi_1: CSI at 1 mm/h over the test clips",

@@ -158,6 +158,14 @@ def test_a_mixture_with_baselines_saves_for_data_of_any_seed_and_size(zoo_root, 
     zoo.save_entry(model, tmp_path / "mix")
     loaded, _ = zoo.load_entry(tmp_path / "mix")
     assert loaded.config.baseline_data["name"] == "flying_digits" and "seed" not in loaded.config.baseline_data
+    # a data config that joins other configs (a benchmark's reader of named parts) nests deeper than
+    # a model's own config: its entry still loads (transfer_radar's product mixtures)
+    nested = {**TINY["data"], "extra": {"parts": {"train": [{"name": "flying_digits", "extra": {"source": {
+        "extra": {"crop": [0, 0, 8, 8]}}}}]}}}
+    model = build_mixture(members, ["digits"], baselines=["persistence"], data=nested, t_in=T_IN, leads=LEADS)
+    zoo.save_entry(model, tmp_path / "nested")
+    loaded, _ = zoo.load_entry(tmp_path / "nested")
+    assert loaded.config.baseline_data["extra"]["parts"]["train"][0]["extra"]["source"]["extra"]["crop"] == [0, 0, 8, 8]
 
 
 def test_a_mixture_refuses_a_transfer_model_as_member(zoo_root):

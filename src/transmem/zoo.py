@@ -174,7 +174,7 @@ def _card_problem(card: Any) -> str | None:
                 return f"teachers[{i}] must hold 'name', 'entry' and a 64-hex 'sha256'"
 
     def bounded(v, key, depth=0):
-        if depth > 8:
+        if depth > 16:  # a mixture's card holds the data config its baselines read, which may nest parts
             return f"'{key}' is nested too deeply"
         if isinstance(v, bool) or v is None:
             return None
