@@ -440,9 +440,16 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     """Train with validation; while ``cap < 1.25 * best_step`` (and doublings are left), resume
     from the last checkpoint with the cap doubled."""
     rk = None if method == SCRATCH else _ranking(root, target, budget)
-    cap, history, t0 = p["target_steps"], [], time.time()
+    cap, history, t0, k0 = p["target_steps"], [], time.time(), 0
     out = d / "run"
-    for k in range(p["max_doublings"] + 1):
+    earlier = d / EXTENDED
+    if earlier.is_file():  # stopped unconverged at a lower doubling limit: go on from its last checkpoint
+        r = json.loads(earlier.read_text())
+        history, cap, k0, t0 = r["history"], 2 * r["step_cap"], r["doublings"] + 1, t0 - r["train_wall_s"]
+        (out / "metrics.json").unlink()
+        shutil.rmtree(out / "model")
+        refresh_best_record(out)
+    for k in range(k0, p["max_doublings"] + 1):
         exp = cell_experiment(p, root, target, budget, seed, steps=cap)
         m = train_once(method, exp, out, k > 0, rk)
         b = best_step(out)
@@ -462,7 +469,34 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
         res["init_from"] = Path(rk["finetune"]).name
         if method in (DISTILL, BANK):
             res["teachers"] = [Path(t).name for t in rk["teachers"]]
+    if earlier.is_file():
+        res["extended_from"] = {k: json.loads(earlier.read_text()).get(k) for k in ("step_cap", "commit")}
+        earlier.unlink()
     return res
+
+
+#: an unconverged run's result, set aside by --extend: the run goes on from its last checkpoint
+EXTENDED = "result.unconverged.json"
+
+
+def extend(p: dict, root: Path) -> int:
+    """Set aside the results of runs that stopped unconverged with doublings left under the
+    preset's (raised) ``max_doublings``, and those of the mixtures built on them, so that the next
+    ``work`` continues them; returns how many runs were set aside."""
+    n = 0
+    for job, t, b, m, s in jobs(p):
+        res = job_dir(root, job, t, b, m, s) / "result.json"
+        if job != "run" or not res.is_file():
+            continue
+        r = json.loads(res.read_text())
+        if r.get("converged") or r.get("doublings", 0) >= p["max_doublings"]:
+            continue
+        res.rename(res.with_name(EXTENDED))
+        n += 1
+        if m == AUTO:  # the mixtures read this run's model
+            for job2, m2 in (("mix", MIX), ("mixp", MIXP)):
+                (job_dir(root, job2, t, b, m2, s) / "result.json").unlink(missing_ok=True)
+    return n
 
 
 def eval_metrics(exp, forecaster, data, split: str) -> dict:
@@ -575,7 +609,7 @@ def work(p: dict, root: Path) -> int:
             if not claim(d):
                 waiting = True  # another worker runs it; what needs it may become ready
                 continue
-            if (d / "run").exists():  # the partial run of a stopped worker
+            if (d / "run").exists() and not (d / EXTENDED).is_file():  # the partial run of a stopped worker
                 shutil.rmtree(d / "run")
             (d / "error.txt").unlink(missing_ok=True)
             label = " ".join(str(x) for x in (job, target, budget, method) if x is not None) + \
@@ -894,6 +928,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="worker processes to start")
     ap.add_argument("--aggregate", action="store_true", help="only collect finished jobs")
     ap.add_argument("--worker", action="store_true", help="run jobs in this process, do not aggregate")
+    ap.add_argument("--extend", action="store_true",
+                    help="first set aside unconverged runs with doublings left (after max_doublings was raised)")
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else args.preset
     p = load_preset(preset)
@@ -903,6 +939,8 @@ def main(argv=None) -> int:
     out_json = Path(args.json or HERE / "results" / ("transfer_radar.json" if preset == "full"
                                                       else f"transfer_radar_{preset}.json"))
     command = "python benchmarks/transfer_radar.py" + ("" if preset == "full" else f" --preset {preset}") + " --workers 2"
+    if args.extend:
+        print(f"--extend: {extend(p, root)} unconverged runs go on", flush=True)
     if args.worker or (args.workers == 1 and not args.aggregate):
         failed = work(p, root)
         if args.worker:
