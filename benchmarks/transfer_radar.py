@@ -446,8 +446,8 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     if earlier.is_file():  # stopped unconverged at a lower doubling limit: go on from its last checkpoint
         r = json.loads(earlier.read_text())
         history, cap, k0, t0 = r["history"], 2 * r["step_cap"], r["doublings"] + 1, t0 - r["train_wall_s"]
-        (out / "metrics.json").unlink()
-        shutil.rmtree(out / "model")
+        (out / "metrics.json").unlink(missing_ok=True)  # (gone already when an earlier try failed)
+        shutil.rmtree(out / "model", ignore_errors=True)
         refresh_best_record(out)
     for k in range(k0, p["max_doublings"] + 1):
         exp = cell_experiment(p, root, target, budget, seed, steps=cap)
