@@ -96,6 +96,25 @@ def test_a_run_best_at_its_cap_is_resumed_with_the_cap_doubled(bench, tiny):
     assert r["best_step"] == bench.best_step(d / "run")
 
 
+def test_an_unconverged_run_set_aside_goes_on_from_its_last_checkpoint(bench, tiny):
+    """--extend (after max_doublings was raised): the run continues from its last checkpoint with
+    the cap doubled, keeps its history, and saves the best checkpoint's model."""
+    import torch
+    from safetensors.torch import load_file
+    root, _, _ = tiny
+    p = dict(bench.load_preset("tiny"), target_steps=4, val_every=1, max_doublings=0)
+    d = root / "extend"
+    r0 = bench.run_to_convergence(p, root / "runs", "mch", "1h", "scratch", 0, d)
+    (d / bench.EXTENDED).write_text(json.dumps({**r0, "converged": False, "commit": "abc"}))  # as --extend does
+    r = bench.run_to_convergence(dict(p, max_doublings=1), root / "runs", "mch", "1h", "scratch", 0, d)
+    assert r["history"][0] == r0["history"][0] and [h["step_cap"] for h in r["history"]] == [4, 8]
+    assert r["extended_from"] == {"step_cap": 4, "commit": "abc"} and not (d / bench.EXTENDED).exists()
+    assert r["best_step"] == bench.best_step(d / "run") and r["doublings"] == 1
+    best = torch.load(d / "run" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    saved = load_file(str(d / "run" / "model" / "weights.safetensors"))
+    assert saved and all(torch.equal(best["model." + k], v) for k, v in saved.items())
+
+
 def test_rank_scores_rain_with_fewer_input_frames_than_a_baseline_reads(bench):
     """zoo.rank's baseline column leaves out a baseline that reads more frames than t_in (anvil
     reads 4; this benchmark's clips give 3) instead of failing the ranking."""
