@@ -1,0 +1,40 @@
+"""benchmarks/nowcast.py's learned combination (recipe:stack): it starts as the equal mean of the
+model and sprog_log, and its soft-CSI loss term sends a gradient to every layer it should train."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def bench(load_benchmark):
+    return load_benchmark("nowcast")
+
+
+def _inputs(seed=0, n=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    members = torch.rand(n, 3, size, size, generator=g) * 0.6
+    last = torch.rand(n, 1, size, size, generator=g) * 0.6
+    return members, last, torch.full((n,), 0.5)
+
+
+def test_the_combination_starts_as_the_equal_mean_of_the_model_and_sprog_log(bench):
+    members, last, lead = _inputs()
+    out = bench.Combiner()(members, last, lead)
+    w = torch.softmax(torch.tensor([0.0, 0.0, -4.0]), 0)  # the start the head's bias sets
+    assert out.shape == (2, 1, 32, 32)
+    assert torch.allclose(out, (w[:, None, None] * members).sum(1, keepdim=True), atol=1e-6)
+
+
+def test_the_soft_csi_term_reaches_every_layer_of_the_combination(bench):
+    members, last, lead = _inputs()
+    obs = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.6)
+    valid = torch.ones_like(obs)
+    net = bench.Combiner()
+    with torch.no_grad():  # off the zero start, so that the body's gradient is not blocked by the head
+        net.head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    loss = bench.soft_csi_loss(net(members, last, lead), obs, valid, tau=0.02)
+    assert 0 < float(loss) < 2  # 1 - CSI at each of the two thresholds
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # a perfect forecast scores (nearly) zero: the term rewards hits, not smoothness
+    assert float(bench.soft_csi_loss(obs.clamp(0, 1), obs, valid, tau=1e-4)) < 0.05
