@@ -50,6 +50,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_digits.py, also when imported by path
 import claims  # noqa: E402
 from claims import claim  # noqa: E402
+from convergence import converged, train_to_convergence  # noqa: E402
 from transfer_digits import wait_for  # noqa: E402
 
 from transmem import api, zoo  # noqa: E402
@@ -162,8 +163,9 @@ def target_data(family: str, fp: dict, size: int) -> dict:
         "take": {"train": size}}}
 
 
-def methods(family: str) -> dict:
-    """method -> (kind, settings); kinds: scratch | finetune | auto | transfer | mixture | ranked."""
+def methods(family: str, p: dict | None = None) -> dict:
+    """method -> (kind, settings); kinds: scratch | finetune | auto | transfer | mixture | ranked.
+    A preset's ``methods`` list keeps only those (``finetune:auto`` reuses a finetune run)."""
     zoo_names = list(FAMILIES[family]["zoo"])
     out = {"scratch": ("scratch", {})}
     out.update({f"finetune:{e}": ("finetune", {"init": e}) for e in zoo_names})
@@ -175,6 +177,8 @@ def methods(family: str) -> dict:
     # the TMU on the two entries the ranking puts first, initialised from its top entry
     out["mix:finetuned+extrapolation"] = ("mixture", {"experts": zoo_names, "baselines": ["extrapolation"]})
     out["tmu:ranked"] = ("ranked", {"k": 2})
+    if p and p.get("methods"):
+        out = {m: v for m, v in out.items() if m in p["methods"]}
     return out
 
 
@@ -258,14 +262,14 @@ def jobs(p: dict, parts: set[str]) -> list[tuple]:
             if "rank" in parts:
                 out.append(("rank", f, n, None, 0))
             if "train" in parts:
-                kinds = {m: k for m, (k, _) in methods(f).items()}
+                kinds = {m: k for m, (k, _) in methods(f, p).items()}
                 out += [("run", f, n, m, s) for s in p["seeds"] for m, k in kinds.items()
                         if k in ("scratch", "finetune", "transfer")]
                 out += [("run", f, n, m, s) for s in p["seeds"] for m, k in kinds.items() if k == "mixture"]
     if "train" in parts:  # optional, last: it trains only where the ranking picks other teachers
         for i in range(max(len(p["families"][f]["sizes"]) for f in fams)):
             out += [("run", f, p["families"][f]["sizes"][i], m, s) for f in fams if i < len(p["families"][f]["sizes"])
-                    for s in p["seeds"] for m in OPTIONAL]
+                    for s in p["seeds"] for m in OPTIONAL if m in methods(f, p)]
     return out
 
 
@@ -359,16 +363,17 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
     kind, s = methods(family)[method]
     exp = target_experiment(p, family, size, seed)
     if kind == "scratch":
-        return api.run_train(exp, d / "run", kind="scratch")
+        return train_run(p, exp, d / "run", lambda e, out, resume: api.run_train(e, out, resume=resume, kind="scratch"))
     if kind == "finetune":
         entry = zoo_entry(root, family, s["init"])
         wait_for([entry])
-        return api.run_train(exp, d / "run", init_from=entry)
+        return train_run(p, exp, d / "run", lambda e, out, resume: api.run_train(e, out, resume=resume, init_from=entry))
     if kind == "transfer":
         teachers = [zoo_entry(root, family, t) for t in s["teachers"]]
         wait_for(teachers + [zoo_entry(root, family, s["init_from"])])
         exp.transfer.init_from = str(zoo_entry(root, family, s["init_from"]))
-        return api.run_transfer(exp, d / "run", teachers=teachers)
+        return train_run(p, exp, d / "run",
+                         lambda e, out, resume: api.run_transfer(e, out, resume=resume, teachers=teachers))
     if kind == "ranked":
         return ranked_tmu(family, size, seed, s["k"], p, root, exp, d)
     # mixture of the finetuned experts of the same seed: weights fit on the validation clips
@@ -380,9 +385,13 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
     t0 = time.time()
     w = fit_mixture(experts, data["val"])
     m = api.evaluate_forecaster(exp, Mixture(experts, w), data)
-    walls = [json.loads((x / "result.json").read_text())["train_wall_s"] for x in dirs]
+    runs = [json.loads((x / "result.json").read_text()) for x in dirs]
     m.update(weights=dict(zip(s["experts"] + s.get("baselines", []), w)), fit_wall_s=round(time.time() - t0, 1),
-             train_wall_s=round(sum(walls) + time.time() - t0, 2), train_steps=exp.train.steps * len(dirs))
+             train_wall_s=round(sum(r["train_wall_s"] for r in runs) + time.time() - t0, 2),
+             train_steps=sum(r.get("step_cap", exp.train.steps) for r in runs))
+    if all("best_step" in r for r in runs):  # the expert nearest to breaking the convergence rule
+        worst = max(runs, key=lambda r: (r["best_step"] or 0) / r["step_cap"])
+        m.update({k: worst[k] for k in ("best_step", "step_cap", "converged")})
     return m
 
 
@@ -411,8 +420,25 @@ def ranked_tmu(family: str, size: int, seed: int, k: int, p: dict, root: Path, e
                 "reused_from": "tmu:distill+ft-init", "teachers": picked, "init_from": ranked[0]}
     teachers = [zoo_entry(root, family, t) for t in picked]
     exp.transfer.init_from = str(zoo_entry(root, family, ranked[0]))
-    m = api.run_transfer(exp, d / "run", teachers=teachers)
+    m = train_run(p, exp, d / "run", lambda e, out, resume: api.run_transfer(e, out, resume=resume, teachers=teachers))
     return {**m, "teachers": picked, "init_from": ranked[0]}
+
+
+def train_run(p: dict, exp, out: Path, train) -> dict:
+    """``train(exp, out, resume)`` once at the preset's ``target_steps``; with ``max_doublings`` in
+    the preset, to convergence (benchmarks/convergence.py: the cap doubles until it is at least
+    1.25 x the best validation step), recording ``best_step``, ``step_cap`` and ``converged``."""
+    if "max_doublings" not in p:
+        return train(exp, out, False)
+    t0 = time.time()
+
+    def at_cap(steps: int, resume: bool) -> dict:
+        exp.train.steps = steps
+        return train(exp, out, resume)
+    m, cap, history = train_to_convergence(at_cap, out, p["target_steps"], p["max_doublings"])
+    b = history[-1]["best_step"]
+    return {**m, "best_step": b, "step_cap": cap, "converged": converged(b, cap), "doublings": len(history) - 1,
+            "history": history, "train_wall_s": round(time.time() - t0, 1), "train_steps": cap}
 
 
 def stale_claim(d: Path) -> bool:
@@ -512,7 +538,7 @@ def collect(p: dict, root: Path) -> dict:
             refs[family][b] = r["mse"]
         for size in fp["sizes"]:
             by_method = {}
-            for m, (kind, s) in methods(family).items():
+            for m, (kind, s) in methods(family, p).items():
                 if kind == "auto":
                     continue
                 runs = []
@@ -528,10 +554,17 @@ def collect(p: dict, root: Path) -> dict:
                 mean, std = _stats([r["mse"] for r in runs])
                 cell = {"family": family, "size": size, "method": m,
                         "per_seed": [{"seed": r["seed"], "mse": r["mse"], "ssim": r.get("ssim"),
-                                      "wall_s": r["train_wall_s"]} for r in runs],
+                                      "wall_s": r["train_wall_s"],
+                                      **{k: r[k] for k in ("best_step", "step_cap", "converged") if k in r}}
+                                     for r in runs],
                         "mse_mean": mean, "mse_std": std, "ssim_mean": float(np.mean([r["ssim"] for r in runs])),
                         "wall_s_mean": float(np.mean([r["train_wall_s"] for r in runs])),
                         "target_steps": p["target_steps"], "seeds_done": len(runs)}
+                if all("best_step" in r for r in runs):  # the seed nearest to breaking the rule speaks for the cell
+                    worst = max(runs, key=lambda r: (r["best_step"] or 0) / r["step_cap"])
+                    cell.update(best_step=worst["best_step"], step_cap=worst["step_cap"],
+                                converged=all(r["converged"] for r in runs))
+                    cell["target_steps"] = max(r["step_cap"] for r in runs)
                 if kind == "ranked":
                     cell["teachers"], cell["init_from"] = runs[0]["teachers"], runs[0]["init_from"]
                     if runs[0].get("reused_from"):
@@ -554,7 +587,7 @@ def collect(p: dict, root: Path) -> dict:
                         **src, "method": "finetune:auto", "picked": rc["top"],
                         "note": f"the ranking's top entry is {rc['top']}: its finetune run has identical "
                                 f"settings, so this row reuses finetune:{rc['top']} (no extra training)"}
-            for m in methods(family):
+            for m in methods(family, p):
                 if m in by_method:
                     cells.append(by_method[m])
             for b, v in refs[family].items():
@@ -640,7 +673,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, preset: str) ->
                          "t_in": fp["t_in"], "t_out": fp["frames"] - fp["t_in"], "batch_size": fp["batch_size"],
                          "zoo": c["zoo"].get(f, {}), "tmu": FAMILIES[f]["tmu"], "references": c["references"].get(f, {})}
                      for f, fp in p["families"].items()},
-        "methods": list(dict.fromkeys([m for f in p["families"] for m in methods(f)]
+        "methods": list(dict.fromkeys([m for f in p["families"] for m in methods(f, p)]
                                       + [b for f in p["families"] for b in references(f)])),
         "method_notes": {
             "finetune:<entry>": "finetune every weight from the zoo entry",

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import os
@@ -84,6 +83,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_map.py, also when imported by path
 import claims  # noqa: E402
+from convergence import converged, train_to_convergence  # noqa: E402
 import transfer_map as tm  # noqa: E402  (registers the transfer_map_parts dataset)
 from claims import claim  # noqa: E402
 
@@ -92,7 +92,6 @@ from transmem.baselines import get_method  # noqa: E402
 from transmem.data import DataConfig, build_datasets, physical_units  # noqa: E402
 from transmem.data.clips import ClipDataset  # noqa: E402
 from transmem.data.registry import register_dataset  # noqa: E402
-from transmem.training.checkpoints import CHECKSUM_KEY, atomic_torch_save, load_checkpoint_safely  # noqa: E402
 
 SHARED = tm.SHARED
 FAMILY = "radar"  # the key of the model/data settings in a preset (transfer_map.experiment reads it)
@@ -378,45 +377,6 @@ def commit() -> str:
 # running
 
 
-def best_step(run: Path) -> int | None:
-    """The global step of the checkpoint ``select_best`` keeps (``checkpoints/best.ckpt``: the lowest
-    validation MSE); else from ``logs/metrics.csv``, where Lightning writes a validation at
-    ``global_step - 1``."""
-    f = run / "checkpoints" / "best.ckpt"
-    if f.is_file():
-        return int(load_checkpoint_safely(f)["global_step"])
-    f = run / "logs" / "metrics.csv"
-    if not f.is_file():
-        return None
-    best = None
-    with open(f, newline="") as fh:
-        for row in csv.DictReader(fh):
-            v = row.get("val/mse")
-            if v not in (None, ""):
-                step, v = int(float(row["step"])) + 1, float(v)
-                if best is None or v < best[1]:
-                    best = (step, v)
-    return None if best is None else best[0]
-
-
-def refresh_best_record(run: Path) -> None:
-    """Before a resume: Lightning writes the step checkpoint (and so ``last.ckpt``) before that
-    step's validation, so the record of the best validation score in ``last.ckpt`` can miss the
-    last validation; a resumed run would then replace ``best.ckpt`` by a worse model. The record
-    is taken from ``best.ckpt``, which holds it up to date."""
-    last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
-    if not (last.is_file() and best.is_file()):
-        return
-    state, kept = load_checkpoint_safely(last), load_checkpoint_safely(best)
-    keys = [k for k in kept.get("callbacks", {}) if "'monitor': 'val/mse'" in k]
-    if not keys:
-        return
-    for k in keys:
-        state["callbacks"][k] = kept["callbacks"][k]
-    state.pop(CHECKSUM_KEY, None)
-    atomic_torch_save(state, last)
-
-
 def _csi1(m: dict) -> float | None:
     return ((m.get("csi") or {}).get("1.0") or {}).get("mean")
 
@@ -440,29 +400,19 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     """Train with validation; while ``cap < 1.25 * best_step`` (and doublings are left), resume
     from the last checkpoint with the cap doubled."""
     rk = None if method == SCRATCH else _ranking(root, target, budget)
-    cap, history, t0, k0 = p["target_steps"], [], time.time(), 0
+    cap, history, t0, done = p["target_steps"], [], time.time(), -1
     out = d / "run"
     earlier = d / EXTENDED
     if earlier.is_file():  # stopped unconverged at a lower doubling limit: go on from its last checkpoint
         r = json.loads(earlier.read_text())
-        history, cap, k0, t0 = r["history"], 2 * r["step_cap"], r["doublings"] + 1, t0 - r["train_wall_s"]
-        (out / "metrics.json").unlink(missing_ok=True)  # (gone already when an earlier try failed)
-        shutil.rmtree(out / "model", ignore_errors=True)
-        refresh_best_record(out)
-    for k in range(k0, p["max_doublings"] + 1):
-        exp = cell_experiment(p, root, target, budget, seed, steps=cap)
-        m = train_once(method, exp, out, k > 0, rk)
-        b = best_step(out)
-        history.append({"step_cap": cap, "best_step": b, "mse": m["mse"], "train_wall_s": m["train_wall_s"]})
-        if b is None or cap >= 1.25 * b or k == p["max_doublings"]:
-            break
-        (out / "metrics.json").unlink()  # resume: the run is unfinished again, from its last checkpoint
-        shutil.rmtree(out / "model")
-        refresh_best_record(out)
-        cap *= 2
+        history, cap, done, t0 = r["history"], 2 * r["step_cap"], r["doublings"], t0 - r["train_wall_s"]
+
+    def train(steps: int, resume: bool) -> dict:
+        return train_once(method, cell_experiment(p, root, target, budget, seed, steps=steps), out, resume, rk)
+    m, cap, history = train_to_convergence(train, out, cap, p["max_doublings"], history, done)
     b = history[-1]["best_step"]
     res = {"mse": m["mse"], "csi_1": _csi1(m), "ssim": m.get("ssim"), "mse_per_frame": m.get("mse_per_frame"),
-           "best_step": b, "step_cap": cap, "converged": b is not None and cap >= 1.25 * b,
+           "best_step": b, "step_cap": cap, "converged": converged(b, cap),
            "doublings": len(history) - 1, "history": history, "train_wall_s": round(time.time() - t0, 1),
            "train_clips": clip_count(p, target, train_windows(p, target, budget))}
     if rk is not None:

@@ -38,3 +38,36 @@ def test_the_soft_csi_term_reaches_every_layer_of_the_combination(bench):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # a perfect forecast scores (nearly) zero: the term rewards hits, not smoothness
     assert float(bench.soft_csi_loss(obs.clamp(0, 1), obs, valid, tau=1e-4)) < 0.05
+
+
+def test_the_band_keeps_the_combination_inside_the_rain_areas_the_classifier_draws(bench):
+    """Untrained, the exceedance classifier draws sprog_log's own rain areas; the banded forecast
+    then has exactly those areas at 1 and 5 mm/h, and the combination's value everywhere it
+    already agrees with them."""
+    members, last, lead = _inputs(n=3)
+    value = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 0.6
+    logits = bench.Exceedance()(members, last, lead)
+    assert logits.shape == (3, 2, 32, 32)
+    out = bench.banded(value, logits)
+    sprog = members[:, 1:2]
+    for u in bench._levels():
+        assert torch.equal(out >= u, sprog >= u)
+    same_class = sum((value >= u).int() for u in bench._levels()) == sum((sprog >= u).int() for u in bench._levels())
+    assert same_class.any() and torch.equal(out[same_class], value[same_class])
+    assert ((out - value).abs()[~same_class] > 0).all()
+    # reaching 5 mm/h implies reaching 1 mm/h, whatever the classifier says at 1 mm/h
+    contradictory = torch.stack([torch.full((32, 32), -1.0), torch.full((32, 32), 1.0)])[None]
+    assert (bench.banded(value[:1], contradictory) >= bench._levels()[1]).all()
+
+
+def test_the_exceedance_loss_reaches_every_layer_of_the_classifier(bench):
+    members, last, lead = _inputs()
+    obs = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.6
+    net = bench.Exceedance()
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    loss = bench.exceedance_loss(net(members, last, lead), obs, torch.ones_like(obs))
+    assert 0 < float(loss) < 2
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

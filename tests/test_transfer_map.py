@@ -124,3 +124,23 @@ def test_simplex_weights_recover_a_known_blend_and_spearman(bench):
     assert bench.spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]) == pytest.approx(0.5)
     assert bench.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
     assert bench.spearman([1.0], [2.0]) is None
+
+
+def test_a_map_run_trains_to_convergence_when_the_preset_asks(bench, tiny, load_benchmark):
+    """With ``max_doublings`` in the preset a learned run is resumed with its cap doubled until the
+    cap is at least 1.25 x its best validation step, and records best_step and step_cap."""
+    root, _, _ = tiny
+    p = dict(bench.load_preset("tiny"), target_steps=2, val_every=1, max_doublings=2)
+    exp = bench.target_experiment(p, "digits", 8, 0)
+    run = root / "converge" / "run"
+    m = bench.train_run(p, exp, run, lambda e, out, resume: bench.api.run_train(e, out, resume=resume, kind="scratch"))
+    caps = [h["step_cap"] for h in m["history"]]
+    assert caps == [2 * 2 ** k for k in range(len(caps))] and m["step_cap"] == caps[-1] == m["train_steps"]
+    for h in m["history"][:-1]:  # every cap but the last broke the rule
+        assert h["step_cap"] < 1.25 * h["best_step"]
+    assert m["converged"] == (m["step_cap"] >= 1.25 * m["best_step"]) and (m["converged"] or m["doublings"] == 2)
+    assert m["best_step"] == load_benchmark("convergence").best_step(run)
+    once = bench.train_run(bench.load_preset("tiny"), bench.target_experiment(bench.load_preset("tiny"), "digits", 8, 0),
+                           root / "converge" / "once",
+                           lambda e, out, resume: bench.api.run_train(e, out, resume=resume, kind="scratch"))
+    assert "best_step" not in once and once["train_steps"] == bench.load_preset("tiny")["target_steps"]

@@ -1,0 +1,91 @@
+"""Training to convergence, the rule the transfer benchmarks share.
+
+A run validates every ``val_every`` steps and keeps its best checkpoint (``select_best``). Its
+``best_step`` is the step of the lowest validation MSE; it has converged when its step cap is at
+least 1.25 times that. Until then it is resumed from its last checkpoint with the cap doubled, at
+most ``max_doublings`` times; a run still short of the rule is reported ``converged: false``.
+
+    m, cap, history = train_to_convergence(lambda steps, resume: train(..., steps, resume),
+                                           out, first_cap=160, max_doublings=6)
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from transmem.training.checkpoints import CHECKSUM_KEY, atomic_torch_save, load_checkpoint_safely
+
+MARGIN = 1.25  # the cap must reach 1.25 x the best step: room after the best for a later one
+
+
+def converged(best: int | None, cap: int) -> bool:
+    return best is not None and cap >= MARGIN * best
+
+
+def best_step(run: Path) -> int | None:
+    """The global step of the checkpoint ``select_best`` keeps (``checkpoints/best.ckpt``: the lowest
+    validation MSE); else from ``logs/metrics.csv``, where Lightning writes a validation at
+    ``global_step - 1``."""
+    f = run / "checkpoints" / "best.ckpt"
+    if f.is_file():
+        return int(load_checkpoint_safely(f)["global_step"])
+    f = run / "logs" / "metrics.csv"
+    if not f.is_file():
+        return None
+    best = None
+    with open(f, newline="") as fh:
+        for row in csv.DictReader(fh):
+            v = row.get("val/mse")
+            if v not in (None, ""):
+                step, v = int(float(row["step"])) + 1, float(v)
+                if best is None or v < best[1]:
+                    best = (step, v)
+    return None if best is None else best[0]
+
+
+def refresh_best_record(run: Path) -> None:
+    """Before a resume: Lightning writes the step checkpoint (and so ``last.ckpt``) before that
+    step's validation, so the record of the best validation score in ``last.ckpt`` can miss the
+    last validation; a resumed run would then replace ``best.ckpt`` by a worse model. The record
+    is taken from ``best.ckpt``, which holds it up to date."""
+    last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
+    if not (last.is_file() and best.is_file()):
+        return
+    state, kept = load_checkpoint_safely(last), load_checkpoint_safely(best)
+    keys = [k for k in kept.get("callbacks", {}) if "'monitor': 'val/mse'" in k]
+    if not keys:
+        return
+    for k in keys:
+        state["callbacks"][k] = kept["callbacks"][k]
+    state.pop(CHECKSUM_KEY, None)
+    atomic_torch_save(state, last)
+
+
+def reopen(run: Path) -> None:
+    """Make a finished run resumable from its last checkpoint: its final metrics and exported
+    model go (they are written again when it finishes), its best-score record is refreshed."""
+    (run / "metrics.json").unlink(missing_ok=True)
+    shutil.rmtree(run / "model", ignore_errors=True)
+    refresh_best_record(run)
+
+
+def train_to_convergence(train: Callable[[int, bool], dict], run: Path, first_cap: int, max_doublings: int,
+                         history: list | None = None, doublings_done: int = -1) -> tuple[dict, int, list]:
+    """``train(step_cap, resume) -> metrics`` trains ``run`` to the cap; returns (the last
+    metrics, the final cap, the history of caps). ``doublings_done`` and ``history`` continue a
+    run that stopped at an earlier, lower ``max_doublings`` (its cap is ``first_cap``)."""
+    history = list(history or [])
+    cap, k0 = first_cap, doublings_done + 1
+    if k0 > 0:
+        reopen(run)
+    for k in range(k0, max_doublings + 1):
+        m = train(cap, k > 0)
+        b = best_step(run)
+        history.append({"step_cap": cap, "best_step": b, "mse": m["mse"], "train_wall_s": m.get("train_wall_s")})
+        if b is None or converged(b, cap) or k == max_doublings:
+            break
+        reopen(run)
+        cap *= 2
+    return m, cap, history
