@@ -272,12 +272,16 @@ STACK_MEMBERS = ("model", "sprog_log", "extrapolation_log")
 STACK_FITS = {"recipe:stack": 0.0, "recipe:stack+csi": 1e-2}  # name -> weight of the soft-CSI loss
 STACK_VARIANTS = [v for name in STACK_FITS for v in (name, name + "+pm")]
 STACK = {"steps": 300, "batch": 12, "crop": 128, "lr": 3e-3, "tau": 0.02, "wet_crops": 0.8, "width": 16}
-#: ``+band``: a combination's forecast kept inside the rain areas (>= 1, >= 5 mm/h) that a second
-#: small CNN draws, trained on the same events for the soft CSI alone (Exceedance, banded). Added
-#: after the stack's first results on these events (the stack lost CSI at 5 mm/h); settings are the
-#: stack's, unchanged. {row: the combination whose values it keeps}
-BAND_VARIANTS = {"recipe:stack+band": "recipe:stack", "recipe:stack+csi+band": "recipe:stack+csi"}
-LEARNED = (*VARIANTS, *STACK_VARIANTS, *BAND_VARIANTS)
+#: ``+areas``: a combination's values kept inside rain areas (>= 1, >= 5 mm/h) drawn by
+#: calibrated thresholds: per threshold, the field (area_fields: sprog_log, or its mean with the
+#: model) and the level it is drawn at (a fixed grid) whose areas had the best mean CSI on the
+#: *other* four events. A smooth forecast's area above 5 mm/h shrinks; drawing it at a lower level
+#: restores it, and the values outside the areas' edges stay the combination's. Added after the
+#: stack's first results on these events (it lost CSI at 5 mm/h); the grid was fixed before its
+#: first run. {row: the combination whose values it keeps}
+AREA_VARIANTS = {"recipe:stack+areas": "recipe:stack", "recipe:stack+csi+areas": "recipe:stack+csi"}
+AREA_LEVELS = {1.0: (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4), 5.0: (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0)}
+LEARNED = (*VARIANTS, *STACK_VARIANTS, *AREA_VARIANTS)
 RECIPES = (*LEARNED, "recipe:selected")
 
 
@@ -309,34 +313,13 @@ class Combiner(torch.nn.Module):
         return (mix + 0.1 * torch.tanh(out[:, -1:])).clamp(0, 1)
 
 
-class Exceedance(torch.nn.Module):
-    """Same inputs -> logits (N, len(THRESHOLDS), H, W) that the rain reaches each threshold.
-
-    It starts as sprog_log's own exceedance, ``(sprog_log - u) / tau``, plus a learned correction
-    that is zero at the start: untrained, it draws the best baseline's rain areas, and training on
-    the other events moves them only as far as those events teach."""
-
-    def __init__(self, members: int = len(STACK_MEMBERS), width: int = STACK["width"]):
-        super().__init__()
-        self.body = context_body(members, width)
-        self.head = torch.nn.Conv2d(width, len(THRESHOLDS), 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-        self.register_buffer("levels", torch.tensor([float(u) for u in _levels()]).view(1, -1, 1, 1))
-        self.anchor = STACK_MEMBERS.index("sprog_log")
-
-    def forward(self, members, last, lead):
-        x = torch.cat([members, last, lead.view(-1, 1, 1, 1).expand_as(last)], 1)
-        return (members[:, self.anchor:self.anchor + 1] - self.levels) / STACK["tau"] + self.head(self.body(x))
-
-
-def banded(value: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The MSE forecast ``value`` (N, 1, H, W) kept inside the rain class the exceedance ``logits``
-    (N, K, H, W) draw: where the rain reaches threshold k it is lifted to just above it, elsewhere
-    held just below, so each threshold's rain area is the classifier's and every other value is
-    the combination's. A higher threshold reached implies the lower ones."""
+def banded(value: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """The MSE forecast ``value`` (N, 1, H, W) kept inside the rain areas ``reach`` (N, K, H, W,
+    bool: the rain reaches THRESHOLDS[k]): inside an area it is lifted to just above its threshold,
+    outside held just below, so each threshold's rain area is the one drawn and every other value
+    the combination's. Reaching a higher threshold implies the lower ones."""
     levels = torch.tensor(_levels(), dtype=value.dtype).view(1, -1, 1, 1)
-    reach = (logits > 0).flip(1).cummax(1).values.flip(1)  # reaching 5 mm/h means reaching 1 mm/h
+    reach = reach.flip(1).cummax(1).values.flip(1)
     eps = 1e-4
     lo = torch.where(reach, levels + eps, torch.zeros_like(levels)).amax(1, keepdim=True)
     hi = torch.where(reach, torch.ones_like(levels), levels - eps).amin(1, keepdim=True)
@@ -362,14 +345,6 @@ def soft_csi_loss(pred, obs, valid, tau: float):
     loss = pred.new_zeros(())
     for u in _levels():
         loss = loss + soft_csi(torch.sigmoid((pred - u) / tau), (obs >= u).float(), valid)
-    return loss
-
-
-def exceedance_loss(logits, obs, valid):
-    """The soft CSI of every threshold, from the classifier's probabilities."""
-    loss = logits.new_zeros(())
-    for k, u in enumerate(_levels()):
-        loss = loss + soft_csi(torch.sigmoid(logits[:, k:k + 1]), (obs >= u).float(), valid)
     return loss
 
 
@@ -429,11 +404,6 @@ def fit_combiner(train: list[dict], csi_weight: float, seed: int, steps: int) ->
     return train_on_crops(Combiner(), loss, train, seed, steps)
 
 
-def fit_exceedance(train: list[dict], seed: int, steps: int) -> Exceedance:
-    torch.manual_seed(seed)
-    return train_on_crops(Exceedance(), exceedance_loss, train, seed, steps)
-
-
 def on_window(net: torch.nn.Module, w: dict) -> torch.Tensor:
     """A learned row's net on every lead of one whole window: (leads, channels, H, W)."""
     leads = w["obs"].shape[0]
@@ -479,47 +449,95 @@ def run_stack(work: Path, event: str, seed: int, events: list[str], quick: bool,
                   f"csi5 {r['csi_5']:.3f} ({result['wall_s']} s)", flush=True)
 
 
-def run_band(work: Path, event: str, seed: int, events: list[str], quick: bool, cache: dict) -> None:
-    """The recipe:*+band rows of one seed: the exceedance classifier trained on the other events
-    (its weights beside the units), applied to the recipe:stack combinations of the same seed."""
+def area_fields(work: Path, event: str, seed: int, start: int, values: np.ndarray, leads: int) -> dict:
+    """The fields rain areas may be drawn from, (leads, H, W) each: sprog_log, and its equal mean
+    with the model of this seed (recipe:sprog_blend)."""
+    sprog = np.load(forecast_path(work, "sprog_log", event, start)).astype(np.float32)
+    model = model_forecast(work, event, seed, start, values, leads).astype(np.float32)
+    return {"sprog_log": sprog, "sprog_blend": 0.5 * model + 0.5 * sprog}
+
+
+def area_counts(work: Path, event: str, seed: int, quick: bool, cache: dict) -> dict:
+    """{"source|threshold|level": [hits, misses, false alarms]} of every candidate area on one
+    event (all windows and leads), cached beside the units."""
+    from transmem.data.radar import rain_to_unit
     from transmem.files import write_json
-    paths = {m: unit_path(work, m, event, seed) for m in BAND_VARIANTS}
-    values = {m: unit_path(work, v, event, seed).with_suffix(".pt") for m, v in BAND_VARIANTS.items()}
+    path = unit_path(work, "areas", event, seed)
+    if path.is_file():
+        return json.loads(path.read_text())
+    leads = QUICK["leads"] if quick else LEADS
+    if event not in cache:
+        cache.clear()
+        cache[event] = read_event(event, quick)
+    values, valid = cache[event]
+    out: dict = {}
+    for s in windows(values.shape[0], leads, quick):
+        obs, ok = values[s + T_IN:s + T_IN + leads, 0], valid[s + T_IN:s + T_IN + leads, 0]
+        for name, field in area_fields(work, event, seed, s, values, leads).items():
+            for t, levels in AREA_LEVELS.items():
+                seen = (obs >= rain_to_unit(t)) & ok
+                for level in levels:
+                    drawn = (field >= rain_to_unit(level)) & ok
+                    c = out.setdefault(f"{name}|{t}|{level}", [0, 0, 0])
+                    c[0] += int((drawn & seen).sum()); c[1] += int((~drawn & seen).sum()); c[2] += int((drawn & ~seen).sum())
+    write_json(path, out)
+    return out
+
+
+def pick_areas(counts: dict, others: list[str]) -> dict:
+    """{threshold: (source, level)} with the best mean CSI over the ``others`` events."""
+    def csi(c):
+        return c[0] / sum(c) if sum(c) else 0.0
+    picks = {}
+    for t in AREA_LEVELS:
+        keys = [k for k in counts[others[0]] if k.split("|")[1] == str(t)]
+        best = max(keys, key=lambda k: np.mean([csi(counts[o][k]) for o in others]))
+        picks[t] = (best.split("|")[0], float(best.split("|")[2]))
+    return picks
+
+
+def run_areas(work: Path, event: str, seed: int, events: list[str], quick: bool, cache: dict) -> None:
+    """The recipe:*+areas rows of one seed: the combinations of recipe:stack (trained on the other
+    events) kept inside the rain areas picked on the other events (AREA_LEVELS)."""
+    from transmem.data.radar import rain_to_unit
+    from transmem.files import write_json
+    paths = {m: unit_path(work, m, event, seed) for m in AREA_VARIANTS}
+    weights = {m: unit_path(work, v, event, seed).with_suffix(".pt") for m, v in AREA_VARIANTS.items()}
     if all(p.is_file() for p in paths.values()):
         return
-    if not all(v.is_file() for v in values.values()):
-        print(f"[nowcast] band {event} seed {seed}: waits for the recipe:stack weights", flush=True)
+    if not all(w.is_file() for w in weights.values()):
+        print(f"[nowcast] areas {event} seed {seed}: waits for the recipe:stack weights", flush=True)
         return
     first = next(iter(paths.values()))
     if not claims.claim(first.parent / f"seed{seed}"):
         return
-    t0, weights = time.time(), first.with_suffix(".pt")
-    if weights.is_file():
-        classifier = Exceedance()
-        classifier.load_state_dict(torch.load(weights, weights_only=True))
-        classifier.eval()
-    else:
-        train = [w for o in events if o != event for w in stack_inputs(work, o, seed, quick, cache)]
-        classifier = fit_exceedance(train, seed, QUICK["stack_steps"] if quick else STACK["steps"])
-        torch.save(classifier.state_dict(), weights)
+    t0 = time.time()
+    counts = {e: area_counts(work, e, seed, quick, cache) for e in events}
+    picks = pick_areas(counts, [o for o in events if o != event])
     combiners = {}
-    for m, v in values.items():
+    for m, w in weights.items():
         combiners[m] = Combiner()
-        combiners[m].load_state_dict(torch.load(v, weights_only=True))
+        combiners[m].load_state_dict(torch.load(w, weights_only=True))
         combiners[m].eval()
+    leads = QUICK["leads"] if quick else LEADS
+    test = stack_inputs(work, event, seed, quick, cache)  # (reads the event into the cache)
+    values = cache[event][0]
     scores = {m: [] for m in paths}
-    for w in stack_inputs(work, event, seed, quick, cache):
-        logits = on_window(classifier, w)
+    for w, s in zip(test, windows(values.shape[0], leads, quick)):
+        fields = area_fields(work, event, seed, s, values, leads)
+        reach = torch.from_numpy(np.stack([fields[src] >= rain_to_unit(level) for src, level in picks.values()], 1))
         obs = w["obs"].astype(np.float32)
         for m, net in combiners.items():
-            scores[m].append(score_window(banded(on_window(net, w), logits)[:, 0].numpy(), obs, w["valid"]))
+            scores[m].append(score_window(banded(on_window(net, w), reach)[:, 0].numpy(), obs, w["valid"]))
     for m, path in paths.items():
         result = {**merge(scores[m]), "windows": len(scores[m]), "wall_s": round(time.time() - t0, 1),
-                  "trained_on": [o for o in events if o != event], "settings": {**STACK, "quick": quick}}
+                  "trained_on": [o for o in events if o != event],
+                  "areas": {str(t): {"source": src, "level_mm_h": level} for t, (src, level) in picks.items()},
+                  "settings": {**STACK, "quick": quick}}
         write_json(path, result)
         r = summary(result)
         print(f"[nowcast] {m} {event} seed {seed}: mse {r['mse']:.5f} csi1 {r['csi_1']:.3f} "
-              f"csi5 {r['csi_5']:.3f} ({result['wall_s']} s)", flush=True)
+              f"csi5 {r['csi_5']:.3f} areas {result['areas']} ({result['wall_s']} s)", flush=True)
 
 
 # -------------------------------------------------------------------------------------- aggregate
@@ -662,7 +680,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="baselines,pretext,recipes,stack,band,aggregate")
+    ap.add_argument("--parts", default="baselines,pretext,recipes,stack,areas,aggregate")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the rows")
     ap.add_argument("--work", default=None, help="where the units go (default runs/nowcast[_quick])")
     ap.add_argument("--threads", type=int, default=2)
@@ -702,10 +720,10 @@ def main(argv=None) -> int:
         for s in seeds:
             for e in events:
                 run_stack(work, e, s, events, quick, cache)
-    if "band" in parts:
+    if "areas" in parts:
         for s in seeds:
             for e in events:
-                run_band(work, e, s, events, quick, cache)
+                run_areas(work, e, s, events, quick, cache)
     if "aggregate" in parts:
         command = "python benchmarks/nowcast.py" + (" --quick" if quick else "")
         result = aggregate(work, all_methods, events, seeds, quick, command)

@@ -56,7 +56,7 @@ from transfer_digits import wait_for  # noqa: E402
 from transmem import api, zoo  # noqa: E402
 from transmem.config import load_experiment  # noqa: E402
 from transmem.data import DataConfig, build_datasets  # noqa: E402
-from transmem.data.registry import physical_units, register_dataset  # noqa: E402
+from transmem.data.registry import inflow_hint, physical_units, register_dataset  # noqa: E402
 
 SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
 AUGMENT = {"augment": ["flip", "rot90"], "reverse_time_prob": 0.5}  # the radar recipe (configs/radar.yaml)
@@ -77,12 +77,22 @@ OPTIONAL = ("tmu:ranked",)  # run after every cell; missing runs of these leave 
 # goes through the registry so that zoo.rank builds the very same splits from the Experiment.
 
 
-def _parts_units(cfg: DataConfig):
+def _first_part(cfg: DataConfig) -> dict | None:
     first = next((p for parts in (cfg.extra or {}).get("parts", {}).values() for p in parts), None)
-    return None if first is None else physical_units({**first, "size": cfg.size, "frames": cfg.frames})
+    return None if first is None else {**first, "size": cfg.size, "frames": cfg.frames}
 
 
-@register_dataset("transfer_map_parts", units=_parts_units)
+def _parts_units(cfg: DataConfig):
+    first = _first_part(cfg)
+    return None if first is None else physical_units(first)
+
+
+def _parts_inflow(cfg: DataConfig):
+    first = _first_part(cfg)
+    return None if first is None else inflow_hint(first)
+
+
+@register_dataset("transfer_map_parts", units=_parts_units, inflow=_parts_inflow)
 def build_parts(cfg: DataConfig) -> dict:
     """``extra.parts = {split: [data config, ...]}``: each config's train split (all its clips)
     joins ``split``; ``extra.take = {split: N}`` keeps the first N clips of a split."""

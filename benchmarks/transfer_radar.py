@@ -191,7 +191,8 @@ class Tiles(Dataset):
         return {k: v[..., y * s:(y + 1) * s, x * s:(x + 1) * s].contiguous() for k, v in self.clips[c].items()}
 
 
-@register_dataset("transfer_radar_tiles", units=_tiles_units, extra=("source", "tiles", "window"))
+@register_dataset("transfer_radar_tiles", units=_tiles_units, extra=("source", "tiles", "window"),
+                  inflow="last")  # a tile's edge lies inside the region: rain comes in across it
 def build_tiles(cfg: DataConfig) -> dict:
     """``extra.source``: a radar data config (one event), read at ``size * tiles`` pixels square;
     ``extra.window = [a, b]``: the clips whose frames all lie in frames ``a .. b-1`` of a

@@ -232,6 +232,22 @@ def test_a_dataset_can_declare_its_inflow():
     assert inflow_hint(video.data) is None and api.load_baseline("extrapolation", video).inflow == "last"
 
 
+def test_rain_read_from_a_window_of_its_field_keeps_the_last_frame_at_the_edge():
+    """A crop of a composite (or a selection of a gridded file) has its edge inside the scene,
+    where rain comes in: zero inflow there made every optical-flow nowcast about 2x worse than
+    persistence on tiles of wide rain (MRMS, 32x32 tiles). The whole field keeps zero inflow."""
+    from transmem.baselines import baseline_for_data
+    from transmem.data import DataConfig, inflow_hint
+    assert inflow_hint(DataConfig(name="radar_mch", path="x")) is None
+    assert baseline_for_data("extrapolation", 3, DataConfig(name="radar_mch", path="x")).inflow == "zero"
+    for name, extra in (("radar_mch", {"crop": [0, 0, 64, 64]}), ("radar_fmi", {"crop": [10, 10, 32, 32]}),
+                        ("hdf5", {"crop": [0, 0, 8, 8]}), ("radar_mrms", {"isel": {"latitude": [0, 8]}}),
+                        ("xarray", {"sel": {"x": [0, 1]}, "quantity": "rain"})):
+        cfg = DataConfig(name=name, path="x", extra=extra)
+        assert inflow_hint(cfg) == "last", name
+        assert baseline_for_data("sprog", 4, cfg).inflow == "last", name
+
+
 def test_steps_gets_the_grid_spacing_the_reader_knows():
     """STEPS' perturbations are physical: a 1 km composite area-averaged to 64x64 has ~10 km pixels
     (MeteoSwiss: the 640-pixel side / 64), and the baseline must be told so."""

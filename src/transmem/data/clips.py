@@ -290,6 +290,15 @@ def opt(cfg: DataConfig, key: str, default=None):
     return extra.get(key, default)
 
 
+def window_inflow(cfg: DataConfig) -> str | None:
+    """The inflow of a reader that can read a sub-window of its field (``extra.crop``, or an
+    ``isel`` / ``sel`` selection of a gridded file): there the frame edge lies inside the scene,
+    where rain does come in, so the reference nowcasts keep the last frame where nothing is known
+    (``"last"``); zeros there handicapped every optical-flow nowcast on tiles of wide rain. None
+    (the default for the kind of data: zero for rain) when the whole field is read."""
+    return "last" if any(opt(cfg, k) is not None for k in ("crop", "isel", "sel")) else None
+
+
 def opt_int(cfg: DataConfig, key: str, default=None, minimum: int = 1):
     v = opt(cfg, key, default)
     if v is None:

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (CLIP_KEYS, SequenceSpec, read_bytes, build_clip_datasets, fit_frames, fit_masked, fit_options, natural_key, opt,
+from .clips import (CLIP_KEYS, window_inflow, SequenceSpec, read_bytes, build_clip_datasets, fit_frames, fit_masked, fit_options, natural_key, opt,
                     opt_float, opt_int, parse_time, require_path, split_at_gaps, split_events, split_fractions, why)
 from .conventions import refuse_undeclared_fill
 from .errors import DataError
@@ -603,7 +603,7 @@ GRID_KEYS = CLIP_KEYS + ("variable", "engine", "time", "time_regex", "time_forma
                          "max_gap", "r_max")
 
 
-@register_dataset("xarray", units=grid_units, extra=GRID_KEYS, read_input=read_grid_input)
+@register_dataset("xarray", units=grid_units, extra=GRID_KEYS, read_input=read_grid_input, inflow=window_inflow)
 def build_xarray(cfg: DataConfig) -> dict:
     """Clips of any variable of netCDF / GRIB / zarr sources (rain log-scaled, fields normalised)."""
     return build_grid(cfg, "xarray")
@@ -618,7 +618,7 @@ def mrms_config(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
-@register_dataset("radar_mrms", units=rain_units, extra=GRID_KEYS, read_input=read_grid_input)
+@register_dataset("radar_mrms", units=rain_units, extra=GRID_KEYS, read_input=read_grid_input, inflow=window_inflow)
 def build_radar_mrms(cfg: DataConfig) -> dict:
     """NOAA MRMS PrecipRate GRIB2 → log-scaled rain rate clips with a validity mask."""
     return build_grid(mrms_config(cfg), "radar_mrms")

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .clips import (CLIP_KEYS, SequenceSpec, read_bytes, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
+from .clips import (CLIP_KEYS, window_inflow, SequenceSpec, read_bytes, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
                     parse_time, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
@@ -338,7 +338,7 @@ def read_h5_input(path: str | os.PathLike, cfg: DataConfig, last: int | None = N
     return np.ascontiguousarray(x, dtype=np.float32), mask, None
 
 
-@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS, read_input=read_h5_input)
+@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS, read_input=read_h5_input, inflow=window_inflow)
 def build_hdf5(cfg: DataConfig) -> dict:
     """Clips of log-scaled rain rate (+ mask) from HDF5 / NetCDF4 arrays."""
     specs = _h5_specs(cfg)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
+from .clips import (CLIP_KEYS, window_inflow, SequenceSpec, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
                     parse_time, require_path, split_at_gaps, why)
 from .conventions import MP_A, MP_B
 from .errors import DataError
@@ -102,7 +102,8 @@ def _events(cfg: DataConfig, root: Path) -> dict[str, list[tuple[float, Path]]]:
 
 
 @register_dataset("pysteps", units=rain_units, extra=CLIP_KEYS + ("importer", "importer_kwargs", "a", "b", "r_max",
-                                                                  "max_gap_minutes", "time_regex", "time_format"))
+                                                                  "max_gap_minutes", "time_regex", "time_format"),
+                  inflow=window_inflow)
 def build_pysteps(cfg: DataConfig) -> dict:
     """Radar composites read by pysteps' importers → log-scaled rain rate clips with a mask."""
     root = require_path(cfg, "a folder of radar files (or of event folders)")

@@ -43,7 +43,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .clips import (CLIP_KEYS, SequenceSpec, build_clip_datasets, read_bytes, fit_masked, fit_options, natural_key, opt, opt_float,
+from .clips import (CLIP_KEYS, window_inflow, SequenceSpec, build_clip_datasets, read_bytes, fit_masked, fit_options, natural_key, opt, opt_float,
                     opt_int, require_path, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
@@ -442,13 +442,15 @@ def composite_grid(path: str | os.PathLike, cfg: DataConfig) -> Grid | None:
                 crs={"name": "crs", "attrs": {**cf, "proj4": meta["projection"]}})
 
 
-@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((1226, 760)))
+@register_dataset("radar_fmi", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((1226, 760)),
+                  inflow=window_inflow)
 def build_radar_fmi(cfg: DataConfig) -> dict:
     """FMI reflectivity composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_fmi", _radar_specs(cfg, FMI), order="name", what="events")
 
 
-@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((640, 710)))
+@register_dataset("radar_mch", units=rain_units, extra=RADAR_KEYS, pixel_km=composite_pixel_km((640, 710)),
+                  inflow=window_inflow)
 def build_radar_mch(cfg: DataConfig) -> dict:
     """MeteoSwiss rain-rate composites → log-scaled rain rate clips with a validity mask."""
     return build_clip_datasets(cfg, "radar_mch", _radar_specs(cfg, MCH), order="name", what="events")

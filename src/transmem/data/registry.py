@@ -24,7 +24,7 @@ from .errors import DataError
 _DATASETS: dict[str, Callable[["DataConfig"], dict]] = {}
 _UNITS: dict[str, Callable[["DataConfig"], "Units"]] = {}
 _EXTRA_KEYS: dict[str, tuple[str, ...]] = {}  # reader -> the data.extra keys it reads
-_INFLOWS: dict[str, str] = {}  # dataset -> the inflow its reference nowcasts assume
+_INFLOWS: dict[str, Any] = {}  # dataset -> the inflow its reference nowcasts assume
 _DESCRIBE: dict[str, Callable] = {}  # dataset -> a short description of a config (zoo tables)
 _PIXEL_KM: dict[str, Callable] = {}  # dataset -> km per pixel of its frames as read
 _READ_INPUT: dict[str, Callable] = {}  # dataset -> how `transmem predict` reads an input in its format
@@ -62,7 +62,8 @@ class Grid:
 
 
 def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = None,
-                     extra: tuple[str, ...] | None = None, inflow: str | None = None,
+                     extra: tuple[str, ...] | None = None,
+                     inflow: str | Callable[["DataConfig"], str | None] | None = None,
                      pixel_km: Callable[["DataConfig"], float | None] | None = None,
                      describe: Callable[["DataConfig"], str] | None = None,
                      read_input: Callable[[Any, "DataConfig", "int | None"], Any] | None = None):
@@ -71,7 +72,8 @@ def register_dataset(name: str, units: Callable[["DataConfig"], Units] | None = 
     leaves the reader's keys unchecked (a reader registered from outside transmem). ``inflow``:
     what the reference nowcasts should assume enters the frame from outside when the kind of
     data does not say (``"zero"``: a scene on a known empty background, as generated digits;
-    default: zero for rain, the last frame for anything else). ``pixel_km``: a function of the
+    default: zero for rain, the last frame for anything else), or a function of the config giving
+    it (None: that default). ``pixel_km``: a function of the
     config giving the grid spacing of the frames as read (km per pixel), for reference nowcasts
     whose perturbations are physical (STEPS). ``describe``: a function of the config giving the
     short description a zoo table shows (default: the name). ``read_input``: how ``transmem
