@@ -625,9 +625,12 @@ def aggregate(work: Path, methods: list[str], events: list[str], seeds, quick: b
             for score in ("csi_1", "csi_5"):  # against the baseline best in that score
                 top = max(baselines, key=lambda b_: out[b_][f"{score}_mean"])
                 if m != top:
-                    paired[m][f"{score}_vs"] = top
-                    paired[m][f"{score}_wins"] = int(sum(out[m]["per_event"][e][score] > out[top]["per_event"][e][score]
-                                                         for e in events))
+                    a = [out[m]["per_event"][e][score] for e in events]
+                    b = [out[top]["per_event"][e][score] for e in events]
+                    t, p = paired_t(a, b)
+                    paired[m].update({f"{score}_vs": top, f"{score}_wins": int(sum(x > y for x, y in zip(a, b))),
+                                      f"{score}_mean_diff": float(np.mean(np.subtract(a, b))), f"{score}_t": t,
+                                      f"{score}_p": p})
     return {"commit": claims.commit(REPO, ["src", "benchmarks/nowcast.py", "configs/radar_native_pretext.yaml"]),
             "command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
             "resolution_km": 1.0, "leads": QUICK["leads"] if quick else LEADS, "lead_minutes": 5,
@@ -664,11 +667,16 @@ def markdown(result: dict) -> str:
                 cells.append(f"{1e3 * v['mse']:.3f} ({v['csi_1']:.3f} / {v['csi_5']:.3f})")
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     lines += ["", "Paired across the events (per-event MSE against the best baseline; t-test, two-sided):", "",
-              "| method | events won (MSE) | mean difference ×1e3 | t | p | events won, CSI 1 mm/h | events won, CSI 5 mm/h |",
+              "| method | events won (MSE) | mean difference ×1e3 | t | p | CSI 1 mm/h: events won, difference, p "
+              "| CSI 5 mm/h: events won, difference, p |",
               "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def pval(p):
+        return "–" if p is None else f"{p:.3f}"
     for m, pr in sorted(result["paired"].items(), key=lambda kv: kv[1]["mean_diff"]):
-        p = "–" if pr["p"] is None else f"{pr['p']:.3f}"
-        csi = [f"{pr[k + '_wins']} (vs {pr[k + '_vs']})" if k + "_wins" in pr else "–" for k in ("csi_1", "csi_5")]
+        p = pval(pr["p"])
+        csi = [f"{pr[k + '_wins']} (vs {pr[k + '_vs']}), {pr[k + '_mean_diff']:+.4f}, p {pval(pr[k + '_p'])}"
+               if k + "_wins" in pr else "–" for k in ("csi_1", "csi_5")]
         lines.append(f"| {m} | {pr['wins']} of {pr['of']} | {1e3 * pr['mean_diff']:+.3f} | {pr['t']:.2f} | {p} | "
                      + " | ".join(csi) + " |")
     if result.get("selected"):
