@@ -255,8 +255,8 @@ def commit() -> str:
 
 def jobs(p: dict, parts: set[str]) -> list[tuple]:
     """(job, family, size, method, seed) in an order that keeps two workers busy and completes
-    whole cells early: the zoo and the reference lines first, then cell by cell (sizes from scarce
-    to abundant, the families interleaved) the ranking, the trained runs of every seed, and last the
+    whole cells early: the zoo and the reference lines first, then cell by cell (target sizes from
+    scarce to abundant across the families) the ranking, the trained runs of every seed, and last the
     jobs that reuse them (mixtures); the optional methods come after every cell. A job waits for
     the jobs it needs."""
     fams = list(p["families"])
@@ -264,18 +264,15 @@ def jobs(p: dict, parts: set[str]) -> list[tuple]:
     if "train" in parts:
         out += [("pretext", f, None, e, 0) for f in fams for e in FAMILIES[f]["zoo"]]
         out += [("baseline", f, None, b, 0) for f in fams for b in references(f)]
-    for i in range(max(len(p["families"][f]["sizes"]) for f in fams)):
-        for f in fams:
-            if i >= len(p["families"][f]["sizes"]):
-                continue
-            n = p["families"][f]["sizes"][i]
-            if "rank" in parts:
-                out.append(("rank", f, n, None, 0))
-            if "train" in parts:
-                kinds = {m: k for m, (k, _) in methods(f, p).items()}
-                out += [("run", f, n, m, s) for s in p["seeds"] for m, k in kinds.items()
-                        if k in ("scratch", "finetune", "transfer")]
-                out += [("run", f, n, m, s) for s in p["seeds"] for m, k in kinds.items() if k == "mixture"]
+    cells = sorted((n, fams.index(f), f) for f in fams for n in p["families"][f]["sizes"])
+    for n, _, f in cells:  # the scarcest target first, whatever its family (the cheapest to train)
+        if "rank" in parts:
+            out.append(("rank", f, n, None, 0))
+        if "train" in parts:
+            kinds = {m: k for m, (k, _) in methods(f, p).items()}
+            out += [("run", f, n, m, s) for s in p["seeds"] for m, k in kinds.items()
+                    if k in ("scratch", "finetune", "transfer")]
+            out += [("run", f, n, m, s) for s in p["seeds"] for m, k in kinds.items() if k == "mixture"]
     if "train" in parts:  # optional, last: it trains only where the ranking picks other teachers
         for i in range(max(len(p["families"][f]["sizes"]) for f in fams)):
             out += [("run", f, p["families"][f]["sizes"][i], m, s) for f in fams if i < len(p["families"][f]["sizes"])
