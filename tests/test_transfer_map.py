@@ -144,3 +144,13 @@ def test_a_map_run_trains_to_convergence_when_the_preset_asks(bench, tiny, load_
                            root / "converge" / "once",
                            lambda e, out, resume: bench.api.run_train(e, out, resume=resume, kind="scratch"))
     assert "best_step" not in once and once["train_steps"] == bench.load_preset("tiny")["target_steps"]
+
+
+def test_the_curriculum_does_not_stretch_with_the_cap(bench):
+    """Scheduled sampling ends at the same step whatever cap a run is resumed to."""
+    p = {"sampling_stop_steps": 150}
+    for cap in (800, 1600, 25600):
+        assert bench.sampling_stop(p, cap) * cap == pytest.approx(150)
+        exp = bench.target_experiment(dict(bench.load_preset("tiny"), **p), "digits", 8, 0, steps=cap)
+        assert exp.train.sampling_stop * exp.train.steps == pytest.approx(150)
+    assert bench.sampling_stop(p, 100) == 1.0 and bench.sampling_stop({}, 800) == 0.5
