@@ -783,10 +783,19 @@ def _f(x, nd=2):
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def steps_text(settings: dict) -> str:
+    if "max_doublings" not in settings:
+        return f"{settings['target_steps']} target steps"
+    stop = settings.get("sampling_stop_steps")
+    return (f"trained to convergence (a first cap of {settings['target_steps']} steps, doubled while it is below "
+            f"1.25 x the best validation step, at most {settings['max_doublings']} times; each cell's best_step / "
+            f"step_cap in the JSON)" + (f", scheduled sampling over the first {stop} steps" if stop else ""))
+
+
 def markdown(r: dict) -> str:
     lines = [f"# Transfer map ({r['preset']})", "",
              f"Commit `{r['commit']}`; command `{r['command']}`; {r['machine']}.",
-             f"Every learned run: {r['settings']['target_steps']} target steps, seeds {r['settings']['seeds']}; "
+             f"Every learned run: {steps_text(r['settings'])}, seeds {r['settings']['seeds']}; "
              f"{r['selection']}. {r['mse_units']}."]
     if not r["complete"]:
         lines += ["", f"**Incomplete**: {len(r['missing'])} jobs missing: " + ", ".join(r["missing"][:20])
