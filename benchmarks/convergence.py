@@ -24,6 +24,19 @@ def converged(best: int | None, cap: int) -> bool:
     return best is not None and cap >= MARGIN * best
 
 
+def record(history: list[dict], cap: int) -> dict:
+    """The fields a run's result carries from :func:`train_to_convergence`'s history and final cap."""
+    b = history[-1]["best_step"]
+    return {"best_step": b, "step_cap": cap, "converged": converged(b, cap), "doublings": len(history) - 1,
+            "history": history}
+
+
+def binding(runs: list[dict]) -> dict:
+    """The run nearest to breaking the rule (the highest best_step / step_cap): its best_step and
+    step_cap speak for a cell of several runs, which keeps the rule exactly when all of them do."""
+    return max(runs, key=lambda r: (r["best_step"] or 0) / r["step_cap"])
+
+
 def best_step(run: Path) -> int | None:
     """The global step of the checkpoint ``select_best`` keeps (``checkpoints/best.ckpt``: the lowest
     validation MSE); else from ``logs/metrics.csv``, where Lightning writes a validation at

@@ -285,24 +285,18 @@ LEARNED = (*VARIANTS, *STACK_VARIANTS, *AREA_VARIANTS)
 RECIPES = (*LEARNED, "recipe:selected")
 
 
-def context_body(members: int, width: int) -> torch.nn.Sequential:
-    """The learned rows' shared trunk: members, the last frame and the lead in, features out; dilated
-    so that one output pixel sees ~30 km (how far rain moves in an hour at 1 km pixels)."""
-    nn = torch.nn
-    return nn.Sequential(nn.Conv2d(members + 2, width, 5, padding=2), nn.ReLU(),
-                         nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
-                         nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU())
-
-
 class Combiner(torch.nn.Module):
     """members (N, M, H, W), the last observed frame (N, 1, H, W) and the lead as a fraction of the
     horizon (N,) -> the forecast (N, 1, H, W) in [0, 1]."""
 
     def __init__(self, members: int = len(STACK_MEMBERS), width: int = STACK["width"]):
         super().__init__()
-        self.body = context_body(members, width)
-        self.head = torch.nn.Conv2d(width, members + 1, 1)  # weight logits per member, and a correction
-        torch.nn.init.zeros_(self.head.weight)
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(members + 2, width, 5, padding=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU())
+        self.head = nn.Conv2d(width, members + 1, 1)  # weight logits per member, and a correction
+        nn.init.zeros_(self.head.weight)
         with torch.no_grad():  # the start: equal weights for the model and sprog_log, nearly none for the rest
             self.head.bias.copy_(torch.tensor([0.0, 0.0] + [-4.0] * (members - 2) + [0.0]))
 
@@ -332,19 +326,14 @@ def _levels() -> list[float]:
     return [float(rain_to_unit(t)) for t in THRESHOLDS]
 
 
-def soft_csi(prob, reached, valid):
-    """1 - CSI with the forecast's exceedance given as a probability, so that its gradient flows."""
-    p, o = prob * valid, reached * valid
-    hits = (p * o).sum()
-    return 1 - hits / (p.sum() + o.sum() - hits + 1e-6)
-
-
 def soft_csi_loss(pred, obs, valid, tau: float):
     """Sum over the thresholds of 1 - CSI, with the forecast's exceedance softened by a sigmoid of
     width ``tau`` (log units) so that its gradient reaches the combination."""
     loss = pred.new_zeros(())
     for u in _levels():
-        loss = loss + soft_csi(torch.sigmoid((pred - u) / tau), (obs >= u).float(), valid)
+        p, o = torch.sigmoid((pred - u) / tau) * valid, (obs >= u).float() * valid
+        hits = (p * o).sum()
+        loss = loss + 1 - hits / (p.sum() + o.sum() - hits + 1e-6)
     return loss
 
 

@@ -50,7 +50,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_digits.py, also when imported by path
 import claims  # noqa: E402
 from claims import claim  # noqa: E402
-from convergence import converged, train_to_convergence  # noqa: E402
+from convergence import binding, record, train_to_convergence  # noqa: E402
 from transfer_digits import wait_for  # noqa: E402
 
 from transmem import api, zoo  # noqa: E402
@@ -407,8 +407,7 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
              train_wall_s=round(sum(r["train_wall_s"] for r in runs) + time.time() - t0, 2),
              train_steps=sum(r.get("step_cap", exp.train.steps) for r in runs))
     if all("best_step" in r for r in runs):  # the expert nearest to breaking the convergence rule
-        worst = max(runs, key=lambda r: (r["best_step"] or 0) / r["step_cap"])
-        m.update({k: worst[k] for k in ("best_step", "step_cap", "converged")})
+        m.update({k: binding(runs)[k] for k in ("best_step", "step_cap", "converged")})
     return m
 
 
@@ -454,9 +453,7 @@ def train_run(p: dict, exp, out: Path, train) -> dict:
         exp.train.sampling_stop = sampling_stop(p, steps)
         return train(exp, out, resume)
     m, cap, history = train_to_convergence(at_cap, out, p["target_steps"], p["max_doublings"])
-    b = history[-1]["best_step"]
-    return {**m, "best_step": b, "step_cap": cap, "converged": converged(b, cap), "doublings": len(history) - 1,
-            "history": history, "train_wall_s": round(time.time() - t0, 1), "train_steps": cap}
+    return {**m, **record(history, cap), "train_wall_s": round(time.time() - t0, 1), "train_steps": cap}
 
 
 def stale_claim(d: Path) -> bool:
@@ -579,7 +576,7 @@ def collect(p: dict, root: Path) -> dict:
                         "wall_s_mean": float(np.mean([r["train_wall_s"] for r in runs])),
                         "target_steps": p["target_steps"], "seeds_done": len(runs)}
                 if all("best_step" in r for r in runs):  # the seed nearest to breaking the rule speaks for the cell
-                    worst = max(runs, key=lambda r: (r["best_step"] or 0) / r["step_cap"])
+                    worst = binding(runs)
                     cell.update(best_step=worst["best_step"], step_cap=worst["step_cap"],
                                 converged=all(r["converged"] for r in runs))
                     cell["target_steps"] = max(r["step_cap"] for r in runs)

@@ -83,7 +83,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_map.py, also when imported by path
 import claims  # noqa: E402
-from convergence import converged, train_to_convergence  # noqa: E402
+from convergence import binding, record, train_to_convergence  # noqa: E402
 import transfer_map as tm  # noqa: E402  (registers the transfer_map_parts dataset)
 from claims import claim  # noqa: E402
 
@@ -411,10 +411,8 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     def train(steps: int, resume: bool) -> dict:
         return train_once(method, cell_experiment(p, root, target, budget, seed, steps=steps), out, resume, rk)
     m, cap, history = train_to_convergence(train, out, cap, p["max_doublings"], history, done)
-    b = history[-1]["best_step"]
     res = {"mse": m["mse"], "csi_1": _csi1(m), "ssim": m.get("ssim"), "mse_per_frame": m.get("mse_per_frame"),
-           "best_step": b, "step_cap": cap, "converged": converged(b, cap),
-           "doublings": len(history) - 1, "history": history, "train_wall_s": round(time.time() - t0, 1),
+           **record(history, cap), "train_wall_s": round(time.time() - t0, 1),
            "train_clips": clip_count(p, target, train_windows(p, target, budget))}
     if rk is not None:
         res["init_from"] = Path(rk["finetune"]).name
@@ -684,7 +682,7 @@ def collect(p: dict, root: Path) -> dict:
 def _binding(runs: list[dict]) -> dict:
     """A cell's best_step and step_cap: those of its seed nearest to breaking the rule (the
     highest best_step / step_cap), so that the cell keeps the rule exactly when all its seeds do."""
-    r = max(runs, key=lambda r: (r["best_step"] or 0) / r["step_cap"])
+    r = binding(runs)
     return {"best_step": r["best_step"], "step_cap": r["step_cap"], "binding_seed": r["seed"]}
 
 
