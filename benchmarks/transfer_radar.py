@@ -39,9 +39,11 @@ top entry of `zoo.rank` with its finetuning probe on the budget's clips, seed 0,
 initialised from that entry, the ranking's top 2 teachers); `tmu:bank_read+ft-init` (the same in
 `bank_read` mode with teachers reading their own predictions, transfer_digits' best bank_read
 setting); `mix:ft-auto+zoo+baseline` (the mixture, the cheaper variant: the finetuned auto model,
-the next 2 zoo entries of the cell's ranking as they are, not finetuned, and the registered
-baseline with the lowest validation MSE, with convex weights fit on the validation clips,
-transfer_map's `fit_mixture`). Reference lines
+2 zoo entries as they are, not finetuned: the zero-shot entry, then the next of the cell's
+ranking; and the registered baseline with the lowest validation MSE, with convex weights fit on
+the validation clips, transfer_map's `fit_mixture`); `mix:product` (the same zoo members through
+`transmem transfer --mode mixture`, with every registered baseline that scores as a member,
+softmax weights per lead). Reference lines
 at budget 0: the zero-shot forecast and every registered baseline (`transmem.baselines`, in mm/h
 through the reader's units, with the network's time step and 8 km pixels); `best_baseline` is the
 one with the lowest *test* MSE (the strongest bar).
@@ -144,12 +146,14 @@ METHOD_TEXT = {
     BANK: "TMU in bank_read mode (teachers read their own predictions, transfer.teacher_inputs own), backbone "
           "initialised from the finetune:auto entry, the ranking's top 2 teacher entries",
     MIX: "convex mixture (grid 0.05 on the simplex, fit on the validation clips; transfer_map.fit_mixture) of "
-         "the finetuned auto model of the same seed, the next mix_members zoo entries of the cell's ranking as "
-         "they are, and the registered baseline with the lowest validation MSE (the cheaper variant: the other "
-         "members are not finetuned, and at most mix_members of them: the simplex grid's cost grows fast)",
+         "the finetuned auto model of the same seed, mix_members zoo entries as they are (the zero-shot entry, "
+         "then the next of the cell's ranking), and the registered baseline with the lowest validation MSE (the "
+         "cheaper variant: the other members are not finetuned, and at most mix_members of them: the simplex "
+         "grid's cost grows fast)",
     MIXP: "the product's mixture (api.run_mixture, `transmem transfer --mode mixture --member-steps 0`) of the "
-          "same members and baseline as mix:ft-auto+zoo+baseline: softmax weights per lead learned by gradient "
-          "(100 Adam steps, lr 0.05) on the validation clips, the baseline on the [0, 1] values; ~1 hour cells only",
+          "same model members as mix:ft-auto+zoo+baseline and every registered baseline that scores on the "
+          "validation clips: softmax weights per lead learned by gradient (100 Adam steps, lr 0.05) on the "
+          "validation clips, the baselines on the [0, 1] values; ~1 hour cells only",
     ZERO_SHOT: "budget 0: the zoo entry with the lowest zero-shot validation MSE (zoo.rank, probe_steps 0), "
                "its forecast on the test clips",
     "baseline:<name>": "a registered reference nowcast (transmem.baselines) in mm/h through the reader's units, "
@@ -364,7 +368,7 @@ def needs(root: Path, job: str, target, budget, method, seed: int, p: dict) -> l
         return [] if method == SCRATCH else [done("rank", target, budget, None, 0)]
     if job in ("mix", "mixp"):
         return [done("run", target, budget, AUTO, seed), done("baselines", target, None, None, 0),
-                done("rank", target, budget, None, 0)]
+                done("rank", target, budget, None, 0), done("zeroshot", target, None, None, 0)]
     return []
 
 
@@ -455,6 +459,17 @@ def eval_metrics(exp, forecaster, data, split: str) -> dict:
     return {"mse": m["mse"], "csi_1": _csi1(m), "mse_per_frame": m.get("mse_per_frame")}
 
 
+def mixture_entries(p: dict, root: Path, target: str, rk: dict) -> list[str]:
+    """The zoo entries that join a mixture as they are (not finetuned), ``mix_members`` of them:
+    the zero-shot entry first (so that the mixture holds the budget-0 forecast and, on the
+    validation clips, can do no worse than it), then the cell's ranking, without the entry the
+    auto model was finetuned from."""
+    zs = json.loads((job_dir(root, "zeroshot", target, None, None, 0) / "result.json").read_text())["entry"]
+    ranked = [x["name"] for x in rk["ranking"]["rows"] if x["usable"]]  # best first
+    rest = [e for e in ranked if e not in (zs, Path(rk["finetune"]).name)]
+    return ([zs] + rest)[:p["mix_members"]]
+
+
 def load_baseline(p: dict, net: str, name: str, exp):
     return api.load_baseline(name, exp, kmperpixel=pixel_km(p, net), timestep=float(NETWORKS[net]["minutes"]))
 
@@ -508,13 +523,12 @@ def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) ->
     base = json.loads((job_dir(root, "baselines", target, None, None, 0) / "result.json").read_text())["baselines"]
     ok = {n: v["val"]["mse"] for n, v in base.items() if "val" in v}
     best = min(ok, key=ok.get)
-    ranked = [x["name"] for x in rk["ranking"]["rows"] if x["usable"]]  # best first
-    others = [e for e in ranked if e != Path(rk["finetune"]).name][:p["mix_members"]]
+    others = mixture_entries(p, root, target, rk)
     auto_entry = job_dir(root, "run", target, budget, AUTO, seed) / "run" / "model"
     if job == "mixp":  # the product, same members: its weights learned by gradient on the validation clips
         t0 = time.time()
         api.run_mixture(exp, d / "run", teachers=[str(auto_entry)] + [str(zoo_entry(root, e)) for e in others],
-                        member_steps=0, baselines=[best], mix_on="val")
+                        member_steps=0, baselines=sorted(ok, key=ok.get), mix_on="val")
         module = api.load_for_inference(d / "run" / "model")[0]
         m = eval_metrics(exp, module, data, "test")
         return {**m, "weights": module.model.weights_per_lead(), "fit_wall_s": round(time.time() - t0, 1),

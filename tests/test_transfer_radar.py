@@ -78,6 +78,15 @@ def test_the_tiny_run_has_every_cell_and_the_schema(bench, tiny):
         assert v["complete"] and v["best_transfer"] in bench.TRANSFER
         assert v["beats_all"] == (v["beats_scratch"] and v["beats_zero_shot"] and v["beats_best_baseline"])
     assert r["verdict"]["targets_won"] == sum(v["beats_all"] for v in r["verdict"]["per_target"].values())
+    # the mixtures hold the zero-shot forecast's entry as it is; the product's, every baseline that scores
+    for t in ("mch", "fmi"):
+        zero_shot = next(c["entry"] for c in r["cells"] if c["target"] == t and c["method"] == bench.ZERO_SHOT)
+        mix = json.loads((bench.job_dir(root / "runs", "mix", t, "1h", bench.MIX, 0) / "result.json").read_text())
+        assert zero_shot in mix["weights"] and len(mix["weights"]) == 2 + p["mix_members"]
+        mixp = json.loads((bench.job_dir(root / "runs", "mixp", t, "1h", bench.MIXP, 0) / "result.json").read_text())
+        scored = [c["method"].split(":", 1)[1] for c in r["cells"] if c["target"] == t
+                  and c["method"].startswith("baseline:")]
+        assert zero_shot in mixp["weights"] and set(scored) <= set(mixp["weights"]), (mixp["weights"], scored)
     md = out.with_suffix(".md").read_text()
     assert "## Verdict at ~1 hour of target data" in md and "| mch | 1h (60 min) |" in md
 
