@@ -401,7 +401,8 @@ def native_model(hidden: int = 16, layers: int = 2):
 
 def part_native_crop(ctx: Ctx) -> dict:
     """A training step of the native recipe on its 128x128 crops (batch 8, 6 -> 6 frames), fp32 and
-    bf16 autocast, interleaved with the conv peak probes; GFLOP/s of the step against that peak.
+    bf16 autocast, interleaved with the conv peak probes in fp32 and in bf16; GFLOP/s of the step
+    against the fp32 peak (``of_peak``) and against the peak of its own precision (``of_own_peak``).
     Also the 2x64 width, where the convolutions dominate the step more."""
     from torch.utils.flop_counter import FlopCounterMode
     size, batch, frames = (64, 2, 6) if ctx.quick else (128, 8, 12)
@@ -423,19 +424,24 @@ def part_native_crop(ctx: Ctx) -> dict:
         flops[f"2x{width}"] = int(fc.get_total_flops())
         fns[f"2x{width}/fp32"] = step
         fns[f"2x{width}/bf16"] = lambda step=step: step(bf16=True)
-    probes = peak_probes(ctx.quick)
+    probes = {"fp32": peak_probes(ctx.quick),
+              "bf16": {k.replace("peak/", "peak_bf16/"): v for k, v in peak_probes(ctx.quick, torch.bfloat16).items()}}
     warm, steps = (1, 2) if ctx.quick else (2, 8)
     load0 = load_average()
-    times = interleave({**fns, **{k: fn for k, (fn, _) in probes.items()}}, warm, steps)
-    peak = peak_from_times(probes, {k: times.pop(k) for k in probes})
-    out = {"crop": size, "batch": batch, "frames": frames, "peak": peak, "load_avg_before": load0,
-           "load_avg_after": load_average(), "variants": {}}
+    times = interleave({**fns, **{k: fn for p in probes.values() for k, (fn, _) in p.items()}}, warm, steps)
+    peaks = {dt: peak_from_times({k.replace("peak_bf16/", "peak/"): v for k, v in p.items()},
+                                 {k.replace("peak_bf16/", "peak/"): times.pop(k) for k in p})
+             for dt, p in probes.items()}
+    out = {"crop": size, "batch": batch, "frames": frames, "peak": peaks["fp32"], "peak_bf16": peaks["bf16"],
+           "load_avg_before": load0, "load_avg_after": load_average(), "variants": {}}
     for name, ms in times.items():
         med = median(ms)
         gflop = flops[name.split("/")[0]] / 1e9
-        out["variants"][name] = {"ms": round(med, 1), "gflop": round(gflop, 2),
-                                 "gflops": round(gflop / (med / 1e3), 1),
-                                 "of_peak": round(gflop / (med / 1e3) / peak["peak_gflops"], 3)}
+        rate = gflop / (med / 1e3)
+        out["variants"][name] = {"ms": round(med, 1), "gflop": round(gflop, 2), "gflops": round(rate, 1),
+                                 # against the fp32 conv peak, and against the peak of the step's own precision
+                                 "of_peak": round(rate / peaks["fp32"]["peak_gflops"], 3),
+                                 "of_own_peak": round(rate / peaks[name.split("/")[1]]["peak_gflops"], 3)}
     return out
 
 

@@ -64,10 +64,15 @@ MAX_SPEED = 0.5  # advected rain at 32x32: real echoes move 0.05-0.25 px per 5-m
 REFERENCE = ("persistence", "extrapolation")
 
 
+RAIN_REFERENCE = ("extrapolation:log", "sprog", "sprog:log", "anvil", "steps_mean")
+
+
 def references(family: str) -> tuple:
-    """The reference lines: for radar also extrapolation on the log-scaled values (the stronger
-    one there, see benchmarks/results/real_data.md; on digits it is the same as extrapolation)."""
-    return REFERENCE + (("extrapolation:log",) if family == "radar" else ())
+    """The reference lines: for radar also the nowcasts a radar user runs (transmem.baselines:
+    S-PROG, ANVIL, the STEPS ensemble mean), and extrapolation and S-PROG on the log-scaled
+    values (``:log``, the stronger ones there, see benchmarks/results/real_data.md); on digits
+    the log scale is the same as the values and the rain nowcasts do not apply."""
+    return REFERENCE + (RAIN_REFERENCE if family == "radar" else ())
 OPTIONAL = ("tmu:ranked",)  # run after every cell; missing runs of these leave the map complete
 
 
@@ -705,6 +710,9 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, preset: str) ->
             "persistence/extrapolation": "reference lines: the same test clips at every size; extrapolation is "
                                          "pysteps (dense Lucas-Kanade + semi-Lagrangian) in mm/h for radar, "
                                          "extrapolation:log the same on the log-scaled values",
+            "sprog/anvil/steps_mean": "radar reference lines: pysteps' S-PROG, ANVIL and the mean of a 10-member "
+                                      "STEPS ensemble as registered in transmem.baselines (docs/baselines.md), "
+                                      "in mm/h; sprog:log S-PROG on the log-scaled values",
         },
         "selection": "best validation MSE checkpoint every val_every steps; the test split once per run",
         "mse_units": "MSE per frame: squared error summed over the (valid) pixels of a frame, values in [0, 1] "
@@ -749,8 +757,9 @@ def plot(result: dict, family: str, path: Path) -> None:
         if m in references(family):  # a line far above the learned rows is named, not drawn
             v = rows[0]["mse_mean"]
             far = v > hi_y + 3 * (hi_y - lo_y + pad)
-            ax.axhline(v if not far else np.nan, ls="--" if m != "extrapolation:log" else ":", lw=1,
-                       color="grey" if m == "persistence" else "black",
+            k = list(references(family)).index(m)
+            ax.axhline(v if not far else np.nan, ls=("--", ":", "-.")[k % 3], lw=1,
+                       color="grey" if m == "persistence" else f"C{k + 2}",
                        label=f"{m} {v:.3g}" + (" (off the axis)" if far else ""))
             if not far:
                 lo_y, hi_y = min(lo_y, v), max(hi_y, v)

@@ -154,3 +154,14 @@ def test_the_curriculum_does_not_stretch_with_the_cap(bench):
         exp = bench.target_experiment(dict(bench.load_preset("tiny"), **p), "digits", 8, 0, steps=cap)
         assert exp.train.sampling_stop * exp.train.steps == pytest.approx(150)
     assert bench.sampling_stop(p, 100) == 1.0 and bench.sampling_stop({}, 800) == 0.5
+
+
+def test_the_radar_references_are_the_nowcasts_a_radar_user_runs(bench):
+    """Every reference line is a registered baseline that reads no more frames than the radar
+    target gives it, and S-PROG, ANVIL and the STEPS mean are among them."""
+    from transmem.baselines import get_method
+    t_in = bench.load_preset("full")["families"]["radar"]["t_in"]
+    names = [m.partition(":")[0] for m in bench.references("radar")]
+    assert {"persistence", "extrapolation", "sprog", "anvil", "steps_mean"} <= set(names)
+    assert all(get_method(n).inputs <= t_in for n in names)
+    assert bench.references("digits") == bench.REFERENCE

@@ -250,12 +250,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def peak_probes(quick: bool = False) -> dict[str, tuple[Callable[[], None], int]]:
-    """{name: (call, FLOPs)}: a large fp32 matmul and two large 5x5 conv2d forwards (under
-    inference mode), the machine's achievable GEMM/conv rate. Time them interleaved with the
-    steps they are compared with, so that both see the same load."""
+def peak_probes(quick: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, tuple[Callable[[], None], int]]:
+    """{name: (call, FLOPs)}: a large matmul and two large 5x5 conv2d forwards (under inference
+    mode) in ``dtype``, the machine's achievable GEMM/conv rate in that precision (a bf16 step
+    is measured against the bf16 peak: on CPUs with AVX512-BF16 it is well above fp32's). Time
+    them interleaved with the steps they are compared with, so that both see the same load."""
     n = 1024 if quick else 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
 
     def inference(fn):
         def run():
@@ -266,8 +267,8 @@ def peak_probes(quick: bool = False) -> dict[str, tuple[Callable[[], None], int]
     probes = {"peak/matmul": (inference(lambda: torch.mm(a, b)), 2 * n ** 3)}
     shapes = [(4, 64, 16, 128)] if quick else [(8, 128, 32, 256), (32, 64, 16, 256)]
     for i, (cb, ch, s, co) in enumerate(shapes):
-        x = torch.randn(cb, ch, s, s)
-        w = torch.randn(co, ch, 5, 5)
+        x = torch.randn(cb, ch, s, s, dtype=dtype)
+        w = torch.randn(co, ch, 5, 5, dtype=dtype)
         probes[f"peak/conv2d_{i}"] = (inference(lambda x=x, w=w: F.conv2d(x, w, padding=2)),
                                       2 * cb * s * s * co * ch * 25)
     return probes
