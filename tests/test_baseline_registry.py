@@ -61,7 +61,7 @@ def test_every_registered_baseline_keeps_the_interface(name):
         assert err < ((clips[:, T_IN - 1] - clips[:, T_IN]) ** 2).mean()
 
 
-@pytest.mark.parametrize("name", ["sprog", "sprog_log", "anvil"])
+@pytest.mark.parametrize("name", ["sprog", "sprog_log", "anvil", "steps_mean"])
 def test_a_cascade_nowcast_of_a_single_wet_pixel_is_persistence(name):
     """pysteps' wet-area percentile mask fails on a field with one wet pixel (an IndexError on
     small tiles): the cascade nowcasts keep the last frame there, as they do without rain."""
@@ -70,6 +70,24 @@ def test_a_cascade_nowcast_of_a_single_wet_pixel_is_persistence(name):
         clips[0, k, 0, 10 + k, 12] = float(rain_to_unit(3.0))  # one pixel of 3 mm/h, moving
     pred = make(name).rollout(clips)
     assert torch.equal(pred, clips[:, T_IN - 1:T_IN].expand_as(pred))
+
+
+def test_a_cascade_nowcast_whose_ar2_fit_is_nonstationary_falls_back_to_ar1():
+    """Sparse rain (a 32x32 OPERA tile in a mixture's training; STEPS there): pysteps' AR(2) fit of
+    the cascade's correlations fails as nonstationary; the nowcast runs with AR(1) instead."""
+    make("sprog")  # skips without pysteps
+    from transmem.baselines.registry import cascade_call, pysteps_call, quiet_pysteps
+    db = np.full((3, 32, 32), -15.0)
+    db[0, 21, 17], db[1, 16, 17], db[1, 21, 17], db[2, 21, 17] = -8.33, -8.55, -8.0, -8.57
+    velocity = np.zeros((2, 32, 32))
+    steps = quiet_pysteps().nowcasts.get_method("steps")
+    opts = dict(precip_thr=-10.0, n_cascade_levels=4, n_ens_members=2, seed=0, mask_method="incremental",
+                kmperpixel=1.0, timestep=5.0, vel_pert_method=None)
+    with pytest.raises(RuntimeError, match="nonstationary"):  # the input does trip pysteps
+        pysteps_call(steps, db, velocity, 3, ar_order=2, **opts)
+    out = cascade_call(steps, db, velocity, 3, ar_order=2, **opts)
+    assert np.shape(out) == (2, 3, 32, 32) and np.isfinite(out).all()
+    assert np.array_equal(out, pysteps_call(steps, db[-2:], velocity, 3, ar_order=1, **opts))
 
 
 @pytest.mark.parametrize("name", list_baselines())

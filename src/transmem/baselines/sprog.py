@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import Context, motion_field, pysteps_call, quiet_pysteps, register_baseline
+from .registry import Context, cascade_call, motion_field, quiet_pysteps, register_baseline
 
 AR_ORDER = 2
 
@@ -36,12 +36,11 @@ def sprog_nowcast(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
     opts["n_cascade_levels"] = cascade_levels(past.shape[-2:], opts["n_cascade_levels"])
     out = np.empty((n_leads, *past.shape[1:]))
     for ch in range(past.shape[1]):
-        field = past[-(opts["ar_order"] + 1):, ch]
-        if not has_rain(field[-1], ctx.threshold):
-            out[:, ch] = field[-1]
+        if not has_rain(past[-1, ch], ctx.threshold):
+            out[:, ch] = past[-1, ch]
             continue
         velocity = motion_field(past[:, ch], 3)
-        out[:, ch] = pysteps_call(nowcast, field, velocity, n_leads, precip_thr=ctx.threshold, **opts)
+        out[:, ch] = cascade_call(nowcast, past[:, ch], velocity, n_leads, precip_thr=ctx.threshold, **opts)
     return out
 
 

@@ -15,8 +15,8 @@ import warnings
 
 import numpy as np
 
-from .registry import Context, from_dbr, motion_field, pysteps_call, quiet_pysteps, register_baseline, to_dbr
-from .sprog import AR_ORDER, cascade_levels
+from .registry import Context, cascade_call, from_dbr, motion_field, quiet_pysteps, register_baseline, to_dbr
+from .sprog import AR_ORDER, cascade_levels, has_rain
 
 DBR_RAIN = -10.0
 
@@ -31,11 +31,11 @@ def steps_mean(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
     out = np.empty((n_leads, *past.shape[1:]))
     for ch in range(past.shape[1]):
         db = to_dbr(past[:, ch])
-        if not (db[-1] > DBR_RAIN).any():
+        if not has_rain(db[-1], DBR_RAIN):  # as S-PROG: fewer than two wet pixels, the last frame is kept
             out[:, ch] = past[-1, ch]
             continue
         velocity = motion_field(db, 3)
-        members = pysteps_call(nowcast, db[-(opts["ar_order"] + 1):], velocity, n_leads, precip_thr=DBR_RAIN,
+        members = cascade_call(nowcast, db, velocity, n_leads, precip_thr=DBR_RAIN,
                                kmperpixel=ctx.kmperpixel, timestep=ctx.timestep, seed=ctx.seed, **opts)
         rate = from_dbr(np.asarray(members))  # (members, leads, H, W)
         with warnings.catch_warnings():  # all-NaN pixels (rain from outside): NaN, filled by the inflow rule
