@@ -56,7 +56,7 @@ from transfer_digits import wait_for  # noqa: E402
 from transmem import api, zoo  # noqa: E402
 from transmem.config import load_experiment  # noqa: E402
 from transmem.data import DataConfig, build_datasets  # noqa: E402
-from transmem.data.registry import inflow_hint, physical_units, register_dataset  # noqa: E402
+from transmem.data.registry import inflow_hint, physical_units, pixel_km, register_dataset  # noqa: E402
 
 SHARED = Path(os.environ.get("TRANSMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
 AUGMENT = {"augment": ["flip", "rot90"], "reverse_time_prob": 0.5}  # the radar recipe (configs/radar.yaml)
@@ -97,7 +97,14 @@ def _parts_inflow(cfg: DataConfig):
     return None if first is None else inflow_hint(first)
 
 
-@register_dataset("transfer_map_parts", units=_parts_units, inflow=_parts_inflow)
+def _parts_pixel_km(cfg: DataConfig):
+    """The first part's grid spacing at the parts' size (STEPS' perturbations are in km: without
+    it a 32x32 MeteoSwiss frame of ~20 km pixels would be taken for 1 km ones)."""
+    first = _first_part(cfg)
+    return None if first is None else pixel_km(first)
+
+
+@register_dataset("transfer_map_parts", units=_parts_units, inflow=_parts_inflow, pixel_km=_parts_pixel_km)
 def build_parts(cfg: DataConfig) -> dict:
     """``extra.parts = {split: [data config, ...]}``: each config's train split (all its clips)
     joins ``split``; ``extra.take = {split: N}`` keeps the first N clips of a split."""

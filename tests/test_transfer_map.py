@@ -165,3 +165,12 @@ def test_the_radar_references_are_the_nowcasts_a_radar_user_runs(bench):
     assert {"persistence", "extrapolation", "sprog", "anvil", "steps_mean"} <= set(names)
     assert all(get_method(n).inputs <= t_in for n in names)
     assert bench.references("digits") == bench.REFERENCE
+
+
+def test_the_radar_target_declares_its_grid_spacing(bench):
+    """STEPS' perturbations are physical: the joined MeteoSwiss parts at 32x32 are ~20 km pixels
+    (the reader's 640 km square), not the 1 km assumed where nothing is declared."""
+    from transmem.data.registry import pixel_km
+    p = bench.load_preset("full")
+    exp = bench.target_experiment(p, "radar", p["families"]["radar"]["sizes"][0], 0)
+    assert exp.data.name == "transfer_map_parts" and pixel_km(exp.data) == pytest.approx(640 / 32)
