@@ -50,7 +50,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_digits.py, also when imported by path
 import claims  # noqa: E402
 from claims import claim  # noqa: E402
-from convergence import binding, record, train_to_convergence  # noqa: E402
+from convergence import binding, record, resumable, train_to_convergence  # noqa: E402
 from transfer_digits import wait_for  # noqa: E402
 
 from transmem import api, zoo  # noqa: E402
@@ -499,7 +499,7 @@ def work(p: dict, root: Path, parts: set[str]) -> int:
             (d / ".claim").unlink(missing_ok=True)
         if not claim(d):
             continue
-        if (d / "run").exists():  # the partial run of a stopped worker
+        if (d / "run").exists() and not resumable(d / "run"):  # a stopped worker's run, nothing to go on from
             shutil.rmtree(d / "run")
         label = f"{job} {family}" + (f" size {size}" if size is not None else "") + \
             (f" {method}" if method else "") + (f" seed {seed}" if job == "run" else "")

@@ -85,7 +85,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_map.py, also when imported by path
 import claims  # noqa: E402
-from convergence import binding, record, train_to_convergence  # noqa: E402
+from convergence import binding, record, resumable, train_to_convergence  # noqa: E402
 import transfer_map as tm  # noqa: E402  (registers the transfer_map_parts dataset)
 from claims import claim  # noqa: E402
 
@@ -572,8 +572,8 @@ def work(p: dict, root: Path) -> int:
             if not claim(d):
                 waiting = True  # another worker runs it; what needs it may become ready
                 continue
-            if (d / "run").exists() and not (d / EXTENDED).is_file():  # the partial run of a stopped worker
-                shutil.rmtree(d / "run")
+            if (d / "run").exists() and not (d / EXTENDED).is_file() and not resumable(d / "run"):
+                shutil.rmtree(d / "run")  # a stopped worker's run with nothing to go on from
             (d / "error.txt").unlink(missing_ok=True)
             label = " ".join(str(x) for x in (job, target, budget, method) if x is not None) + \
                 (f" seed {seed}" if job in ("run", "mix", "mixp") else "")

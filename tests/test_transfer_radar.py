@@ -139,3 +139,27 @@ def test_rank_scores_rain_with_fewer_input_frames_than_a_baseline_reads(bench):
     assert exp.train.t_in == 3
     out = zoo.baseline_mses(exp, build_datasets(exp.data)["val"])
     assert out["anvil"] is None and out["persistence"] > 0
+
+
+def test_a_run_whose_worker_stopped_mid_stage_goes_on_from_its_last_checkpoint(bench, tiny, best_step):
+    """A worker stopped inside a stage (here: after 2 of the stage's 4 steps) leaves the stage
+    beside the run; the next worker keeps the run (resumable) and trains it on to that stage's cap
+    from its last checkpoint, instead of from step 0."""
+    import torch
+    from convergence import resumable, stage_file
+    root, _, _ = tiny
+    p = dict(bench.load_preset("tiny"), target_steps=2, val_every=1, max_doublings=0)
+    d = root / "stopped"
+    r0 = bench.run_to_convergence(p, root / "runs", "mch", "1h", "scratch", 0, d)
+    run = d / "run"
+    assert not stage_file(run).exists() and not resumable(run)  # a finished run leaves no stage behind
+    # as if stopped at step 2 of a 4-step first stage: no final metrics, the stage on disk
+    (run / "metrics.json").unlink()
+    stage_file(run).write_text(json.dumps({"history": [], "step_cap": 4, "stage": 0}))
+    assert resumable(run)
+    r = bench.run_to_convergence(dict(p, target_steps=4), root / "runs", "mch", "1h", "scratch", 0, d)
+    assert [h["step_cap"] for h in r["history"]] == [4] and r["history"][0]["resumed"] is True
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    steps = [int(float(x.split(",")[1])) for x in (run / "logs" / "metrics.csv").read_text().splitlines()[1:]]
+    assert min(steps) >= 2 and max(steps) >= 3  # the log of the resumed part: steps 1-2 were not trained again
+    assert not stage_file(run).exists() and r["best_step"] == best_step(run) and r0["step_cap"] == 2
