@@ -93,7 +93,7 @@ from transmem import api, zoo  # noqa: E402
 from transmem.baselines import get_method  # noqa: E402
 from transmem.data import DataConfig, build_datasets, physical_units  # noqa: E402
 from transmem.data.clips import ClipDataset  # noqa: E402
-from transmem.data.registry import register_dataset  # noqa: E402
+from transmem.data.registry import pixel_km as pixel_km_of, register_dataset  # noqa: E402
 
 SHARED = tm.SHARED
 FAMILY = "radar"  # the key of the model/data settings in a preset (transfer_map.experiment reads it)
@@ -196,6 +196,7 @@ class Tiles(Dataset):
 
 
 @register_dataset("transfer_radar_tiles", units=_tiles_units, extra=("source", "tiles", "window"),
+                  pixel_km=lambda cfg: pixel_km_of(_source_config(cfg)),  # the source's, where it declares one
                   inflow="last")  # a tile's edge lies inside the region: rain comes in across it
 def build_tiles(cfg: DataConfig) -> dict:
     """``extra.source``: a radar data config (one event), read at ``size * tiles`` pixels square;

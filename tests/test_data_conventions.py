@@ -219,3 +219,21 @@ def test_predict_asks_the_models_reader_first_and_falls_back_to_the_extension(tm
     finally:
         registry._DATASETS.pop("test_tens", None)
         registry._READ_INPUT.pop("test_tens", None)
+
+
+def test_odim_grid_spacing_is_read_from_the_where_group(tmp_path):
+    """STEPS' perturbations are physical: an ODIM composite's pixel size comes from its ``where``
+    group (xscale, yscale in m), scaled by the crop and resize; a file without it declares none."""
+    from transmem.data.registry import pixel_km
+    (tmp_path / "odim").mkdir()
+    _odim(tmp_path / "odim" / "a.h5", np.zeros((30, 40), np.uint8))
+    with h5py.File(tmp_path / "odim" / "a.h5", "a") as f:
+        where = f.require_group("where")
+        where.attrs.update({"xscale": 2000.0, "yscale": 2000.0, "xsize": 40, "ysize": 30})
+    cfg = dict(name="hdf5", path=str(tmp_path / "odim"))
+    assert pixel_km(DataConfig(**cfg, size=10)) == pytest.approx(30 * 2.0 / 10)  # the central 30x30, to 10x10
+    assert pixel_km(DataConfig(**cfg, size=None)) == pytest.approx(2.0)
+    assert pixel_km(DataConfig(**cfg, size=10, extra={"crop": [0, 0, 20, 20]})) == pytest.approx(4.0)
+    assert pixel_km(DataConfig(**cfg, size=10, extra={"aspect": "stretch"})) is None  # 6 km down, 8 km across
+    _odim(tmp_path / "plain.h5", np.zeros((30, 40), np.uint8))  # no where group
+    assert pixel_km(DataConfig(name="hdf5", path=str(tmp_path / "plain.h5"), size=10)) is None

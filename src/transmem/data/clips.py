@@ -199,6 +199,17 @@ def _crop_box(h: int, w: int, size: int, mode: str, aspect: str, box, path) -> t
     return 0, 0, h, w
 
 
+def source_pixels_per_pixel(h: int, w: int, size: int | None, mode: str = "resize", aspect: str = "crop",
+                            box=None) -> tuple[float, float]:
+    """(down, across): how many pixels of an (h, w) source frame one pixel of the fitted frame
+    spans (:func:`fit_masked`'s crop and resize); (1, 1) where nothing is resized. A reader turns
+    its file's grid spacing into the spacing of its frames with it."""
+    if size is None or mode != "resize":
+        return 1.0, 1.0
+    _, _, bh, bw = _crop_box(h, w, size, mode, aspect, box, None)
+    return bh / size, bw / size
+
+
 def _resize_tensor(t: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     if tuple(t.shape[-2:]) == tuple(out_hw):
         return t

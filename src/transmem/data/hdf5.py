@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .clips import (CLIP_KEYS, window_inflow, SequenceSpec, read_bytes, build_clip_datasets, fit_options, natural_key, opt, opt_float, opt_int,
-                    parse_time, require_path, split_at_gaps, why)
+                    parse_time, require_path, source_pixels_per_pixel, split_at_gaps, why)
 from .errors import DataError
 from ..files import walk
 from .conventions import (MP_A, MP_B, UNITS, file_conventions, is_knmi, is_odim, odim_pick, refuse_undeclared_fill)
@@ -338,7 +338,30 @@ def read_h5_input(path: str | os.PathLike, cfg: DataConfig, last: int | None = N
     return np.ascontiguousarray(x, dtype=np.float32), mask, None
 
 
-@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS, read_input=read_h5_input, inflow=window_inflow)
+def odim_pixel_km(cfg: DataConfig) -> float | None:
+    """km per pixel of the frames as read, from the first file's ODIM ``where`` group (``xscale``,
+    ``yscale`` in metres, ``xsize``, ``ysize``) and the crop and resize of the config; None where
+    the file says nothing (not ODIM, a polar volume) or the pixels are not square after fitting."""
+    try:
+        root = Path(require_path(cfg, "an HDF5/NetCDF4 file or a folder of them"))
+        first = root if root.is_file() else next((Path(d) / f for d, _, fs in walk(root)
+                                                  for f in sorted(fs, key=natural_key) if is_hdf5_file(f)), None)
+        if first is None:
+            return None
+        with open_h5(first) as f:
+            where = dict(f["where"].attrs) if "where" in f else {}
+    except (DataError, OSError):
+        return None
+    if not all(k in where for k in ("xscale", "yscale", "xsize", "ysize")):
+        return None
+    down, across = source_pixels_per_pixel(int(where["ysize"]), int(where["xsize"]), cfg.size, cfg.resize,
+                                           opt(cfg, "aspect") or "crop", opt(cfg, "crop"))
+    ky, kx = float(where["yscale"]) / 1e3 * down, float(where["xscale"]) / 1e3 * across
+    return kx if abs(kx - ky) <= 0.01 * max(kx, ky) else None
+
+
+@register_dataset("hdf5", units=rain_units, extra=HDF5_KEYS, read_input=read_h5_input, inflow=window_inflow,
+                  pixel_km=odim_pixel_km)
 def build_hdf5(cfg: DataConfig) -> dict:
     """Clips of log-scaled rain rate (+ mask) from HDF5 / NetCDF4 arrays."""
     specs = _h5_specs(cfg)
