@@ -278,3 +278,30 @@ def test_bench_times_a_mixture_and_its_step_trains_only_the_weights():
     w.infer_step()
     assert not torch.equal(w.model.logits, logits)
     assert all(torch.equal(a, b) for a, b in zip(members, w.model.members.parameters()))
+
+
+def test_each_baseline_member_runs_in_the_scale_its_name_declares(zoo_root, batch):
+    """On rain, ``extrapolation`` (mm/h) and ``extrapolation_log`` (the log values) are two
+    members, not one twice; an entry made before (``baseline_scale: values``) keeps running both
+    on the [0, 1] values, as it was trained."""
+    from dataclasses import asdict
+
+    from transmem.baselines import BaselineUnavailable
+    from transmem.models import create_model
+    members = [zoo.load_entry(zoo_root / "digits")[0]]
+    rain = {"name": "advected_rain", "size": 16, "frames": 6}
+    try:
+        model = build_mixture(members, ["digits"], baselines=["extrapolation", "extrapolation_log"], data=rain,
+                              t_in=T_IN, leads=LEADS)
+    except BaselineUnavailable as e:
+        pytest.skip(str(e))
+    assert model.config.baseline_scale == "own"
+    fc = model.member_forecasts(batch)[1]  # (B, leads, members, C, H, W)
+    assert not torch.allclose(fc[:, :, 1], fc[:, :, 2])
+    old = {**asdict(model.config), "baseline_scale": "values"}
+    before = create_model("mixture", **old)
+    before.load_state_dict(model.state_dict())
+    fc_old = before.member_forecasts(batch)[1]
+    assert torch.equal(fc_old[:, :, 1], fc_old[:, :, 2]) and torch.equal(fc_old[:, :, 2], fc[:, :, 2])
+    old.pop("baseline_scale")  # a card written before the field existed
+    assert create_model("mixture", **old).config.baseline_scale == "values"

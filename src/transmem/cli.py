@@ -74,8 +74,8 @@ TRANSFER_FLAGS["mode"] = (TRANSFER_FLAGS["mode"].split(": one of")[0] + "; or mi
                           f"entry): one of {', '.join(TRANSFER_MODES)}")
 #: the mixture's options (``transfer --mode mixture``, :func:`transmem.api.run_mixture`)
 MIXTURE_FLAGS = {
-    "baselines": dict(metavar="NAME[,NAME...]", help="registered reference nowcasts that join as members "
-                                                     "(e.g. extrapolation)"),
+    "baselines": dict(metavar="NAME[,NAME...]", help="registered reference nowcasts that join as members, each "
+                                                     "in the scale its name declares (e.g. extrapolation_log)"),
     "gating": dict(choices=MIXTURE_GATINGS, help="weights per lead time (lead, the default) or also per pixel"),
     "member_steps": dict(type=int, metavar="N", help="finetuning steps of each member (default train.steps; 0: use the entries "
                                         "as they are, already finetuned on this target)"),

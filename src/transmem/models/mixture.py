@@ -1,7 +1,9 @@
 """The mixture of finetuned zoo models: frozen member forecasters combined by learned weights.
 
 Each member is a backbone (a zoo entry, finetuned on the target) or a registered reference
-nowcast (:mod:`transmem.baselines`, run on the model's [0, 1] values). At lead time ``l`` the
+nowcast (:mod:`transmem.baselines`, each in the scale its name declares through the data's units:
+``sprog`` in dBR, ``sprog_log`` on the log-scaled values; entries made before that ran every
+baseline on the [0, 1] values, ``baseline_scale: values``, and still do). At lead time ``l`` the
 forecast is
 
     y_l = sum_n w_{l,n} * f_n,l          w_{l,.} = softmax(a_l + G(f_1,l .. f_N,l))
@@ -31,6 +33,7 @@ class MixtureConfig:
     member_names: list = field(default_factory=list)   # one per member (the zoo entries' names)
     baselines: list = field(default_factory=list)      # registered reference nowcasts that are members too
     baseline_data: dict = field(default_factory=dict)  # the data they forecast (units, inflow, grid spacing)
+    baseline_scale: str = "values"                     # "own": each baseline's declared scale; "values": all on [0, 1]
     t_in: int = 10                                     # input frames of a training clip (lead 1 follows)
     leads: int = 10                                    # lead times with their own weights (later: the last's)
     gating: str = "lead"                               # "lead" | "pixel" (plus a per-pixel convolution)
@@ -65,6 +68,8 @@ class MixtureModel(nn.Module):
             raise ValueError("a mixture needs at least two members (zoo entries and baselines together)")
         if config.leads < 1 or config.t_in < 1:
             raise ValueError(f"mixture t_in and leads must be >= 1, got {config.t_in}, {config.leads}")
+        if config.baseline_scale not in ("own", "values"):
+            raise ValueError(f"mixture baseline_scale must be 'own' or 'values', got {config.baseline_scale!r}")
         if config.gate_kernel < 1 or config.gate_kernel % 2 == 0:
             raise ValueError(f"mixture gate_kernel must be odd, got {config.gate_kernel}")
         self.config = config
@@ -74,7 +79,8 @@ class MixtureModel(nn.Module):
                 raise ValueError(f"mixture members are backbones, got a '{m.model_name}' model")
             m.requires_grad_(False)
         # parameter-free and CPU-bound (pysteps): kept out of the module tree and the state dict
-        self.baselines = [baseline_for_data(name, config.t_in, config.baseline_data or None, physical=False)
+        own = config.baseline_scale == "own"
+        self.baselines = [baseline_for_data(name, config.t_in, config.baseline_data or None, physical=own)
                           for name in config.baselines]
         n = len(config.members) + len(config.baselines)
         self.logits = nn.Parameter(torch.zeros(config.leads, n))

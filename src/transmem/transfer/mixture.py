@@ -95,7 +95,7 @@ def check_baselines(names, t_in: int, data) -> None:
     :class:`~transmem.baselines.BaselineUnavailable` or a :class:`MixtureError`, before anything is trained."""
     for name in names:
         try:
-            baseline_for_data(name, t_in, data, physical=False)
+            baseline_for_data(name, t_in, data)
         except ValueError as e:
             raise MixtureError(f"--baselines {name}: {' '.join(str(e).split())}") from None
 
@@ -152,8 +152,8 @@ def build_mixture(members: list, names: list[str], *, baselines=(), data: dict |
                   leads: int, channels: int = 1, gating: str = "lead", gate_kernel: int = 3,
                   seed: int | None = None) -> MixtureModel:
     """A :class:`MixtureModel` holding copies of the (loaded, frozen) backbone ``members``, with
-    ``baselines`` (registered names, run on the [0, 1] values of ``data``) as further members and
-    uniform weights to start. ``seed``: anything random in the combination is drawn right after
+    ``baselines`` (registered names, each in its declared scale through ``data``'s units) as
+    further members and uniform weights to start. ``seed``: anything random in the combination is drawn right after
     seeding with it."""
     if len(members) != len(names):
         raise MixtureError("a mixture needs one name per member")
@@ -162,7 +162,7 @@ def build_mixture(members: list, names: list[str], *, baselines=(), data: dict |
         torch.manual_seed(seed)
     kept = {k: v for k, v in (data or {}).items() if k in BASELINE_DATA_KEYS} if baselines else {}
     model = create_model("mixture", members=spec, member_names=list(names), baselines=list(baselines),
-                         baseline_data=kept, t_in=int(t_in), leads=int(leads),
+                         baseline_data=kept, baseline_scale="own", t_in=int(t_in), leads=int(leads),
                          gating=gating, gate_kernel=gate_kernel, channels=int(channels),
                          patch_size=patch_lcm([m.config.patch_size for m in members]))
     for dst, src in zip(model.members, members):
