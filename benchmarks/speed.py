@@ -424,14 +424,12 @@ def part_native_crop(ctx: Ctx) -> dict:
         flops[f"2x{width}"] = int(fc.get_total_flops())
         fns[f"2x{width}/fp32"] = step
         fns[f"2x{width}/bf16"] = lambda step=step: step(bf16=True)
-    probes = {"fp32": peak_probes(ctx.quick),
-              "bf16": {k.replace("peak/", "peak_bf16/"): v for k, v in peak_probes(ctx.quick, torch.bfloat16).items()}}
+    probes = {"fp32": peak_probes(ctx.quick), "bf16": peak_probes(ctx.quick, torch.bfloat16)}
     warm, steps = (1, 2) if ctx.quick else (2, 8)
     load0 = load_average()
-    times = interleave({**fns, **{k: fn for p in probes.values() for k, (fn, _) in p.items()}}, warm, steps)
-    peaks = {dt: peak_from_times({k.replace("peak_bf16/", "peak/"): v for k, v in p.items()},
-                                 {k.replace("peak_bf16/", "peak/"): times.pop(k) for k in p})
-             for dt, p in probes.items()}
+    times = interleave({**fns, **{f"{dt}:{k}": fn for dt, p in probes.items() for k, (fn, _) in p.items()}},
+                       warm, steps)
+    peaks = {dt: peak_from_times(p, {k: times.pop(f"{dt}:{k}") for k in p}) for dt, p in probes.items()}
     out = {"crop": size, "batch": batch, "frames": frames, "peak": peaks["fp32"], "peak_bf16": peaks["bf16"],
            "load_avg_before": load0, "load_avg_after": load_average(), "variants": {}}
     for name, ms in times.items():

@@ -296,6 +296,7 @@ def test_each_baseline_member_runs_in_the_scale_its_name_declares(zoo_root, batc
     except BaselineUnavailable as e:
         pytest.skip(str(e))
     assert model.config.baseline_scale == "own"
+    assert [b.runs_on for b in model.baselines] == ["physical", "values"]  # what the card records
     fc = model.member_forecasts(batch)[1]  # (B, leads, members, C, H, W)
     assert not torch.allclose(fc[:, :, 1], fc[:, :, 2])
     old = {**asdict(model.config), "baseline_scale": "values"}

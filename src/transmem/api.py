@@ -643,8 +643,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     mix.train.batch_size = min(mix.train.batch_size, len(clips))
     module = _module(mix, model, hw=hw)
     fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
-    extra = {"members": cards, "baselines": [{"name": b.name, "scale": b.scale or (b.spec.scale if b.to_physical else "values")}
-                                             for b in module.model.baselines],
+    extra = {"members": cards, "baselines": [{"name": b.name, "scale": b.runs_on} for b in module.model.baselines],
              "mixture": {**opts.to_dict(), "weights": module.model.weights_per_lead()}}
     if auto:
         extra["ranking"] = auto

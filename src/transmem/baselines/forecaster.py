@@ -34,6 +34,15 @@ def default_inflow(rain: bool) -> str:
     return "zero" if rain else "last"
 
 
+def effective_scale(spec: BaselineSpec, scale: str | None, has_units: bool, rain: bool) -> str:
+    """The scale a nowcast really runs on: the one it declares (or ``scale="values"`` forced),
+    the [0, 1] values where the data declares no units, and dBR only for rain."""
+    scale = scale or spec.scale
+    if scale != "values" and not has_units:
+        return "values"  # no units declared: the values are the field
+    return "physical" if scale == "dbr" and not rain else scale
+
+
 def run_nowcast(spec: BaselineSpec, frames: Tensor, t_in: int, ctx: Context, to_physical=None,
                 from_physical=None, scale: str | None = None) -> Tensor:
     """``spec``'s nowcast of frames ``t_in .. T-1`` from frames ``0 .. t_in-1`` of every clip
@@ -44,11 +53,7 @@ def run_nowcast(spec: BaselineSpec, frames: Tensor, t_in: int, ctx: Context, to_
         raise ValueError("give both to_physical and from_physical, or neither")
     if ctx.inflow not in INFLOWS:
         raise ValueError(f"inflow must be one of {', '.join(INFLOWS)}, got {ctx.inflow!r}")
-    scale = scale or spec.scale
-    if scale != "values" and to_physical is None:
-        scale = "values"  # no units declared: the values are the field
-    if scale == "dbr" and not ctx.rain:
-        scale = "physical"
+    scale = effective_scale(spec, scale, to_physical is not None, ctx.rain)
     past = finite(frames[:, :t_in].detach().to("cpu", torch.float64).numpy())  # (B, k, C, H, W)
     if scale != "values":
         past = finite(to_physical(past))
@@ -122,6 +127,11 @@ class BaselineForecaster(torch.nn.Module):
         self.to_physical, self.from_physical = to_physical, from_physical
         self.inflow, self.rain, self.scale = inflow, bool(rain), scale
         self.kmperpixel, self.timestep, self.seed, self.options = float(kmperpixel), float(timestep), int(seed), options
+
+    @property
+    def runs_on(self) -> str:
+        """The scale its nowcast runs on (``values``, ``physical`` or ``dbr``; see :func:`effective_scale`)."""
+        return effective_scale(self.spec, self.scale, self.to_physical is not None, self.rain)
 
     @property
     def device(self) -> torch.device:

@@ -253,17 +253,21 @@ def _dims(cfg: DataConfig, p: Path) -> int:
         f.close()
 
 
+def _h5_files(root: Path):
+    """The HDF5/NetCDF4 files of a file or a folder, in natural order (loop-safe, regular files only)."""
+    if root.is_file():
+        yield root
+        return
+    for d, dirs, fs in walk(root):
+        dirs.sort(key=natural_key)
+        yield from (Path(d) / f for f in sorted(fs, key=natural_key) if is_hdf5_file(f))
+
+
 def _h5_specs(cfg: DataConfig) -> list[SequenceSpec]:
     root = require_path(cfg, "an HDF5/NetCDF4 file or a folder of them")
-    if root.is_file():
-        files = [root]
-    else:
-        files = []
-        for d, dirs, fs in walk(root):  # loop-safe, regular files only
-            dirs.sort(key=natural_key)
-            files += [Path(d) / f for f in sorted(fs, key=natural_key) if is_hdf5_file(f)]
-        if not files:
-            raise DataError(root, f"empty folder: no HDF5/NetCDF4 files ({', '.join(sorted(H5_EXTS))})")
+    files = list(_h5_files(root))
+    if not files:  # a folder without any
+        raise DataError(root, f"empty folder: no HDF5/NetCDF4 files ({', '.join(sorted(H5_EXTS))})")
     base = root.parent if root.is_file() else root
     specs = []
     singles: dict[Path, list[Path]] = {}
@@ -343,9 +347,7 @@ def odim_pixel_km(cfg: DataConfig) -> float | None:
     ``yscale`` in metres, ``xsize``, ``ysize``) and the crop and resize of the config; None where
     the file says nothing (not ODIM, a polar volume) or the pixels are not square after fitting."""
     try:
-        root = Path(require_path(cfg, "an HDF5/NetCDF4 file or a folder of them"))
-        first = root if root.is_file() else next((Path(d) / f for d, _, fs in walk(root)
-                                                  for f in sorted(fs, key=natural_key) if is_hdf5_file(f)), None)
+        first = next(_h5_files(require_path(cfg, "an HDF5/NetCDF4 file or a folder of them")), None)
         if first is None:
             return None
         with open_h5(first) as f:
