@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims  # noqa: E402
+from transmem.models.mixture import StackGate, banded as banded_areas  # noqa: E402
+from transmem.transfer.mixture import count_areas, pick_areas as pick_best_areas  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "radar"
@@ -285,39 +287,23 @@ LEARNED = (*VARIANTS, *STACK_VARIANTS, *AREA_VARIANTS)
 RECIPES = (*LEARNED, "recipe:selected")
 
 
-class Combiner(torch.nn.Module):
-    """members (N, M, H, W), the last observed frame (N, 1, H, W) and the lead as a fraction of the
-    horizon (N,) -> the forecast (N, 1, H, W) in [0, 1]."""
+class Combiner(StackGate):
+    """The product's stack gate (``transfer --mode mixture --gating stack``) over STACK_MEMBERS, in
+    this benchmark's layout: members (N, M, H, W), the last observed frame (N, 1, H, W) and the
+    lead as a fraction of the horizon (N,) -> the forecast (N, 1, H, W) in [0, 1]. It starts as
+    the equal mean of the model and sprog_log, with nearly no weight on the rest."""
 
-    def __init__(self, members: int = len(STACK_MEMBERS), width: int = STACK["width"]):
-        super().__init__()
-        nn = torch.nn
-        self.body = nn.Sequential(nn.Conv2d(members + 2, width, 5, padding=2), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU())
-        self.head = nn.Conv2d(width, members + 1, 1)  # weight logits per member, and a correction
-        nn.init.zeros_(self.head.weight)
-        with torch.no_grad():  # the start: equal weights for the model and sprog_log, nearly none for the rest
-            self.head.bias.copy_(torch.tensor([0.0, 0.0] + [-4.0] * (members - 2) + [0.0]))
+    def __init__(self):
+        super().__init__(len(STACK_MEMBERS), 1, STACK["width"], start=[0.0, 0.0] + [-4.0] * (len(STACK_MEMBERS) - 2))
 
     def forward(self, members, last, lead):
-        x = torch.cat([members, last, lead.view(-1, 1, 1, 1).expand_as(last)], 1)
-        out = self.head(self.body(x))
-        mix = (out[:, :-1].softmax(1) * members).sum(1, keepdim=True)
-        return (mix + 0.1 * torch.tanh(out[:, -1:])).clamp(0, 1)
+        return super().forward(members[:, :, None], last, lead)
 
 
 def banded(value: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
-    """The MSE forecast ``value`` (N, 1, H, W) kept inside the rain areas ``reach`` (N, K, H, W,
-    bool: the rain reaches THRESHOLDS[k]): inside an area it is lifted to just above its threshold,
-    outside held just below, so each threshold's rain area is the one drawn and every other value
-    the combination's. Reaching a higher threshold implies the lower ones."""
-    levels = torch.tensor(_levels(), dtype=value.dtype).view(1, -1, 1, 1)
-    reach = reach.flip(1).cummax(1).values.flip(1)
-    eps = 1e-4
-    lo = torch.where(reach, levels + eps, torch.zeros_like(levels)).amax(1, keepdim=True)
-    hi = torch.where(reach, torch.ones_like(levels), levels - eps).amin(1, keepdim=True)
-    return torch.minimum(torch.maximum(value, lo), hi)
+    """The forecast ``value`` (N, 1, H, W) kept inside the rain areas ``reach`` (N, K, H, W, bool:
+    the rain reaches THRESHOLDS[k]), by the product's :func:`transmem.models.mixture.banded`."""
+    return banded_areas(value, reach[:, :, None], _levels())
 
 
 def _levels() -> list[float]:
@@ -462,27 +448,14 @@ def area_counts(work: Path, event: str, seed: int, quick: bool, cache: dict) -> 
     out: dict = {}
     for s in windows(values.shape[0], leads, quick):
         obs, ok = values[s + T_IN:s + T_IN + leads, 0], valid[s + T_IN:s + T_IN + leads, 0]
-        for name, field in area_fields(work, event, seed, s, values, leads).items():
-            for t, levels in AREA_LEVELS.items():
-                seen = (obs >= rain_to_unit(t)) & ok
-                for level in levels:
-                    drawn = (field >= rain_to_unit(level)) & ok
-                    c = out.setdefault(f"{name}|{t}|{level}", [0, 0, 0])
-                    c[0] += int((drawn & seen).sum()); c[1] += int((~drawn & seen).sum()); c[2] += int((drawn & ~seen).sum())
+        count_areas(area_fields(work, event, seed, s, values, leads), obs, ok, AREA_LEVELS, rain_to_unit, out)
     write_json(path, out)
     return out
 
 
 def pick_areas(counts: dict, others: list[str]) -> dict:
     """{threshold: (source, level)} with the best mean CSI over the ``others`` events."""
-    def csi(c):
-        return c[0] / sum(c) if sum(c) else 0.0
-    picks = {}
-    for t in AREA_LEVELS:
-        keys = [k for k in counts[others[0]] if k.split("|")[1] == str(t)]
-        best = max(keys, key=lambda k: np.mean([csi(counts[o][k]) for o in others]))
-        picks[t] = (best.split("|")[0], float(best.split("|")[2]))
-    return picks
+    return pick_best_areas([counts[o] for o in others])
 
 
 def run_areas(work: Path, event: str, seed: int, events: list[str], quick: bool, cache: dict) -> None:

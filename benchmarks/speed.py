@@ -382,14 +382,15 @@ def group_fns(fns: dict, warm: int, steps: int) -> dict:
             "load_avg_before": load0, "load_avg_after": load_average(), "warmup": warm, "steps": steps}
 
 
-def native_model(hidden: int = 16, layers: int = 2):
-    """The native-resolution recipe's backbone (configs/radar_native_pretext.yaml), random weights
-    with random heads (so the warp and source terms do real work)."""
+def native_model(hidden: int | None = None):
+    """The native-resolution recipe's backbone (configs/radar_native_pretext.yaml; ``hidden``: another
+    width), random weights with random heads (so the warp and source terms do real work)."""
     import yaml
     from transmem.models import create_model
     cfg = dict(yaml.safe_load((REPO / "configs" / "radar_native_pretext.yaml").read_text())["model"])
     name = cfg.pop("name")
-    cfg.update(hidden=hidden, num_layers=layers)
+    if hidden is not None:
+        cfg["hidden"] = hidden
     m = create_model(name, **cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -404,12 +405,14 @@ def part_native_crop(ctx: Ctx) -> dict:
     bf16 autocast, interleaved with the conv peak probes in fp32 and in bf16; GFLOP/s of the step
     against the fp32 peak (``of_peak``) and against the peak of its own precision (``of_own_peak``).
     Also the 2x64 width, where the convolutions dominate the step more."""
+    import yaml
     from torch.utils.flop_counter import FlopCounterMode
     size, batch, frames = (64, 2, 6) if ctx.quick else (128, 8, 12)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch, frames, 1, size, size, generator=g)
     fns, flops = {}, {}
-    for width in (16, 64):
+    recipe = yaml.safe_load((REPO / "configs" / "radar_native_pretext.yaml").read_text())["model"]
+    for width in dict.fromkeys((int(recipe["hidden"]), 64)):
         m = native_model(hidden=width)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
 

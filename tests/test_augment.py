@@ -97,3 +97,16 @@ def test_native_frames_that_are_not_square_are_cropped_then_turned():
         assert any(torch.equal(y, t) for t in turned)
     with pytest.raises(ValueError, match="square"):
         augment_clips(frames, valid, ("rot90",), 0, torch.Generator())
+
+
+def test_the_memory_check_counts_a_training_crop_not_the_whole_frame():
+    """A 1 km composite trains on crops: its training batch is the crop's, not the whole field's,
+    so the config loads; the same batch on whole 640x640 frames is refused in one line."""
+    base = {"data": {"name": "advected_rain", "size": 640, "frames": 18, "train_clips": 4, "val_clips": 1,
+                     "test_clips": 1},
+            "model": {"name": "advection", "num_layers": 2, "hidden": 32, "patch_size": 4},
+            "train": {"batch_size": 8, "t_in": 6, "crop": 128}, "eval": {"batch_size": 1}}
+    exp = load_experiment(base=base)
+    assert exp.train.crop == 128
+    with pytest.raises(ConfigError, match="GiB of batch"):
+        load_experiment(base={**base, "train": {**base["train"], "crop": 0}})

@@ -90,6 +90,30 @@ def test_a_cascade_nowcast_whose_ar2_fit_is_nonstationary_falls_back_to_ar1():
     assert np.array_equal(out, pysteps_call(steps, db[-2:], velocity, 3, ar_order=1, **opts))
 
 
+def _degenerate_fields() -> dict:
+    """Crops of a composite that give a cascade nothing to fit (each made pysteps raise before)."""
+    wet = float(rain_to_unit(5.0))
+    fields = {k: torch.zeros(1, T, 1, 32, 32) for k in ("uniform", "two_pixels", "edge", "last_only")}
+    fields["uniform"][:] = wet                     # S-PROG: non-finite correlations; STEPS: an empty reduction
+    fields["two_pixels"][..., 10, 10:12] = wet     # a singular correlation matrix
+    fields["edge"][..., :16] = wet                 # a straight rain edge: singular too
+    fields["last_only"][:, T_IN - 1, :, 5:9, 5:9] = wet  # rain in the last input frame only
+    return fields
+
+
+@pytest.mark.parametrize("name", ["sprog", "sprog_log", "anvil", "steps_mean"])
+def test_a_cascade_nowcast_of_a_degenerate_field_advects_the_last_frame(name):
+    """Where pysteps finds nothing to fit (registry.DEGENERATE), the nowcast is the last frame
+    advected along the motion field instead of an error that ends a mixture's training."""
+    for kind, clips in _degenerate_fields().items():
+        pred = make(name).rollout(clips)
+        assert pred.shape == (1, T - T_IN, 1, 32, 32) and torch.isfinite(pred).all(), kind
+        assert pred.min() >= 0 and pred.max() <= 1, kind
+    uniform = _degenerate_fields()["uniform"]  # no motion in a uniform field: the last frame, kept
+    assert torch.allclose(make(name).rollout(uniform), uniform[:, T_IN - 1:T_IN].expand(1, T - T_IN, 1, 32, 32),
+                          atol=1e-6)
+
+
 @pytest.mark.parametrize("name", list_baselines())
 def test_every_registered_baseline_runs_on_a_field_that_is_not_rain(name):
     clips = 0.5 + 0.5 * rain_clips()  # e.g. a temperature: no zero, no rain threshold

@@ -105,13 +105,15 @@ def test_the_combination_trains_its_loss_falls_and_weight_moves_to_the_better_me
         assert w[lead, better[lead]] > 0.5, (lead, w, per_member)
 
 
-@pytest.mark.parametrize("gating", ["lead", "pixel"])
+@pytest.mark.parametrize("gating", ["lead", "pixel", "stack"])
 def test_the_gradient_reaches_the_weights_and_not_the_frozen_members(zoo_root, batch, gating):
     model = _mixture(zoo_root, baselines=["persistence"], gating=gating).train()
     members_before = {k: v.clone() for k, v in model.members.state_dict().items()}
     assert all(not m.training for m in model.members)  # frozen members stay in eval mode
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == ({"logits"} | ({"gate.weight", "gate.bias"} if gating == "pixel" else set()))
+    gate = {"lead": set(), "pixel": {"gate.weight", "gate.bias"},
+            "stack": {f"gate.{m}.{w}" for m in ("body.0", "body.2", "body.4", "head") for w in ("weight", "bias")}}
+    assert trainable == {"logits"} | gate[gating]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
     loss = _loss(model, batch)
     opt.zero_grad()
@@ -120,18 +122,23 @@ def test_the_gradient_reaches_the_weights_and_not_the_frozen_members(zoo_root, b
     assert torch.isfinite(model.logits.grad).all()
     if gating == "pixel":
         assert model.gate.weight.grad.abs().sum() > 0
+    if gating == "stack":  # its head starts at zero: the gradient reaches it, and through it (later) the body
+        assert model.gate.head.weight.grad.abs().sum() > 0 and model.gate.head.bias.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.members.parameters())
     opt.step()
     assert all(torch.equal(v, members_before[k]) for k, v in model.members.state_dict().items())
 
 
-@pytest.mark.parametrize("gating", ["lead", "pixel"])
+@pytest.mark.parametrize("gating", ["lead", "pixel", "stack"])
 def test_a_saved_and_reloaded_mixture_forecasts_exactly_as_before(zoo_root, batch, tmp_path, gating):
     model = _mixture(zoo_root, baselines=["persistence"], gating=gating)
     with torch.no_grad():  # weights away from uniform, so that a load that lost them shows
         model.logits.copy_(torch.randn(model.logits.shape, generator=torch.Generator().manual_seed(1)))
-        if model.gate is not None:
-            model.gate.weight.normal_(0, 0.3)
+        for w in (model.gate.parameters() if model.gate is not None else ()):
+            w.normal_(0, 0.3)
+    if gating == "stack":  # calibrated areas are part of the entry too
+        model.config.areas = [{"threshold": 0.3, "value": 0.3, "source": "mean:digits+persistence", "level": 0.2,
+                               "level_value": 0.2}]
     card = {"t_in": T_IN, "t_out": LEADS, "frame_size": [16, 16], "channels": 1, "data": TINY["data"]}
     zoo.save_entry(model, tmp_path / "mix", card)
     loaded, saved_card = zoo.load_entry(tmp_path / "mix")
@@ -306,3 +313,95 @@ def test_each_baseline_member_runs_in_the_scale_its_name_declares(zoo_root, batc
     assert torch.equal(fc_old[:, :, 1], fc_old[:, :, 2]) and torch.equal(fc_old[:, :, 2], fc[:, :, 2])
     old.pop("baseline_scale")  # a card written before the field existed
     assert create_model("mixture", **old).config.baseline_scale == "values"
+
+
+def test_the_stack_gate_starts_from_its_start_logits_and_reads_the_last_frame_and_lead():
+    """StackGate (the native radar recipe's combination): with its head at zero the forecast is the
+    softmax of the start logits over the members; once the body feeds the head, the last frame
+    and the lead change the weights."""
+    from transmem.models.mixture import StackGate
+    g = torch.Generator().manual_seed(0)
+    members = torch.rand(2, 3, 1, 12, 12, generator=g)
+    last, lead = torch.rand(2, 1, 12, 12, generator=g), torch.tensor([0.25, 1.0])
+    gate = StackGate(3, start=[0.0, 0.0, -4.0])
+    w = torch.softmax(torch.tensor([0.0, 0.0, -4.0]), 0)
+    want = (w.view(1, 3, 1, 1, 1) * members).sum(1)
+    assert torch.allclose(gate(members, last, lead), want, atol=1e-6)
+    # per-lead logits from the mixture add to the gate's own
+    extra = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    w2 = torch.softmax(torch.tensor([0.0, 0.0, -4.0]) + extra, 1)
+    assert torch.allclose(gate(members, last, lead, extra), (w2.view(2, 3, 1, 1, 1) * members).sum(1), atol=1e-6)
+    with torch.no_grad():
+        gate.head.weight.normal_(0, 0.5, generator=g)
+    a = gate(members, last, lead)
+    assert not torch.allclose(a, gate(members, last.flip(-1), lead))
+    assert not torch.allclose(a, gate(members, last, lead.flip(0)))
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_banded_keeps_values_inside_the_drawn_areas_and_leaves_the_rest():
+    from transmem.models.mixture import banded
+    value = torch.tensor([[[[0.05, 0.15, 0.35, 0.9]]]])  # (N=1, C=1, H=1, W=4)
+    reach = torch.tensor([[[[[True, False, True, True]]], [[[False, False, True, False]]]]])  # (1, K=2, 1, 1, 4)
+    out = banded(value, reach, [0.1, 0.3])
+    eps = 1e-4
+    # pixel 0 reaches 0.1 only: lifted to just above 0.1; pixel 1 reaches none: held below 0.1;
+    # pixel 2 reaches 0.3 (its value kept); pixel 3 reaches 0.1, not 0.3: held just below 0.3
+    assert torch.allclose(out[0, 0, 0], torch.tensor([0.1 + eps, 0.1 - eps, 0.35, 0.3 - eps]))
+    # reaching the higher level implies the lower one
+    only_high = torch.tensor([[[[[False]]], [[[True]]]]])
+    assert float(banded(torch.tensor([[[[0.0]]]]), only_high, [0.1, 0.3])) == pytest.approx(0.3 + eps)
+
+
+def test_calibrated_areas_pick_the_field_and_level_with_the_best_csi():
+    """count_areas / pick_areas (the areas of `--areas`, and benchmarks/nowcast.py's): a field that
+    draws the observed area exactly at 0.8 x the threshold wins over one that is noise."""
+    from transmem.transfer.mixture import count_areas, pick_areas
+    rng = np.random.default_rng(0)
+    obs = rng.random((4, 32, 32)).astype(np.float32)
+    good = obs * 0.8  # exceeds 0.8 t exactly where obs exceeds t
+    noise = rng.random((4, 32, 32)).astype(np.float32)
+    valid = np.ones_like(obs, dtype=bool)
+    levels = {0.5: [0.25, 0.4, 0.5, 0.6], 0.8: [0.4, 0.64, 0.8]}
+    counts = count_areas({"good": good, "noise": noise}, obs, valid, levels, lambda x: x)
+    assert counts["good|0.5|0.4"][1:] == [0, 0] and counts["good|0.5|0.4"][0] == int((obs >= 0.5).sum())
+    assert pick_areas([counts]) == {0.5: ("good", 0.4), 0.8: ("good", 0.64)}
+    # no-data is left out of every count
+    valid[:, :16] = False
+    counts = count_areas({"good": good}, obs, valid, {0.5: [0.4]}, lambda x: x)
+    assert sum(counts["good|0.5|0.4"]) == int(((obs >= 0.5) & valid).sum())
+
+
+def test_run_mixture_with_the_stack_gate_and_areas_saves_an_entry_that_forecasts_inside_them(zoo_root, tmp_path):
+    """``transfer --mode mixture --gating stack --areas``: the radar recipe's form as a product. The
+    areas are calibrated on the weights' clips at eval.thresholds, saved on the card and in the
+    model's config, and the loaded entry forecasts as the trained one, inside those areas."""
+    from transmem.models.mixture import area_source
+    exp = load_experiment(base={**TINY, "eval": {**TINY["eval"], "thresholds": [0.2, 0.5]}})
+    out = tmp_path / "run"
+    m = api.run_mixture(exp, out, teachers=["digits"], zoo_root=zoo_root, zoo_name="mix_stack",
+                        baselines=["persistence"], gating="stack", member_steps=0, mix_steps=3, mix_lr=0.01,
+                        areas=True)
+    assert m["mse"] > 0
+    card = zoo.read_card(zoo_root / "mix_stack")
+    areas = card["mixture"]["areas"]
+    assert [a["threshold"] for a in areas] == [0.2, 0.5]
+    assert all(a["source"] in ("digits", "persistence", "mean:digits+persistence") for a in areas)
+    assert all(0.5 * a["threshold"] - 1e-9 <= a["level"] <= 1.4 * a["threshold"] + 1e-9 for a in areas)
+    assert card["config"]["areas"] == areas and card["config"]["gating"] == "stack"
+    model, _ = zoo.load_entry(zoo_root / "mix_stack")
+    frames = default_collate([build_datasets(exp.data)["test"][i] for i in range(4)])["frames"]
+    sched = SamplingSchedule(kind="none", t_in=T_IN, frames=6)
+    with torch.inference_mode():
+        pred = ForecastModule(model, sched).rollout(frames)
+        again = api.load_for_inference(zoo_root / "mix_stack")[0].rollout(frames)
+        fc = model.member_forecasts(frames)[1]
+    assert torch.equal(pred, again)
+    for a in areas:  # inside each drawn area the forecast is above the threshold, outside below
+        inside = area_source(fc, model.names, a["source"]) >= a["level_value"]
+        assert (pred[inside] > a["value"]).all() and (pred[~inside] < a["value"]).all()
+    # --areas without thresholds: one line, before anything is trained
+    with pytest.raises(MixtureError, match="eval.thresholds"):
+        api.run_mixture(load_experiment(base=TINY), tmp_path / "run2", teachers=["digits"], zoo_root=zoo_root,
+                        baselines=["persistence"], gating="stack", member_steps=0, areas=True)
+    assert not (tmp_path / "run2").exists()

@@ -35,8 +35,8 @@ from .baselines import BaselineUnavailable, baseline_for_data, default_baselines
 from .blend import BlendForecaster, parse_blend as blend_spec
 from .choices import EVAL_SPLITS, check
 from .transfer import BankCache, MemoryBank, build_tmu
-from .transfer.mixture import (MixtureOptions, build_mixture, check_baselines, check_count, check_member,
-                               check_one_process, fit_clips, member_card, unique_names)
+from .transfer.mixture import (MixtureError, MixtureOptions, build_mixture, calibrate_areas, check_baselines,
+                               check_count, check_member, check_one_process, fit_clips, member_card, unique_names)
 
 
 class RunFolderError(OutputPathError):
@@ -562,14 +562,16 @@ MIXTURE_FILE = "mixture.json"
 def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None, zoo_root=None,
                 datasets=None, probe_steps: int = zoo.PROBE_STEPS, baselines=(), gating: str = "lead",
                 member_steps: int | None = None, mix_steps: int = MIX_STEPS, mix_lr: float = MIX_LR,
-                mix_on: str = "val") -> dict:
+                mix_on: str = "val", areas: bool = False) -> dict:
     """The mixture of finetuned zoo members (``transfer --mode mixture``). Each member entry
     (``teachers``; ``["auto:K"]``: the K best finetune entries by :func:`transmem.zoo.rank`) is
     finetuned on ``exp``'s data for ``member_steps`` (default ``train.steps``; 0: used as it is)
     into ``out/members/NAME``; then softmax weights per lead time (``gating="pixel"``: also per
     pixel) that combine their forecasts and those of the registered ``baselines`` train for
     ``mix_steps`` at ``mix_lr`` on the ``mix_on`` clips (``val``: clips the members did not train
-    on), the members frozen. One entry (``out/model``, and ``zoo_name``)
+    on), the members frozen (``gating="stack"``: the radar recipe's CNN gate); ``areas``: then rain
+    areas calibrated on those clips at ``eval.thresholds`` (:func:`~transmem.transfer.mixture.calibrate_areas`).
+    One entry (``out/model``, and ``zoo_name``)
     holds it all; its card lists the members with the sha256 of their weights. ``exp`` is not
     changed. Every member, baseline and option is checked before anything is written."""
     exp = copy.deepcopy(exp)
@@ -577,7 +579,10 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     check_run_dir(out, resume, exp, None, zoo_name, zoo_root)  # before anything is built
     if resume and finished_run(out) is not None:
         return finished_run(out)  # a finished run: nothing to train, no file changed
-    opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr, mix_on).check()
+    opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr, mix_on, areas).check()
+    if opts.areas and not exp.eval.thresholds:
+        raise MixtureError("--areas: the rain areas are calibrated at eval.thresholds, and the config has none "
+                           "(set eval.thresholds, e.g. [1.0, 5.0] mm/h)")
     opts.member_steps = exp.train.steps if opts.member_steps is None else opts.member_steps
     t = exp.train
     check_one_process(t)
@@ -643,8 +648,12 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     mix.train.batch_size = min(mix.train.batch_size, len(clips))
     module = _module(mix, model, hw=hw)
     fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
+    if opts.areas:
+        module.model.config.areas = calibrate_areas(module.model, clips, physical_units(exp.data),
+                                                    exp.eval.thresholds, len(members), exp.eval.batch_size)
     extra = {"members": cards, "baselines": [{"name": b.name, "scale": b.runs_on} for b in module.model.baselines],
-             "mixture": {**opts.to_dict(), "weights": module.model.weights_per_lead()}}
+             "mixture": {**opts.to_dict(), "weights": module.model.weights_per_lead(),
+                         **({"areas": module.model.config.areas} if opts.areas else {})}}
     if auto:
         extra["ranking"] = auto
     return _finish(mix, out, module, datasets, time.time() - t0, "mixture", extra, zoo_name, zoo_root)

@@ -76,13 +76,18 @@ TRANSFER_FLAGS["mode"] = (TRANSFER_FLAGS["mode"].split(": one of")[0] + "; or mi
 MIXTURE_FLAGS = {
     "baselines": dict(metavar="NAME[,NAME...]", help="registered reference nowcasts that join as members, each "
                                                      "in the scale its name declares (e.g. extrapolation_log)"),
-    "gating": dict(choices=MIXTURE_GATINGS, help="weights per lead time (lead, the default) or also per pixel"),
+    "gating": dict(choices=MIXTURE_GATINGS, help="weights per lead time (lead, the default), also per pixel, or "
+                                                 "stack: the native radar recipe's small CNN over the members' "
+                                                 "forecasts, the last frame and the lead"),
     "member_steps": dict(type=int, metavar="N", help="finetuning steps of each member (default train.steps; 0: use the entries "
                                         "as they are, already finetuned on this target)"),
     "mix_steps": dict(type=int, metavar="N", help=f"steps that train the weights (default {MIX_STEPS})"),
     "mix_lr": dict(type=float, metavar="LR", help=f"learning rate of the weights (default {MIX_LR})"),
     "mix_on": dict(choices=MIXTURE_FIT_SPLITS, help="the clips the weights train on (default val: clips the "
                                                     "members never trained on)"),
+    "areas": dict(action="store_true", default=None,
+                  help="then keep the forecast inside rain areas calibrated on those clips: per eval.thresholds "
+                       "value, the member (or mean of a zoo member and a baseline) and level with the best CSI"),
 }
 
 

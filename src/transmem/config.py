@@ -390,14 +390,17 @@ def check_patch(patch, hw: tuple[int, int] | None, resize: str = "resize", crop:
 
 def implied_memory_bytes(exp: "Experiment") -> dict[str, int]:
     """Rough memory the sizes imply: ``data`` (generated clips held in memory as uint8) and
-    ``batch`` (one training batch through the model, activations and gradients)."""
+    ``batch``: one training batch through the model (on ``train.crop`` windows when set),
+    activations and gradients, or one evaluation batch of whole frames (no gradients), the larger."""
     d, t, m = exp.data, exp.train, exp.model
     pixels = d.frames * d.channels * d.size * d.size
     generated = d.name in ("flying_digits", "advected")
     data = (d.train_clips + d.val_clips + d.test_clips) * pixels if generated else 0
     width = d.channels + 2 * int(m.get("num_layers", 2)) * int(m.get("hidden", 32))
-    batch = max(t.batch_size, exp.eval.batch_size) * d.frames * d.size * d.size * width * 4 * 4
-    return {"data": data, "batch": batch}
+    side = min(t.crop, d.size) if t.crop else d.size
+    train = t.batch_size * d.frames * side * side * width * 4 * 4
+    evaluation = exp.eval.batch_size * d.frames * d.size * d.size * width * 4
+    return {"data": data, "batch": max(train, evaluation)}
 
 
 def _memory_limit() -> int:
@@ -496,7 +499,8 @@ def validate(exp: "Experiment") -> None:
     for what, n in need.items():
         if n > limit:
             cause = ("data.size, data.frames and the clip counts" if what == "data"
-                     else "train.batch_size / eval.batch_size, data.size, data.frames and the model's hidden size")
+                     else "train.batch_size / eval.batch_size, data.size (train.crop), data.frames and the model's "
+                          "hidden size")
             raise ConfigError(f"{cause} imply about {n / 2**30:.0f} GiB of {what} in memory, more than this "
                               f"machine's {limit / 2**30:.0f} GiB; lower them")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import Context, motion_field, pysteps_call, quiet_pysteps, register_baseline, to_dbr
+from .registry import (Context, motion_field, nowcast_or_advect, pysteps_call, quiet_pysteps, register_baseline,
+                       to_dbr)
 from .sprog import has_rain
 
 
@@ -30,5 +31,6 @@ def linda_nowcast(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
             out[:, ch] = field[-1]
             continue
         velocity = motion_field(to_dbr(past[:, ch]), 3)
-        out[:, ch] = pysteps_call(nowcast, field, velocity, n_leads, **opts)
+        out[:, ch] = nowcast_or_advect(lambda: pysteps_call(nowcast, field, velocity, n_leads, **opts),
+                                       field[-1], velocity, n_leads)
     return np.where(np.isfinite(out), np.maximum(out, 0.0), out)

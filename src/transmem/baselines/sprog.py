@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import Context, cascade_call, motion_field, quiet_pysteps, register_baseline
+from .registry import Context, cascade_call, motion_field, nowcast_or_advect, quiet_pysteps, register_baseline
 
 AR_ORDER = 2
 
@@ -40,7 +40,9 @@ def sprog_nowcast(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
             out[:, ch] = past[-1, ch]
             continue
         velocity = motion_field(past[:, ch], 3)
-        out[:, ch] = cascade_call(nowcast, past[:, ch], velocity, n_leads, precip_thr=ctx.threshold, **opts)
+        out[:, ch] = nowcast_or_advect(lambda: cascade_call(nowcast, past[:, ch], velocity, n_leads,
+                                                            precip_thr=ctx.threshold, **opts),
+                                       past[-1, ch], velocity, n_leads)
     return out
 
 

@@ -15,7 +15,8 @@ import warnings
 
 import numpy as np
 
-from .registry import Context, cascade_call, from_dbr, motion_field, quiet_pysteps, register_baseline, to_dbr
+from .registry import (Context, cascade_call, from_dbr, motion_field, nowcast_or_advect, quiet_pysteps,
+                       register_baseline, to_dbr)
 from .sprog import AR_ORDER, cascade_levels, has_rain
 
 DBR_RAIN = -10.0
@@ -35,10 +36,13 @@ def steps_mean(past: np.ndarray, n_leads: int, ctx: Context) -> np.ndarray:
             out[:, ch] = past[-1, ch]
             continue
         velocity = motion_field(db, 3)
-        members = cascade_call(nowcast, db, velocity, n_leads, precip_thr=DBR_RAIN,
-                               kmperpixel=ctx.kmperpixel, timestep=ctx.timestep, seed=ctx.seed, **opts)
-        rate = from_dbr(np.asarray(members))  # (members, leads, H, W)
-        with warnings.catch_warnings():  # all-NaN pixels (rain from outside): NaN, filled by the inflow rule
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out[:, ch] = np.nanmean(rate, axis=0)
+
+        def ensemble_mean(db=db, velocity=velocity):
+            members = cascade_call(nowcast, db, velocity, n_leads, precip_thr=DBR_RAIN,
+                                   kmperpixel=ctx.kmperpixel, timestep=ctx.timestep, seed=ctx.seed, **opts)
+            rate = from_dbr(np.asarray(members))  # (members, leads, H, W)
+            with warnings.catch_warnings():  # all-NaN pixels (rain from outside): NaN, filled by the inflow rule
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmean(rate, axis=0)
+        out[:, ch] = nowcast_or_advect(ensemble_mean, past[-1, ch], velocity, n_leads)
     return out

@@ -10,7 +10,14 @@ forecast is
 
 with ``a`` one learned logit per lead and member (zero at the start: the plain average) and, for
 ``gating="pixel"`` only, ``G`` a zero-initialised convolution over the members' forecasts that
-lets the weights vary over the field. Only ``a`` (and ``G``) train; the members are frozen and
+lets the weights vary over the field. ``gating="stack"`` is the native radar recipe's combination
+(benchmarks/nowcast.py, ``recipe:stack``): :class:`StackGate`, a small CNN that also reads the last
+observed frame and the lead, gives the per-pixel logits and a bounded correction
+
+    y_l = clip( sum_n softmax(a_l + o_l)_n f_n,l + 0.1 tanh(e_l), 0, 1 ),   [o_l, e_l] = S(f_.,l, x_last, l / L)
+
+and ``areas`` (calibrated rain areas, :func:`banded`) may then keep its values inside the areas
+that chosen members draw at calibrated levels (``transfer --mode mixture --areas``). Only ``a`` (and ``G``) train; the members are frozen and
 held inside the model, so one zoo entry is the whole forecaster and loads like any other
 (issue 26; the benchmark's ``mix:finetuned`` fit the same weights by a grid on validation clips).
 """
@@ -36,8 +43,10 @@ class MixtureConfig:
     baseline_scale: str = "values"                     # "own": each baseline's declared scale; "values": all on [0, 1]
     t_in: int = 10                                     # input frames of a training clip (lead 1 follows)
     leads: int = 10                                    # lead times with their own weights (later: the last's)
-    gating: str = "lead"                               # "lead" | "pixel" (plus a per-pixel convolution)
+    gating: str = "lead"                               # "lead" | "pixel" (plus a per-pixel convolution) | "stack"
     gate_kernel: int = 3
+    gate_width: int = 16                               # "stack": channels of the gate network
+    areas: list = field(default_factory=list)          # calibrated rain areas (see banded), in threshold order
     channels: int = 1                                  # channels of the frames (the members read them)
     patch_size: int = 1                                # lcm of the members' patch sizes: frames are padded to it
 
@@ -90,6 +99,9 @@ class MixtureModel(nn.Module):
             self.gate = nn.Conv2d(n * config.channels, n, k, padding=k // 2)
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        elif config.gating == "stack":
+            self.gate = StackGate(n, config.channels, config.gate_width)
+        check_areas(config.areas, self.names)
 
     @property
     def names(self) -> list[str]:
@@ -144,15 +156,30 @@ class MixtureModel(nn.Module):
                 fc = torch.cat([fc, torch.stack(base, 2)], 2)
         return head, fc
 
-    def combine(self, fc: torch.Tensor) -> torch.Tensor:
-        """``(B, L, C, H, W)``: the members' forecasts ``fc`` ``(B, L, N, C, H, W)`` weighted."""
+    def combine(self, fc: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L, C, H, W)``: the members' forecasts ``fc`` ``(B, L, N, C, H, W)`` weighted
+        (``last`` (B, C, H, W), the last observed frame, is read by the ``stack`` gate), then kept
+        inside the calibrated rain areas, if any."""
         b, n_leads, n, c, h, w = fc.shape
-        logits = self.logits[torch.arange(n_leads, device=fc.device).clamp(max=self.config.leads - 1)]
-        logits = logits.to(fc.dtype)[None, :, :, None, None, None]  # (1, L, N, 1, 1, 1)
-        if self.gate is not None:
-            local = self.gate(fc.reshape(b * n_leads, n * c, h, w)).view(b, n_leads, n, 1, h, w)
-            logits = logits + local
-        return (torch.softmax(logits, 2) * fc).sum(2)
+        idx = torch.arange(n_leads, device=fc.device).clamp(max=self.config.leads - 1)
+        logits = self.logits[idx].to(fc.dtype)  # (L, N)
+        if self.config.gating == "stack":
+            if last is None:
+                raise ValueError("the stack gate reads the last observed frame: combine(fc, last)")
+            lead = ((idx + 1) / self.config.leads).to(fc.dtype)
+            y = self.gate(fc.reshape(b * n_leads, n, c, h, w),
+                          last[:, None].expand(b, n_leads, c, h, w).reshape(b * n_leads, c, h, w),
+                          lead.repeat(b), logits.repeat(b, 1)).view(b, n_leads, c, h, w)
+        else:
+            logits = logits[None, :, :, None, None, None]  # (1, L, N, 1, 1, 1)
+            if self.gate is not None:
+                logits = logits + self.gate(fc.reshape(b * n_leads, n * c, h, w)).view(b, n_leads, n, 1, h, w)
+            y = (torch.softmax(logits, 2) * fc).sum(2)
+        if self.config.areas:
+            reach = torch.stack([area_source(fc, self.names, a["source"]) >= a["level_value"]
+                                 for a in self.config.areas], 2)  # (B, L, K, C, H, W)
+            y = banded(y.flatten(0, 1), reach.flatten(0, 1), [a["value"] for a in self.config.areas]).view_as(y)
+        return y
 
     def forward(self, frames: torch.Tensor, sampling_mask: torch.Tensor | None = None,
                 t_in: int | None = None) -> torch.Tensor:
@@ -160,7 +187,76 @@ class MixtureModel(nn.Module):
         the members roll out from ``t_in`` frames (default ``config.t_in``; a sampling mask, if
         given, is handed to them) and their forecasts are combined."""
         head, fc = self.member_forecasts(frames, sampling_mask, t_in)
-        return torch.cat([head, self.combine(fc)], 1)
+        t_in = self.config.t_in if t_in is None else int(t_in)
+        return torch.cat([head, self.combine(fc, frames[:, t_in - 1])], 1)
+
+
+class StackGate(nn.Module):
+    """The ``stack`` gate: per pixel and lead, weight logits for N members' forecasts and a bounded
+    correction, from those forecasts, the last observed frame and the lead as a fraction of the
+    trained horizon. Three convolutions (5x5, then 3x3 dilated by 2 and by 4: a 17-pixel reach, as
+    far as rain moves in a few 5-minute steps on a 1 km grid) and a 1x1 head that starts at zero:
+    the start is the per-lead softmax alone (``start``: other initial logits per member; the radar
+    benchmark starts from the equal mean of its first two members)."""
+
+    def __init__(self, members: int, channels: int = 1, width: int = 16, start=None):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(members * channels + channels + 1, width, 5, padding=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.ReLU())
+        self.head = nn.Conv2d(width, members + channels, 1)  # a logit per member, a correction per channel
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            if start is not None:
+                self.head.bias[:members] = torch.as_tensor(start, dtype=self.head.bias.dtype)
+
+    def forward(self, members: torch.Tensor, last: torch.Tensor, lead: torch.Tensor,
+                logits: torch.Tensor | None = None) -> torch.Tensor:
+        """members (N, M, C, H, W), last (N, C, H, W), lead (N,), logits (N, M) added to the
+        per-pixel ones -> the forecast (N, C, H, W) in [0, 1]."""
+        n, m, c, h, w = members.shape
+        x = torch.cat([members.reshape(n, m * c, h, w), last, lead.view(-1, 1, 1, 1).expand(n, 1, h, w)], 1)
+        out = self.head(self.body(x))
+        logit = out[:, :m] if logits is None else out[:, :m] + logits.view(n, m, 1, 1)
+        mix = (torch.softmax(logit, 1)[:, :, None] * members).sum(1)
+        return (mix + 0.1 * torch.tanh(out[:, m:])).clamp(0, 1)
+
+
+def banded(value: torch.Tensor, reach: torch.Tensor, levels) -> torch.Tensor:
+    """A forecast ``value`` (N, C, H, W) kept inside rain areas: ``reach`` (N, K, C, H, W, bool)
+    says where the rain reaches ``levels[k]`` (K ascending values). Inside an area the value is
+    lifted to just above its level, outside held just below, so each level's area is the one drawn
+    and every other value is the forecast's. Why: a forecast trained on squared error is smooth,
+    and its area above a high threshold shrinks; areas drawn by another field at a calibrated level
+    restore it. Reaching a higher level implies the lower ones."""
+    lv = torch.as_tensor(list(levels), dtype=value.dtype, device=value.device).view(1, -1, *[1] * (value.dim() - 1))
+    reach = reach.flip(1).cummax(1).values.flip(1)
+    eps = 1e-4
+    lo = torch.where(reach, lv + eps, torch.zeros_like(lv)).amax(1)
+    hi = torch.where(reach, torch.ones_like(lv), lv - eps).amin(1)
+    return torch.minimum(torch.maximum(value, lo), hi)
+
+
+def area_source(fc: torch.Tensor, names: list[str], source: str) -> torch.Tensor:
+    """The field a rain area is drawn from, ``(..., C, H, W)`` of the members' forecasts ``fc``
+    ``(..., N, C, H, W)``: a member's name, or ``mean:A+B`` for the equal mean of members."""
+    parts = source[len("mean:"):].split("+") if source.startswith("mean:") else [source]
+    return torch.stack([fc.select(-4, names.index(p)) for p in parts], 0).mean(0)
+
+
+def check_areas(areas: list, names: list[str]) -> None:
+    """Calibrated areas name members of this mixture and come in ascending order of level."""
+    for a in areas:
+        if not {"source", "value", "level_value"} <= set(a):
+            raise ValueError(f"a mixture area needs source, value and level_value, got {sorted(a)}")
+        src = a["source"]
+        parts = src[len("mean:"):].split("+") if src.startswith("mean:") else [src]
+        if any(p not in names for p in parts):
+            raise ValueError(f"a mixture area is drawn from {src!r}, not a member ({', '.join(names)})")
+    values = [a["value"] for a in areas]
+    if values != sorted(values):
+        raise ValueError(f"a mixture's areas must come in ascending order of level, got {values}")
 
 
 def patch_lcm(patches) -> int:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ..baselines import baseline_for_data, list_baselines
 from ..choices import MIX_LR, MIX_STEPS, MIXTURE_FIT_SPLITS, MIXTURE_GATINGS
 from ..config import ConfigError
 from ..models import create_model, get_model_class
-from ..models.mixture import MixtureModel, patch_lcm
+from ..models.mixture import MixtureModel, area_source, patch_lcm
 
 
 class MixtureError(ConfigError):
@@ -27,7 +28,8 @@ class MixtureOptions:
     weights (Adam on the logits: a larger step than a network's). ``mix_on``: the clips they
     train on -- ``val`` (default), which the members never trained on, so that a member that
     fits its training clips best but forecasts worse does not win weight (as in stacking); or
-    ``train``, when there are too few validation clips."""
+    ``train``, when there are too few validation clips. ``areas``: after the weights, calibrate
+    rain areas on the same clips (:func:`calibrate_areas`; needs ``eval.thresholds``)."""
 
     baselines: list = field(default_factory=list)
     gating: str = "lead"
@@ -35,6 +37,7 @@ class MixtureOptions:
     mix_steps: int = MIX_STEPS
     mix_lr: float = MIX_LR
     mix_on: str = "val"
+    areas: bool = False
 
     def check(self) -> "MixtureOptions":
         """Every option, before anything is built: a one-line :class:`MixtureError` naming it."""
@@ -51,6 +54,8 @@ class MixtureOptions:
             raise MixtureError(f"--mix-on {self.mix_on!r}: choose from {', '.join(MIXTURE_FIT_SPLITS)}")
         if self.gating not in MIXTURE_GATINGS:
             raise MixtureError(f"--gating {self.gating!r}: choose from {', '.join(MIXTURE_GATINGS)}")
+        if not isinstance(self.areas, bool):
+            raise MixtureError(f"--areas {self.areas!r}: on or off")
         for key, lo in (("member_steps", 0), ("mix_steps", 1)):
             v = getattr(self, key)
             if v is None and key == "member_steps":
@@ -65,7 +70,10 @@ class MixtureOptions:
         return asdict(self)
 
     def differences(self, was: dict) -> list[str]:
-        """What differs from the options ``was`` of an earlier run (for ``--resume``)."""
+        """What differs from the options ``was`` of an earlier run (for ``--resume``); an option
+        that run's file predates counts as its default."""
+        default = MixtureOptions().to_dict()
+        was = {**default, **was}
         return [f"{k} ({was.get(k)!r} there, {v!r} now)" for k, v in self.to_dict().items() if was.get(k) != v]
 
     @classmethod
@@ -168,3 +176,80 @@ def build_mixture(members: list, names: list[str], *, baselines=(), data: dict |
     for dst, src in zip(model.members, members):
         dst.load_state_dict(src.state_dict())
     return model.eval()
+
+
+# ------------------------------------------------------------------------------ calibrated areas
+#: the levels a rain area may be drawn at, as factors of its threshold (0.5 ... 1.4 mm/h for 1 mm/h)
+AREA_FACTORS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4)
+
+
+def area_candidates(names: list[str], zoo_members: int) -> list[str]:
+    """The fields an area may be drawn from: every member, and the equal mean of each zoo member
+    with each baseline member (:func:`transmem.models.mixture.area_source` reads them)."""
+    return list(names) + [f"mean:{a}+{b}" for a in names[:zoo_members] for b in names[zoo_members:]]
+
+
+def count_areas(fields: dict, obs, valid, levels: dict, to_value, counts: dict | None = None) -> dict:
+    """Contingency counts of candidate rain areas, added to ``counts``: ``{"source|threshold|level":
+    [hits, misses, false alarms]}``. ``fields``: source name -> forecast; ``obs``, ``valid``: the
+    observed values and where they count (arrays or tensors of one shape, the model's values);
+    ``levels``: threshold -> the levels to draw its area at, both physical (e.g. mm/h);
+    ``to_value``: physical -> the model's values (monotone)."""
+    counts = {} if counts is None else counts
+    for t, candidates in levels.items():
+        seen = (obs >= float(to_value(t))) & valid
+        for name, forecast in fields.items():
+            for level in candidates:
+                drawn = (forecast >= float(to_value(level))) & valid
+                c = counts.setdefault(f"{name}|{t}|{level}", [0, 0, 0])
+                c[0] += int((drawn & seen).sum())
+                c[1] += int((~drawn & seen).sum())
+                c[2] += int((drawn & ~seen).sum())
+    return counts
+
+
+def pick_areas(groups: list[dict]) -> dict:
+    """``{threshold: (source, level)}``: per threshold, the candidate of :func:`count_areas` with the
+    best mean CSI over ``groups`` (counts of separate events, or one pooled count)."""
+    def csi(c):
+        return c[0] / sum(c) if sum(c) else 0.0
+    keys = list(groups[0])
+    picks = {}
+    for t in dict.fromkeys(k.split("|")[1] for k in keys):
+        best = max((k for k in keys if k.split("|")[1] == t),
+                   key=lambda k: sum(csi(g[k]) for g in groups) / len(groups))
+        picks[float(t)] = (best.split("|")[0], float(best.split("|")[2]))
+    return picks
+
+
+def calibrate_areas(model: MixtureModel, clips, units, thresholds, zoo_members: int, batch_size: int = 8,
+                    factors=AREA_FACTORS) -> list[dict]:
+    """The rain areas a trained mixture keeps its forecast inside (``config.areas``): for each
+    threshold (physical, ``units`` maps them to the values; None: the values themselves), the
+    field and level (threshold x ``factors``) whose areas have the best CSI over ``clips``, all
+    leads pooled, no-data (``mask``) left out. The weights do not change."""
+    from torch.utils.data import DataLoader
+    if not thresholds:
+        raise MixtureError("--areas: the rain areas are calibrated at eval.thresholds, and the config has none")
+    def to_value(x):  # noqa: E306
+        return float(np.asarray(units.from_physical(np.asarray(x, dtype=np.float64)))) if units else float(x)
+    levels = {float(t): [round(float(t) * f, 6) for f in factors] for t in sorted(thresholds)}
+    names, t_in = model.names, model.config.t_in
+    sources = area_candidates(names, zoo_members)
+    counts: dict = {}
+    model.eval()
+    with torch.inference_mode():
+        for batch in DataLoader(clips, batch_size=batch_size, shuffle=False):
+            frames = batch["frames"].float()
+            fc = model.member_forecasts(frames)[1]
+            obs = frames[:, t_in:]
+            mask = batch.get("mask")
+            valid = torch.ones_like(obs, dtype=torch.bool) if mask is None else mask[:, t_in:].bool()
+            count_areas({s: area_source(fc, names, s) for s in sources}, obs, valid, levels, to_value, counts)
+    picks = pick_areas([counts])
+    out = []
+    for t, (src, level) in sorted(picks.items()):
+        c = counts[f"{src}|{t}|{level}"]
+        out.append({"threshold": t, "value": to_value(t), "source": src, "level": level,
+                    "level_value": to_value(level), "csi": round(c[0] / sum(c), 4) if sum(c) else 0.0})
+    return out
