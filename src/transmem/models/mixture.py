@@ -17,8 +17,9 @@ observed frame and the lead, gives the per-pixel logits and a bounded correction
     y_l = clip( sum_n softmax(a_l + o_l)_n f_n,l + 0.1 tanh(e_l), 0, 1 ),   [o_l, e_l] = S(f_.,l, x_last, l / L)
 
 and ``areas`` (calibrated rain areas, :func:`banded`) may then keep its values inside the areas
-that chosen members draw at calibrated levels (``transfer --mode mixture --areas``). Only ``a`` (and ``G``) train; the members are frozen and
-held inside the model, so one zoo entry is the whole forecaster and loads like any other
+that chosen members draw at calibrated levels (``transfer --mode mixture --areas``). Only ``a``
+(and ``G`` or ``S``) train; the members are frozen and held inside the model, so one zoo entry is
+the whole forecaster and loads like any other
 (issue 26; the benchmark's ``mix:finetuned`` fit the same weights by a grid on validation clips).
 """
 from __future__ import annotations
