@@ -35,7 +35,7 @@ from .baselines import BaselineUnavailable, baseline_for_data, default_baselines
 from .blend import BlendForecaster, parse_blend as blend_spec
 from .choices import EVAL_SPLITS, check
 from .transfer import BankCache, MemoryBank, build_tmu
-from .transfer.mixture import (MixtureError, MixtureOptions, build_mixture, calibrate_areas, check_baselines,
+from .transfer.mixture import (MixtureOptions, build_mixture, calibrate_areas, check_area_thresholds, check_baselines,
                                check_count, check_member, check_one_process, fit_clips, member_card, unique_names)
 
 
@@ -580,9 +580,8 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     if resume and finished_run(out) is not None:
         return finished_run(out)  # a finished run: nothing to train, no file changed
     opts = MixtureOptions(baselines, gating, member_steps, mix_steps, mix_lr, mix_on, areas).check()
-    if opts.areas and not exp.eval.thresholds:
-        raise MixtureError("--areas: the rain areas are calibrated at eval.thresholds, and the config has none "
-                           "(set eval.thresholds, e.g. [1.0, 5.0] mm/h)")
+    if opts.areas:
+        check_area_thresholds(exp.eval.thresholds)
     opts.member_steps = exp.train.steps if opts.member_steps is None else opts.member_steps
     t = exp.train
     check_one_process(t)

@@ -242,8 +242,12 @@ def banded(value: torch.Tensor, reach: torch.Tensor, levels) -> torch.Tensor:
 def area_source(fc: torch.Tensor, names: list[str], source: str) -> torch.Tensor:
     """The field a rain area is drawn from, ``(..., C, H, W)`` of the members' forecasts ``fc``
     ``(..., N, C, H, W)``: a member's name, or ``mean:A+B`` for the equal mean of members."""
-    parts = source[len("mean:"):].split("+") if source.startswith("mean:") else [source]
-    return torch.stack([fc.select(-4, names.index(p)) for p in parts], 0).mean(0)
+    return torch.stack([fc.select(-4, names.index(p)) for p in area_parts(source)], 0).mean(0)
+
+
+def area_parts(source: str) -> list[str]:
+    """The members an area's ``source`` names: ``NAME``, or ``mean:A+B`` for several."""
+    return source[len("mean:"):].split("+") if source.startswith("mean:") else [source]
 
 
 def check_areas(areas: list, names: list[str]) -> None:
@@ -251,10 +255,8 @@ def check_areas(areas: list, names: list[str]) -> None:
     for a in areas:
         if not {"source", "value", "level_value"} <= set(a):
             raise ValueError(f"a mixture area needs source, value and level_value, got {sorted(a)}")
-        src = a["source"]
-        parts = src[len("mean:"):].split("+") if src.startswith("mean:") else [src]
-        if any(p not in names for p in parts):
-            raise ValueError(f"a mixture area is drawn from {src!r}, not a member ({', '.join(names)})")
+        if any(p not in names for p in area_parts(a["source"])):
+            raise ValueError(f"a mixture area is drawn from {a['source']!r}, not a member ({', '.join(names)})")
     values = [a["value"] for a in areas]
     if values != sorted(values):
         raise ValueError(f"a mixture's areas must come in ascending order of level, got {values}")

@@ -222,6 +222,14 @@ def pick_areas(groups: list[dict]) -> dict:
     return picks
 
 
+def check_area_thresholds(thresholds) -> None:
+    """``--areas`` needs the thresholds it calibrates at: a one-line :class:`MixtureError` before
+    anything is trained when there are none."""
+    if not thresholds:
+        raise MixtureError("--areas: the rain areas are calibrated at eval.thresholds, and the config has none "
+                           "(set eval.thresholds, e.g. [1.0, 5.0] mm/h)")
+
+
 def calibrate_areas(model: MixtureModel, clips, units, thresholds, zoo_members: int, batch_size: int = 8,
                     factors=AREA_FACTORS) -> list[dict]:
     """The rain areas a trained mixture keeps its forecast inside (``config.areas``): for each
@@ -229,9 +237,9 @@ def calibrate_areas(model: MixtureModel, clips, units, thresholds, zoo_members: 
     field and level (threshold x ``factors``) whose areas have the best CSI over ``clips``, all
     leads pooled, no-data (``mask``) left out. The weights do not change."""
     from torch.utils.data import DataLoader
-    if not thresholds:
-        raise MixtureError("--areas: the rain areas are calibrated at eval.thresholds, and the config has none")
-    def to_value(x):  # noqa: E306
+    check_area_thresholds(thresholds)
+
+    def to_value(x):
         return float(np.asarray(units.from_physical(np.asarray(x, dtype=np.float64)))) if units else float(x)
     levels = {float(t): [round(float(t) * f, 6) for f in factors] for t in sorted(thresholds)}
     names, t_in = model.names, model.config.t_in
