@@ -394,13 +394,12 @@ CASES = {
     "teacher-is-a-transfer-model": (lambda t, w: ["transfer", "--config", w / "cfg.yaml", "--teachers", w / "zoo" / "tmu",
                                                   "--out", t / "r"], "tmu"),
     "zoo-list-root-is-a-file": (lambda t, w: ["zoo", "list", "--root", _file(t)], "a-file"),
-    # ---- evaluation frame size the model's patch size does not divide
-    "eval-size-20-patch-8": (lambda t, w: ["evaluate", "--model", w / "zoo" / "p8", "--config", w / "nomodel.yaml",
-                                           "--data.size", "20", "--out", t / "ev"], "data.size"),
-    "eval-size-12-patch-8": (lambda t, w: ["evaluate", "--model", w / "zoo" / "p8", "--config", w / "nomodel.yaml",
-                                           "--data.size", "12", "--out", t / "ev"], "data.size"),
-    "finetune-size-not-dividing": (lambda t, w: ["finetune", "--config", w / "nomodel.yaml", "--from", w / "zoo" / "p8",
-                                                 "--data.size", "20", "--out", t / "r"], "data.size"),
+    # ---- training frame size the model's patch size does not divide (evaluation pads: tests/test_user_data.py)
+    "train-size-20-patch-8-finetune": (lambda t, w: ["finetune", "--config", w / "nomodel.yaml", "--from",
+                                                     w / "zoo" / "p8", "--data.size", "20", "--out", t / "r"], "data.size"),
+    "train-size-crop-12-patch-8-finetune": (lambda t, w: ["finetune", "--config", w / "nomodel.yaml", "--from",
+                                                          w / "zoo" / "p8", "--train.crop", "12", "--out", t / "r"],
+                                            "train.crop=12"),
     # ---- --resume
     "resume-other-model": (lambda t, w: ["pretrain", "--config", w / "cfg.yaml", "--out", w / "stopped", "--resume",
                                          "--model.hidden", "8"], "model.hidden"),
@@ -462,7 +461,7 @@ def test_bad_input_is_refused_with_one_line_and_changes_nothing(name, world, tmp
 def test_the_table_covers_every_class_twice():
     assert len(CASES) >= 80
     classes = ["steps", "batch", "lr", "patch", "t_in", "config-", "-out-", "card-", "weights-", "teacher-",
-               "eval-size", "resume-", "empty-", "zoo-name", "fifo", "gap", "earlier", "read-only", "dangling"]
+               "train-size", "resume-", "empty-", "zoo-name", "fifo", "gap", "earlier", "read-only", "dangling"]
     for c in classes:
         assert sum(c in n for n in CASES) >= 2, c
 

@@ -37,6 +37,24 @@ def test_padding_to_the_patch_size_is_cropped_back():
     assert y.shape == (1, 3, 1, 30, 41) and torch.isfinite(y).all()
 
 
+def test_a_model_that_reads_teachers_at_inference_pads_to_every_patch_size():
+    """A bank_read TMU on patch 2 reading a patch-4 teacher: whole frames of 30x41 are padded to
+    32x44 (4 divides both), so the teacher can roll out beside it, and cropped back."""
+    from transmem.transfer.builder import build_tmu
+    torch.manual_seed(0)
+    teacher = create_model("convlstm", num_layers=1, hidden=4, filter_size=3, patch_size=4)
+    tmu, bank = build_tmu("convlstm", {"num_layers": 1, "hidden": 4, "filter_size": 3, "patch_size": 2},
+                          [teacher], ["t4"], {"mode": "bank_read"})
+    module = ForecastModule(tmu, SamplingSchedule(kind="none", t_in=3, frames=6), bank=bank).eval()
+    assert module.patch_size == 4
+    x = torch.rand(1, 6, 1, 30, 41)
+    with torch.no_grad():
+        y = module.rollout(x)
+        padded = pad_to_multiple(x, 4)[0]
+        ref = tmu(padded, t_in=3, bank=bank.rollout(padded, 3))[:, 2:, ..., :30, :41]
+    assert y.shape == (1, 3, 1, 30, 41) and torch.allclose(y, ref)
+
+
 def test_tiles_cover_the_field_and_blend_without_seams():
     assert tile_starts(100, 40, 8, 4) == [0, 32, 60] and tile_starts(30, 40, 8, 4) == [0]
     w = ramp(40, 32, 100, 8, "cpu", torch.float32)

@@ -405,3 +405,21 @@ def test_run_mixture_with_the_stack_gate_and_areas_saves_an_entry_that_forecasts
         api.run_mixture(load_experiment(base=TINY), tmp_path / "run2", teachers=["digits"], zoo_root=zoo_root,
                         baselines=["persistence"], gating="stack", member_steps=0, areas=True)
     assert not (tmp_path / "run2").exists()
+
+
+def test_member_forecasts_pad_frames_no_patch_size_divides(zoo_root, batch):
+    """Frames of 14x13 (neither member's patch, 2 or 4, divides them) are padded to 16x16 by
+    edge replication for the members and cropped back; the baselines read them as they are."""
+    model = _mixture(zoo_root, baselines=("persistence",)).eval()
+    frames = batch[..., :14, :13]
+    head, fc = model.member_forecasts(frames)
+    assert fc.shape[-2:] == (14, 13) and head.shape[-2:] == (14, 13)
+    padded = torch.cat([frames, frames[..., -1:].expand(*frames.shape[:-1], 3)], -1)
+    padded = torch.cat([padded, padded[..., -1:, :].expand(*padded.shape[:-2], 2, 16)], -2)
+    with torch.no_grad():
+        for n, member in enumerate(model.members):
+            alone = member(padded, t_in=T_IN)[:, T_IN - 1:, ..., :14, :13]
+            assert torch.allclose(fc[:, :, n], alone, atol=1e-6)
+    assert torch.equal(fc[:, :, 2], frames[:, T_IN - 1:T_IN].expand_as(fc[:, :, 2]))  # persistence
+    with torch.no_grad():
+        assert model(frames, t_in=T_IN).shape[-2:] == (14, 13)

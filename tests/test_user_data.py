@@ -92,12 +92,12 @@ def native(tmp_path_factory):
     return w
 
 
-@pytest.mark.parametrize("cmd", ["pretrain", "evaluate", "finetune", "finetune-auto"])
+@pytest.mark.parametrize("cmd", ["pretrain", "finetune", "finetune-auto"])
 def test_non_dividing_patch_size_is_one_line_and_nothing_created(native, tmp_path, capsys, cmd):
+    """Training on whole frames the patch size does not divide is refused (with no train.crop)."""
     cfg, out = str(native / "native.yaml"), tmp_path / "out"
     argv = {"pretrain": ["pretrain", "--config", cfg, "--model.patch_size", "4", "--model.hidden", "4",
                          "--model.num_layers", "1"],
-            "evaluate": ["evaluate", "--model", str(native / "zoo" / "p4"), "--config", cfg],
             "finetune": ["finetune", "--from", str(native / "zoo" / "p4"), "--config", cfg],
             "finetune-auto": ["finetune", "--from", "auto", "--zoo-root", str(tmp_path / "z"), "--config", cfg,
                               "--probe-steps", "0"]}[cmd]
@@ -112,6 +112,40 @@ def test_non_dividing_patch_size_is_one_line_and_nothing_created(native, tmp_pat
     assert "patch size 4" in line
     assert not out.exists()
     assert _files(native) == before
+
+
+def test_evaluate_pads_whole_frames_the_patch_size_does_not_divide(native, tmp_path):
+    """30x40 frames through a patch-4 entry: padded to 32x40, the forecast cropped back; the
+    scores are those of the padded forecast's 30x40 part (the rollout checked by hand)."""
+    from transmem.api import load_for_inference
+    from transmem.config import load_experiment
+    from transmem.data import build_datasets
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(native / "zoo" / "p4"), "--config", str(native / "native.yaml"),
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    module, _ = load_for_inference(native / "zoo" / "p4")
+    clips = build_datasets(load_experiment(str(native / "native.yaml")).data)["test"]
+    frames = torch.stack([clips[i]["frames"] for i in range(len(clips))]).float()
+    assert frames.shape[-2:] == (30, 40)
+    with torch.no_grad():
+        padded = torch.cat([frames, frames[..., -1:, :].expand(-1, -1, -1, 2, -1)], -2)  # edge rows
+        pred = module.model(padded, t_in=3)[:, 2:, ..., :30, :]
+    assert torch.allclose(module.rollout(frames), pred, atol=1e-6)
+    mse = ((pred.clamp(0, 1) - frames[:, 3:]) ** 2).mean().item()
+    assert m["mse_pixel"] == pytest.approx(mse, rel=1e-4)
+
+
+def test_training_on_crops_evaluates_whole_frames_the_patch_size_does_not_divide(native, tmp_path):
+    """With train.crop (a multiple of 4), a patch-4 model trains on native 30x40 frames: it reads
+    crops in training, and validation and test pad the whole frames."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(native / "native.yaml"), "--model.patch_size", "4",
+                 "--model.hidden", "4", "--model.num_layers", "1", "--train.crop", "16", "--train.val_every", "1",
+                 "--out", str(out)]) == 0
+    card = json.loads((out / "model" / "card.json").read_text())
+    assert card["frame_size"] == [30, 40]
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["mse_pixel"])
 
 
 def test_zoo_rank_lists_a_non_dividing_entry_with_the_reason(native, capsys):

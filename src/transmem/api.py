@@ -738,13 +738,10 @@ def claim_output(out) -> "FolderLock":
         raise RunFolderError(f"{out}: cannot write the --out folder ({e.strerror or e})") from None
 
 
-def check_model_fits(card: dict, exp: Experiment, datasets: dict | None = None) -> None:
-    """A zoo model can be evaluated on ``exp``'s data: its patch size divides the frame size the
-    data has (``datasets``, when built: ``resize: none`` keeps the native size) and it reads
-    frames of the data's channels (checked before any clip is rolled out)."""
-    cfg = card.get("config") or {}
-    patch = (cfg.get("backbone_config") or cfg).get("patch_size")
-    check_patch(patch, data_frame_size(exp, datasets), exp.data.resize, who=f"data.size={exp.data.size}: the model's")
+def check_model_fits(card: dict, exp: Experiment) -> None:
+    """A zoo model can be evaluated on ``exp``'s data: it reads frames of the data's channels
+    (checked before any clip is rolled out). Any frame size will do: whole frames are padded to
+    the patch size and the forecast cropped back (:meth:`ForecastModule.rollout`)."""
     channels = card.get("channels")
     if channels is not None and channels != exp.data.channels:
         raise ConfigError(f"data.channels={exp.data.channels}: the model reads {channels}-channel frames")
@@ -818,7 +815,7 @@ def evaluate_to_folder(exp: Experiment, out, model=None, baseline: str | None = 
         if baseline is not None:
             forecaster, name, label = load_baseline(baseline, exp), baseline, baseline
         else:
-            check_model_fits(card, exp, datasets)
+            check_model_fits(card, exp)
             forecaster, card = load_for_inference(model)
             name, label = card.get("name") or Path(str(model)).name, str(model)
         if mix:
@@ -860,7 +857,7 @@ def compare_runs(runs: list, out, config=None, overrides: dict | None = None, ba
     datasets = eval_datasets(exp, out, overwrite)  # checked before anything is loaded or written
     forecasters = {}
     for label, _, entry, card in entries:
-        check_model_fits(card, exp, datasets)
+        check_model_fits(card, exp)
         forecasters[label] = load_for_inference(entry)[0]
     for name in default_baselines(physical_units(exp.data)) if baselines else ():
         try:

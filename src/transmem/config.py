@@ -369,16 +369,20 @@ def patch_problem(patch, hw: tuple[int, int], whose: str = "the data's") -> str 
 
 
 def check_patch(patch, hw: tuple[int, int] | None, resize: str = "resize", crop: int = 0,
-                who: str = "the model's") -> None:
-    """The one check that a patch size fits the frames ``hw`` (None: unknown yet, only the crop is
-    checked) and a training ``crop``: a one-line ConfigError starting with ``who`` (the config
-    key, a zoo entry, ``"the model's"``), with a hint, before anything is created."""
-    why = None if hw is None else patch_problem(patch, hw)
+                who: str = "the model's", training: bool = True) -> None:
+    """The one check that a patch size fits what a run feeds the model: a one-line ConfigError
+    starting with ``who`` (the config key, a zoo entry, ``"the model's"``), with a hint, before
+    anything is created. Whole frames that are only forecast (validation, evaluate, predict) are
+    padded to the patch size, so their size ``hw`` (None: unknown yet) matters only for training
+    on whole frames (``training`` and no ``crop``); a training ``crop`` must divide by the patch
+    size and fit the frames."""
+    why = None if hw is None or not training or crop else patch_problem(patch, hw)
     if why:
         h, w = hw
         if resize == "none":
-            hint = (f"data.resize is none, so frames keep their native {h}x{w}: give a patch size that divides "
-                    f"both, or set --data.resize resize (or crop) with a data.size divisible by {patch}")
+            hint = (f"data.resize is none, so frames keep their native {h}x{w}: train on crops "
+                    f"(train.crop, a multiple of {patch}; whole frames are padded for evaluation), give a patch "
+                    f"size that divides both, or set --data.resize resize (or crop) with a data.size divisible by {patch}")
         else:
             hint = f"set data.size to a multiple of {patch}, e.g. --data.size {max(patch, h // patch * patch)}"
         raise ConfigError(f"{who} {why} ({hint}); nothing was trained or written")

@@ -512,11 +512,14 @@ def serves(model: torch.nn.Module, card: dict, exp, target_probe: torch.nn.Modul
     the target from it: a backbone reading the target's channels) and ``teacher`` (a frozen
     source in a memory bank, through the bank's adapters, for a TMU on ``target_probe``'s
     backbone) -- and, when it serves neither way, why not (one line). ``hw``: the target's frame
-    size as its data has it (``resize: none`` keeps the native size), default ``data.size``."""
+    size as its data has it (``resize: none`` keeps the native size), default ``data.size``; with
+    ``train.crop`` the patch size must divide the crop instead (training reads crops)."""
     why = kind_problem(card["model"], "backbone")
     if why:
         return [], f"{why}: it can neither start a finetune nor be a teacher (rank its teachers instead)"
-    why = patch_problem(model.patch_size, hw or (exp.data.size, exp.data.size), "the target's")
+    crop = exp.train.crop  # training reads these windows; whole frames are padded for forecasts
+    why = patch_problem(model.patch_size, (crop, crop) if crop else hw or (exp.data.size, exp.data.size),
+                        "the target's training crops:" if crop else "the target's")
     if why:
         return [], f"its {why}"
     uses, reason = [], None

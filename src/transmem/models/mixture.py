@@ -32,6 +32,7 @@ from torch import nn
 
 from ..baselines import baseline_for_data
 from ..choices import MIXTURE_GATINGS
+from .base import pad_to_multiple
 from .registry import create_model, register_model
 
 
@@ -146,7 +147,11 @@ class MixtureModel(nn.Module):
         if not 1 <= t_in < frames.shape[1]:
             raise ValueError(f"need 1 <= t_in < T, got t_in={t_in} with T={frames.shape[1]}")
         with torch.no_grad():
-            preds = torch.stack([m(frames, sampling_mask, t_in=t_in) for m in self.members], 2)
+            # frames of any size: padded to the patch size every member's divides, cropped back
+            padded, h, w = pad_to_multiple(frames, self.patch_size)
+            if sampling_mask is not None and sampling_mask.dim() == 5 and sampling_mask.shape[-2:] == (h, w):
+                sampling_mask = pad_to_multiple(sampling_mask.float(), self.patch_size)[0].to(sampling_mask.dtype)
+            preds = torch.stack([m(padded, sampling_mask, t_in=t_in) for m in self.members], 2)[..., :h, :w]
             head = preds[:, :t_in - 1].mean(2)
             fc = preds[:, t_in - 1:]
             if self.baselines:

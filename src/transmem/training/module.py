@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from ..fullfield import pad_to_multiple
 from ..choices import DISTILL_DECAYS, DISTILL_SPANS, check
 from ..errors import Diverged
+from ..models.base import pad_to_multiple
 from .samplers import dist_info
 from .augment import augment_clips
 from .schedules import SamplingSchedule, reverse_time
@@ -200,12 +200,17 @@ class ForecastModule(L.LightningModule):
 
     @property
     def patch_size(self) -> int:
-        return int(self.model.patch_size)
+        """What whole frames are padded to: the model's patch size, or the least common multiple
+        with its teachers' when it reads them at inference (every one must divide the frames)."""
+        sizes = [int(self.model.patch_size)]
+        if self.bank is not None and self.is_tmu and self.model.needs_teachers_at_inference:
+            sizes += [int(t.patch_size) for t in self.bank.teachers]
+        return math.lcm(*sizes)
 
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
         """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too).
         Frames of any size: padded to a multiple of the patch size, the forecast cropped back
-        (:func:`transmem.fullfield.pad_to_multiple`)."""
+        (:func:`transmem.models.base.pad_to_multiple`)."""
         frames, h, w = pad_to_multiple(frames, self.patch_size)
         if self.is_tmu and self.model.needs_teachers_at_inference:
             bank = self.bank.rollout(frames, self.t_in)
