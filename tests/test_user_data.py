@@ -157,6 +157,20 @@ def test_zoo_rank_lists_a_non_dividing_entry_with_the_reason(native, capsys):
     assert any(line.split()[:2] == ["1", "p2"] for line in out.splitlines())
 
 
+def test_zoo_rank_with_a_training_crop_checks_the_crop_not_the_frames(native, capsys):
+    """With train.crop the target trains on crops, so an entry serves when its patch size divides
+    the crop (16: p4 is ranked) and not when it does not (6: p4 is listed with that reason)."""
+    def rank(crop):
+        capsys.readouterr()
+        assert main(["zoo", "rank", "--zoo-root", str(native / "zoo"), "--config", str(native / "native.yaml"),
+                     "--probe-steps", "0", "--train.crop", crop, "--model.patch_size", "2"]) == 0
+        out = capsys.readouterr().out
+        return next(line for line in out.splitlines() if line.split()[1:2] == ["p4"])
+    assert "unusable" not in rank("16")
+    row = rank("6")
+    assert "unusable" in row and "patch size 4 does not divide the target's 6x6 training crops" in row
+
+
 # --------------------------------------------------------------------------------------------
 # 4. 16-bit images keep their precision; forecast.png shows the data's own range
 # --------------------------------------------------------------------------------------------

@@ -360,23 +360,23 @@ def check_model_config(cfg: dict, where: str = "model") -> None:
             _num_in(v, key, -1e6, 1e6)
 
 
-def patch_problem(patch, hw: tuple[int, int], whose: str = "the data's") -> str | None:
-    """Why a model of patch size ``patch`` cannot read frames of ``hw`` (one line), or None."""
+def patch_problem(patch, hw: tuple[int, int], whose: str = "the data's", what: str = "frames") -> str | None:
+    """Why a model of patch size ``patch`` cannot read ``what`` of ``hw`` (one line), or None."""
     h, w = hw
     if isinstance(patch, int) and patch > 0 and (h % patch or w % patch):
-        return f"patch size {patch} does not divide {whose} {h}x{w} frames"
+        return f"patch size {patch} does not divide {whose} {h}x{w} {what}"
     return None
 
 
 def check_patch(patch, hw: tuple[int, int] | None, resize: str = "resize", crop: int = 0,
-                who: str = "the model's", training: bool = True) -> None:
+                who: str = "the model's") -> None:
     """The one check that a patch size fits what a run feeds the model: a one-line ConfigError
     starting with ``who`` (the config key, a zoo entry, ``"the model's"``), with a hint, before
     anything is created. Whole frames that are only forecast (validation, evaluate, predict) are
     padded to the patch size, so their size ``hw`` (None: unknown yet) matters only for training
-    on whole frames (``training`` and no ``crop``); a training ``crop`` must divide by the patch
-    size and fit the frames."""
-    why = None if hw is None or not training or crop else patch_problem(patch, hw)
+    on whole frames (no ``crop``); a training ``crop`` must divide by the patch size and fit the
+    frames."""
+    why = None if hw is None or crop else patch_problem(patch, hw)
     if why:
         h, w = hw
         if resize == "none":

@@ -518,8 +518,8 @@ def serves(model: torch.nn.Module, card: dict, exp, target_probe: torch.nn.Modul
     if why:
         return [], f"{why}: it can neither start a finetune nor be a teacher (rank its teachers instead)"
     crop = exp.train.crop  # training reads these windows; whole frames are padded for forecasts
-    why = patch_problem(model.patch_size, (crop, crop) if crop else hw or (exp.data.size, exp.data.size),
-                        "the target's training crops:" if crop else "the target's")
+    why = (patch_problem(model.patch_size, (crop, crop), "the target's", "training crops") if crop
+           else patch_problem(model.patch_size, hw or (exp.data.size, exp.data.size), "the target's"))
     if why:
         return [], f"its {why}"
     uses, reason = [], None
