@@ -18,10 +18,24 @@ predict use it unchanged) and is the identity when the field already fits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .blend import Wrapped
-from .models.base import pad_to_multiple
+
+
+def pad_to_multiple(frames: Tensor, multiple: int) -> tuple[Tensor, int, int]:
+    """``frames`` (B, T, C, H, W) padded at the bottom/right by edge replication so that H and W are
+    multiples of ``multiple`` (a patch size: whole fields of any size forecast by a patched model);
+    returns ``(padded, H, W)`` (the original size, to crop back)."""
+    h, w = frames.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return frames, h, w
+    b, t, c = frames.shape[:3]
+    flat = frames.reshape(b * t, c, h, w)
+    flat = F.pad(flat, (0, pw, 0, ph), mode="replicate")
+    return flat.reshape(b, t, c, h + ph, w + pw), h, w
 
 
 def tile_starts(size: int, tile: int, overlap: int, multiple: int) -> list[int]:

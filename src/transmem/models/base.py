@@ -69,20 +69,6 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, t, c, h * p, w * p)
 
 
-def pad_to_multiple(frames: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
-    """``frames`` (B, T, C, H, W) padded at the bottom/right by edge replication so that H and W are
-    multiples of ``multiple`` (a patch size: whole fields of any size forecast by a patched model);
-    returns ``(padded, H, W)`` (the original size, to crop back)."""
-    h, w = frames.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if not (ph or pw):
-        return frames, h, w
-    b, t, c = frames.shape[:3]
-    flat = frames.reshape(b * t, c, h, w)
-    flat = F.pad(flat, (0, pw, 0, ph), mode="replicate")
-    return flat.reshape(b, t, c, h + ph, w + pw), h, w
-
-
 # --- the cell equations, in plain torch ops ------------------------------------------------
 # Each dispatches to its fused kernel (kernels.py: same equation, one autograd node, faster on
 # the CPU) while ``kernels.enabled()``; ``TRANSMEM_FUSED=0`` or ``kernels.use_fused(False)``

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..baselines import baseline_for_data
 from ..choices import MIXTURE_GATINGS
-from .base import pad_to_multiple
+from ..fullfield import pad_to_multiple
 from .registry import create_model, register_model
 
 

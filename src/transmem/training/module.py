@@ -15,7 +15,7 @@ from torchmetrics import Metric
 
 from ..choices import DISTILL_DECAYS, DISTILL_SPANS, check
 from ..errors import Diverged
-from ..models.base import pad_to_multiple
+from ..fullfield import pad_to_multiple
 from .samplers import dist_info
 from .augment import augment_clips
 from .schedules import SamplingSchedule, reverse_time
@@ -210,7 +210,7 @@ class ForecastModule(L.LightningModule):
     def rollout(self, frames: torch.Tensor) -> torch.Tensor:
         """Forecast frames T_in..T-1 from the first T_in frames (teachers, if read, roll out too).
         Frames of any size: padded to a multiple of the patch size, the forecast cropped back
-        (:func:`transmem.models.base.pad_to_multiple`)."""
+        (:func:`transmem.fullfield.pad_to_multiple`)."""
         frames, h, w = pad_to_multiple(frames, self.patch_size)
         if self.is_tmu and self.model.needs_teachers_at_inference:
             bank = self.bank.rollout(frames, self.t_in)
