@@ -149,8 +149,6 @@ class MixtureModel(nn.Module):
         with torch.no_grad():
             # frames of any size: padded to the patch size every member's divides, cropped back
             padded, h, w = pad_to_multiple(frames, self.patch_size)
-            if sampling_mask is not None and sampling_mask.dim() == 5 and sampling_mask.shape[-2:] == (h, w):
-                sampling_mask = pad_to_multiple(sampling_mask.float(), self.patch_size)[0].to(sampling_mask.dtype)
             preds = torch.stack([m(padded, sampling_mask, t_in=t_in) for m in self.members], 2)[..., :h, :w]
             head = preds[:, :t_in - 1].mean(2)
             fc = preds[:, t_in - 1:]
