@@ -90,6 +90,41 @@ def reopen(run: Path) -> None:
     refresh_best_record(run)
 
 
+#: an unconverged run's result, set aside by :func:`set_aside`: the run goes on from its last checkpoint
+EXTENDED = "result.unconverged.json"
+
+
+def set_aside(result: Path, max_doublings: int) -> bool:
+    """After a preset's ``max_doublings`` was raised: move the result of a run that stopped short of
+    the rule, with doublings now left, to ``EXTENDED`` beside it, so that the next worker goes on
+    from its last checkpoint (:func:`extension`) instead of keeping or redoing it."""
+    if not result.is_file():
+        return False
+    r = json.loads(result.read_text())
+    if r.get("converged", True) or "doublings" not in r or r["doublings"] >= max_doublings:
+        return False
+    result.rename(result.with_name(EXTENDED))
+    return True
+
+
+def extension(job: Path, first_cap: int) -> tuple[dict | None, dict]:
+    """The result set aside in ``job`` (or None) and the ``train_to_convergence`` arguments that go
+    on from it: its history, its cap doubled, its doublings; else the first cap."""
+    f = job / EXTENDED
+    if not f.is_file():
+        return None, {"first_cap": first_cap}
+    r = json.loads(f.read_text())
+    return r, {"first_cap": 2 * r["step_cap"], "history": r["history"], "doublings_done": r["doublings"]}
+
+
+def extended_from(job: Path, earlier: dict | None) -> dict:
+    """Once the run went on: what it was extended from (for its result), and the set-aside file goes."""
+    if earlier is None:
+        return {}
+    (job / EXTENDED).unlink(missing_ok=True)
+    return {"extended_from": {k: earlier.get(k) for k in ("step_cap", "commit")}}
+
+
 def stage_file(run: Path) -> Path:
     """Beside the run folder (not in it: a fresh run needs an empty folder): the stage it is in."""
     return run.with_name(run.name + ".stage.json")

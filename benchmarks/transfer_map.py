@@ -50,7 +50,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_digits.py, also when imported by path
 import claims  # noqa: E402
 from claims import claim  # noqa: E402
-from convergence import binding, record, resumable, train_to_convergence  # noqa: E402
+from convergence import (EXTENDED, binding, extended_from, extension, record, resumable, set_aside,  # noqa: E402
+                         train_to_convergence)
 from transfer_digits import wait_for  # noqa: E402
 
 from transmem import api, zoo  # noqa: E402
@@ -458,14 +459,33 @@ def train_run(p: dict, exp, out: Path, train) -> dict:
     1.25 x the best validation step), recording ``best_step``, ``step_cap`` and ``converged``."""
     if "max_doublings" not in p:
         return train(exp, out, False)
-    t0 = time.time()
+    earlier, go_on = extension(out.parent, p["target_steps"])  # set aside by --extend: go on from it
+    t0 = time.time() - (earlier["train_wall_s"] if earlier else 0)
 
     def at_cap(steps: int, resume: bool) -> dict:
         exp.train.steps = steps
         exp.train.sampling_stop = sampling_stop(p, steps)
         return train(exp, out, resume)
-    m, cap, history = train_to_convergence(at_cap, out, p["target_steps"], p["max_doublings"])
-    return {**m, **record(history, cap), "train_wall_s": round(time.time() - t0, 1), "train_steps": cap}
+    m, cap, history = train_to_convergence(at_cap, out, max_doublings=p["max_doublings"], **go_on)
+    return {**m, **record(history, cap), "train_wall_s": round(time.time() - t0, 1), "train_steps": cap,
+            **extended_from(out.parent, earlier)}
+
+
+def extend(p: dict, root: Path) -> int:
+    """Set aside the results of runs that stopped unconverged with doublings left under the
+    preset's (raised) ``max_doublings``, and drop those of the mixtures of the same cell and seed
+    (they read these runs' models), so that the next ``work`` continues them; returns how many
+    runs were set aside."""
+    n = 0
+    for job, family, size, method, seed in jobs(p, {"train"}):
+        if job != "run" or methods(family)[method][0] == "mixture":
+            continue
+        if set_aside(run_dir(root, family, size, method, seed) / "result.json", p["max_doublings"]):
+            n += 1
+            for m, (kind, _) in methods(family, p).items():
+                if kind == "mixture":
+                    (run_dir(root, family, size, m, seed) / "result.json").unlink(missing_ok=True)
+    return n
 
 
 def stale_claim(d: Path) -> bool:
@@ -499,7 +519,8 @@ def work(p: dict, root: Path, parts: set[str]) -> int:
             (d / ".claim").unlink(missing_ok=True)
         if not claim(d):
             continue
-        if (d / "run").exists() and not resumable(d / "run"):  # a stopped worker's run, nothing to go on from
+        if (d / "run").exists() and not (d / EXTENDED).is_file() and not resumable(d / "run"):
+            # a stopped worker's run, nothing to go on from
             shutil.rmtree(d / "run")
         label = f"{job} {family}" + (f" size {size}" if size is not None else "") + \
             (f" {method}" if method else "") + (f" seed {seed}" if job == "run" else "")
@@ -873,6 +894,8 @@ def main(argv=None) -> int:
                     help="train: the zoo, baselines and runs; rank: the rankings (needs the zoo)")
     ap.add_argument("--aggregate", action="store_true", help="only collect finished jobs")
     ap.add_argument("--worker", action="store_true", help="run jobs in this process, do not aggregate")
+    ap.add_argument("--extend", action="store_true",
+                    help="first set aside unconverged runs with doublings left (after max_doublings was raised)")
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else args.preset
     p = load_preset(preset)
@@ -883,6 +906,8 @@ def main(argv=None) -> int:
                                                       else f"transfer_map_{preset}.json"))
     command = "python benchmarks/transfer_map.py" + ("" if preset == "full" else f" --preset {preset}") + " --workers 2"
     parts = {"train", "rank"} if args.part == "all" else {args.part}
+    if args.extend:
+        print(f"--extend: {extend(p, root)} unconverged runs go on", flush=True)
     if args.worker or (args.workers == 1 and not args.aggregate):
         failed = work(p, root, parts)
         if args.worker:

@@ -85,7 +85,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_map.py, also when imported by path
 import claims  # noqa: E402
-from convergence import binding, record, resumable, train_to_convergence  # noqa: E402
+from convergence import (EXTENDED, binding, extended_from, extension, record, resumable, set_aside,  # noqa: E402
+                         train_to_convergence)
 import transfer_map as tm  # noqa: E402  (registers the transfer_map_parts dataset)
 from claims import claim  # noqa: E402
 
@@ -406,16 +407,13 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     """Train with validation; while ``cap < 1.25 * best_step`` (and doublings are left), resume
     from the last checkpoint with the cap doubled."""
     rk = None if method == SCRATCH else _ranking(root, target, budget)
-    cap, history, t0, done = p["target_steps"], [], time.time(), -1
     out = d / "run"
-    earlier = d / EXTENDED
-    if earlier.is_file():  # stopped unconverged at a lower doubling limit: go on from its last checkpoint
-        r = json.loads(earlier.read_text())
-        history, cap, done, t0 = r["history"], 2 * r["step_cap"], r["doublings"], t0 - r["train_wall_s"]
+    earlier, go_on = extension(d, p["target_steps"])  # stopped unconverged at a lower doubling limit
+    t0 = time.time() - (earlier["train_wall_s"] if earlier else 0)
 
     def train(steps: int, resume: bool) -> dict:
         return train_once(method, cell_experiment(p, root, target, budget, seed, steps=steps), out, resume, rk)
-    m, cap, history = train_to_convergence(train, out, cap, p["max_doublings"], history, done)
+    m, cap, history = train_to_convergence(train, out, max_doublings=p["max_doublings"], **go_on)
     res = {"mse": m["mse"], "csi_1": _csi1(m), "ssim": m.get("ssim"), "mse_per_frame": m.get("mse_per_frame"),
            **record(history, cap), "train_wall_s": round(time.time() - t0, 1),
            "train_clips": clip_count(p, target, train_windows(p, target, budget))}
@@ -423,14 +421,7 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
         res["init_from"] = Path(rk["finetune"]).name
         if method in (DISTILL, BANK):
             res["teachers"] = [Path(t).name for t in rk["teachers"]]
-    if earlier.is_file():
-        res["extended_from"] = {k: json.loads(earlier.read_text()).get(k) for k in ("step_cap", "commit")}
-        earlier.unlink()
-    return res
-
-
-#: an unconverged run's result, set aside by --extend: the run goes on from its last checkpoint
-EXTENDED = "result.unconverged.json"
+    return {**res, **extended_from(d, earlier)}
 
 
 def extend(p: dict, root: Path) -> int:
@@ -439,13 +430,8 @@ def extend(p: dict, root: Path) -> int:
     ``work`` continues them; returns how many runs were set aside."""
     n = 0
     for job, t, b, m, s in jobs(p):
-        res = job_dir(root, job, t, b, m, s) / "result.json"
-        if job != "run" or not res.is_file():
+        if job != "run" or not set_aside(job_dir(root, job, t, b, m, s) / "result.json", p["max_doublings"]):
             continue
-        r = json.loads(res.read_text())
-        if r.get("converged") or r.get("doublings", 0) >= p["max_doublings"]:
-            continue
-        res.rename(res.with_name(EXTENDED))
         n += 1
         if m == AUTO:  # the mixtures read this run's model
             for job2, m2 in (("mix", MIX), ("mixp", MIXP)):

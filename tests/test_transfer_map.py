@@ -146,6 +146,33 @@ def test_a_map_run_trains_to_convergence_when_the_preset_asks(bench, tiny, load_
     assert "best_step" not in once and once["train_steps"] == bench.load_preset("tiny")["target_steps"]
 
 
+def test_extend_sets_aside_an_unconverged_run_and_its_mixtures_and_the_run_goes_on(bench, tiny, load_benchmark):
+    """After max_doublings was raised, ``--extend`` sets aside a run that stopped short of the rule
+    (and drops the mixtures of its cell and seed, which read its model); the run then goes on from
+    its last checkpoint with the cap doubled and keeps its history."""
+    root, _, _ = tiny
+    conv = load_benchmark("convergence")
+    p = dict(bench.load_preset("tiny"), target_steps=4, val_every=1, max_doublings=0)
+    runs = root / "extend"
+    d = bench.run_dir(runs, "digits", 8, "scratch", 0)
+
+    def train(e, out, resume):
+        return bench.api.run_train(e, out, resume=resume, kind="scratch")
+    r0 = bench.train_run(p, bench.target_experiment(p, "digits", 8, 0), d / "run", train)
+    (d / "result.json").write_text(json.dumps({**r0, "converged": False, "commit": "abc"}, default=str))
+    mix = bench.run_dir(runs, "digits", 8, "mix:finetuned", 0)
+    mix.mkdir(parents=True)
+    (mix / "result.json").write_text("{}")
+    assert bench.extend(p, runs) == 0 and (d / "result.json").is_file()  # no doubling left: kept
+    p1 = dict(p, max_doublings=1)
+    assert bench.extend(p1, runs) == 1
+    assert (d / conv.EXTENDED).is_file() and not (d / "result.json").exists() and not (mix / "result.json").exists()
+    r = bench.train_run(p1, bench.target_experiment(p1, "digits", 8, 0), d / "run", train)
+    assert r["history"][0] == r0["history"][0] and [h["step_cap"] for h in r["history"]] == [4, 8]
+    assert r["extended_from"] == {"step_cap": 4, "commit": "abc"} and not (d / conv.EXTENDED).exists()
+    assert r["best_step"] == conv.best_step(d / "run") and r["doublings"] == 1 and r["train_steps"] == 8
+
+
 def test_the_curriculum_does_not_stretch_with_the_cap(bench):
     """Scheduled sampling ends at the same step whatever cap a run is resumed to."""
     p = {"sampling_stop_steps": 150}
