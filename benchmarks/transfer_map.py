@@ -26,6 +26,8 @@ best (or within one seed sd of the best), and the Spearman correlation of probe 
     python benchmarks/transfer_map.py --quick --workers 2    # the protocol at toy scale
     python benchmarks/transfer_map.py --part rank            # only the rankings (needs the zoo)
     python benchmarks/transfer_map.py --aggregate            # JSON, Markdown, one plot per family
+    python benchmarks/transfer_map.py --extend --workers 2   # after raising max_doublings: unconverged
+                                                             # runs go on from their last checkpoint
 
 Jobs are claimed through files (``benchmarks/claims.py``), so several worker processes share the
 list; a finished job (its ``result.json`` / ``ranking.json``) is never redone.
