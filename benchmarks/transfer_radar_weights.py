@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""How much do the leave-one-network-out mixtures lose to their validation-fit weights?
+
+``benchmarks/transfer_radar.py`` fits each mixture's convex weights on the target's validation
+clips (the tail of the training window). Where the verdict misses (FMI, MRMS), is that the members,
+or weights that do not carry over to the test event? This diagnostic refits the same members'
+weights on the test clips themselves: an **oracle**, a bound no forecaster can reach, never a
+method. Per target (at its verdict budget) and seed it reports each member's test MSE, the
+mixture with validation weights (it must equal ``mix:ft-auto+zoo+baseline`` in
+``transfer_radar.json``), and the oracle mixture.
+
+    python benchmarks/transfer_radar_weights.py          # needs benchmarks/transfer_radar.py's runs
+
+Writes ``benchmarks/results/transfer_radar_weights.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import claims  # noqa: E402
+import transfer_map as tm  # noqa: E402
+import transfer_radar as tr  # noqa: E402
+
+from transmem import api  # noqa: E402
+from transmem.data import build_datasets  # noqa: E402
+
+
+def members(p: dict, root: Path, target: str, budget: str, seed: int, exp) -> tuple[list[str], list]:
+    """The members of ``mix:ft-auto+zoo+baseline`` for this cell and seed, as transfer_radar builds them."""
+    rk = tr._ranking(root, target, budget)
+    base = json.loads((tr.job_dir(root, "baselines", target, None, None, 0) / "result.json").read_text())["baselines"]
+    ok = {n: v["val"]["mse"] for n, v in base.items() if "val" in v}
+    best = min(ok, key=ok.get)
+    others = tr.mixture_entries(p, root, target, rk)
+    auto = tr.job_dir(root, "run", target, budget, tr.AUTO, seed) / "run" / "model"
+    names = [f"{tr.AUTO} ({Path(rk['finetune']).name})"] + others + [f"baseline:{best}"]
+    models = [api.load_for_inference(auto)[0]] + [api.load_for_inference(tr.zoo_entry(root, e))[0] for e in others]
+    return names, models + [tr.load_baseline(p, target, best, exp)]
+
+
+def cell(p: dict, root: Path, target: str, seed: int) -> dict:
+    budget = tr.verdict_budget(p, target)
+    exp = tr.cell_experiment(p, root, target, budget, seed)
+    data = build_datasets(exp.data)
+    names, experts = members(p, root, target, budget, seed, exp)
+    test = lambda f: tr.eval_metrics(exp, f, data, "test")["mse"]  # noqa: E731
+    w_val, w_test = tm.fit_mixture(experts, data["val"]), tm.fit_mixture(experts, data["test"])
+    stored = json.loads((tr.job_dir(root, "mix", target, budget, tr.MIX, seed) / "result.json").read_text())
+    return {"target": target, "budget": budget, "seed": seed,
+            "members_test_mse": {n: test(e) for n, e in zip(names, experts)},
+            "val_weights": dict(zip(names, w_val)), "val_weights_test_mse": test(tm.Mixture(experts, w_val)),
+            "stored_mix_test_mse": stored["mse"],
+            "oracle_weights": dict(zip(names, w_test)), "oracle_test_mse": test(tm.Mixture(experts, w_test))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", help="transfer_radar.py's runs (default runs/transfer-radar-full)")
+    ap.add_argument("--json", default=str(HERE / "results" / "transfer_radar_weights.json"))
+    args = ap.parse_args(argv)
+    p = tr.load_preset("full")
+    root = Path(args.root or tr.REPO / "runs" / "transfer-radar-full").resolve()
+    if not (root / "zoo").is_dir():
+        sys.exit(f"{root}: no transfer_radar.py runs here (run benchmarks/transfer_radar.py first)")
+    t0, cells = time.time(), []
+    for target in p["networks"]:
+        for seed in p["seeds"]:
+            c = cell(p, root, target, seed)
+            print(f"{target} seed {seed}: val weights {c['val_weights_test_mse']:.4f} "
+                  f"(stored {c['stored_mix_test_mse']:.4f}), oracle {c['oracle_test_mse']:.4f}, members "
+                  + ", ".join(f"{n} {v:.4f}" for n, v in c["members_test_mse"].items()), flush=True)
+            cells.append(c)
+    out = {"commit": claims.commit(tr.REPO, ["src", "benchmarks"]), "command": "python benchmarks/transfer_radar_weights.py",
+           "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+           "wall_s": round(time.time() - t0, 1),
+           "note": "oracle weights are fit on the test clips: a bound, not a method", "cells": cells}
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
