@@ -35,6 +35,11 @@ from transmem import api  # noqa: E402
 from transmem.data import build_datasets  # noqa: E402
 
 
+#: the code its numbers depend on (the JSON's commit is ``-dirty`` when these differ from HEAD)
+CODE = ["src", "benchmarks/transfer_radar_weights.py", "benchmarks/transfer_radar.py", "benchmarks/transfer_map.py",
+        "benchmarks/transfer_digits.py", "benchmarks/claims.py", "benchmarks/convergence.py", "benchmarks/configs"]
+
+
 def members(p: dict, root: Path, target: str, budget: str, seed: int, exp) -> tuple[list[str], list]:
     """The members of ``mix:ft-auto+zoo+baseline`` for this cell and seed, as transfer_radar builds them."""
     rk = tr._ranking(root, target, budget)
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
                   f"(stored {c['stored_mix_test_mse']:.4f}), oracle {c['oracle_test_mse']:.4f}, members "
                   + ", ".join(f"{n} {v:.4f}" for n, v in c["members_test_mse"].items()), flush=True)
             cells.append(c)
-    out = {"commit": claims.commit(tr.REPO, ["src", "benchmarks"]), "command": "python benchmarks/transfer_radar_weights.py",
+    out = {"commit": claims.commit(tr.REPO, CODE), "command": "python benchmarks/transfer_radar_weights.py",
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
            "wall_s": round(time.time() - t0, 1),
            "note": "oracle weights are fit on the test clips: a bound, not a method", "cells": cells}
