@@ -163,3 +163,22 @@ def test_a_run_whose_worker_stopped_mid_stage_goes_on_from_its_last_checkpoint(b
     steps = [int(float(x.split(",")[1])) for x in (run / "logs" / "metrics.csv").read_text().splitlines()[1:]]
     assert min(steps) >= 2 and max(steps) >= 3  # the log of the resumed part: steps 1-2 were not trained again
     assert not stage_file(run).exists() and r["best_step"] == best_step(run) and r0["step_cap"] == 2
+
+
+def test_the_weights_diagnostic_reproduces_the_mixture_and_its_oracle_is_a_bound(tiny, load_benchmark, tmp_path):
+    """benchmarks/transfer_radar_weights.py: with validation weights it scores exactly the stored
+    mixture, and weights fit on the test clips do no worse there (the grid's best on those clips)."""
+    root, _, r = tiny
+    diag = load_benchmark("transfer_radar_weights")
+    out = tmp_path / "weights.json"
+    assert diag.main(["--preset", "tiny", "--root", str(root / "runs"), "--json", str(out)]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    assert {(c["target"], c["seed"]) for c in cells} == {("mch", 0), ("fmi", 0)}
+    stored = {c["target"]: c["mse_mean"] for c in r["cells"] if c["method"] == "mix:ft-auto+zoo+baseline"}
+    for c in cells:
+        assert c["val_weights_test_mse"] == pytest.approx(c["stored_mix_test_mse"], rel=1e-6)
+        assert c["stored_mix_test_mse"] == pytest.approx(stored[c["target"]], rel=1e-9)
+        assert c["oracle_test_mse"] <= c["val_weights_test_mse"] + 1e-9
+        assert c["oracle_test_mse"] <= min(c["members_test_mse"].values()) + 1e-9  # each member is a vertex
+        for w in (c["val_weights"], c["oracle_weights"]):
+            assert set(w) == set(c["members_test_mse"]) and sum(w.values()) == pytest.approx(1.0)
