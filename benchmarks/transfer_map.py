@@ -394,12 +394,8 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
         return {**r.to_dict(), "wall_s": round(time.time() - t0, 1)}
     kind, s = methods(family)[method]
     exp = target_experiment(p, family, size, seed)
-    if kind == "scratch":
-        return train_run(p, exp, d / "run", lambda e, out, resume: api.run_train(e, out, resume=resume, kind="scratch"))
-    if kind == "finetune":
-        entry = zoo_entry(root, family, s["init"])
-        wait_for([entry])
-        return train_run(p, exp, d / "run", lambda e, out, resume: api.run_train(e, out, resume=resume, init_from=entry))
+    if kind in ("scratch", "finetune"):
+        return train_run(p, exp, d / "run", trainer(root, family, method))
     if kind == "transfer":
         teachers = [zoo_entry(root, family, t) for t in s["teachers"]]
         wait_for(teachers + [zoo_entry(root, family, s["init_from"])])
@@ -424,6 +420,19 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
     if all("best_step" in r for r in runs):  # the expert nearest to breaking the convergence rule
         m.update({k: binding(runs)[k] for k in ("best_step", "step_cap", "converged")})
     return m
+
+
+def trainer(root: Path, family: str, method: str):
+    """``train(exp, out, resume)`` of a scratch or finetune run: from random weights, or from its
+    zoo entry (waited for)."""
+    kind, s = methods(family)[method]
+    if kind == "scratch":
+        return lambda e, out, resume: api.run_train(e, out, resume=resume, kind="scratch")
+    if kind != "finetune":
+        raise ValueError(f"{method}: not a scratch or finetune run")
+    entry = zoo_entry(root, family, s["init"])
+    wait_for([entry])
+    return lambda e, out, resume: api.run_train(e, out, resume=resume, init_from=entry)
 
 
 def wait_files(files: list[Path], timeout_s: float = 4 * 3600) -> None:
