@@ -197,6 +197,33 @@ def test_last_checkpoint_holds_the_final_validation(tmp_path):
     assert float(best_state["best_model_score"]) == pytest.approx(min(vals), rel=1e-5)
 
 
+def test_a_moved_run_resumes_in_its_new_folder_and_keeps_its_best_score(tmp_path):
+    """A run folder moved or copied, then resumed with more steps: the best model stays the one
+    with the lowest validation MSE over the whole run (the score before the move is remembered),
+    in best.ckpt of the new folder; no best-v1.ckpt, and the old folder is not touched."""
+    import csv
+    import shutil
+    first = tmp_path / "first"
+    assert _cli("pretrain", "--config", _cfg(tmp_path, steps=18, val_every=3, select_best=True), "--out", first) == 0
+    kept = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    out = tmp_path / "moved"
+    shutil.copytree(first, out)
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "model")
+    assert _cli("pretrain", "--config", _cfg(tmp_path, steps=30, val_every=3, select_best=True), "--out", out,
+                "--resume") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if "-v" in p.name) == []
+    rows = [r for f in ("metrics.until-step18.csv", "metrics.csv")
+            for r in csv.DictReader((out / "logs" / f).open()) if r.get("val/mse")]
+    assert len(rows) == 10  # steps 3, 6, ..., 30
+    best = _ckpt(out / "checkpoints" / "best.ckpt")
+    (state,) = [v for k, v in best["callbacks"].items() if "val/mse" in k]
+    assert float(state["best_model_score"]) == pytest.approx(min(float(r["val/mse"]) for r in rows), rel=1e-5)
+    assert state["best_model_path"] == os.path.realpath(out / "checkpoints" / "best.ckpt")
+    _assert_same_weights({k[len("model."):]: v for k, v in best["state_dict"].items()}, _weights(out))
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == kept
+
+
 def _stopped_run(cfg, out, at_step):
     """An in-process run that dies with an exception at ``at_step`` (checkpoints every 3 steps)."""
     orig = ForecastModule.compute_loss

@@ -201,3 +201,29 @@ def test_the_radar_target_declares_its_grid_spacing(bench):
     p = bench.load_preset("full")
     exp = bench.target_experiment(p, "radar", p["families"]["radar"]["sizes"][0], 0)
     assert exp.data.name == "transfer_map_parts" and pixel_km(exp.data) == pytest.approx(640 / 32)
+
+
+def test_longer_resumes_an_early_stop_to_the_fixed_cap_and_leaves_the_map_alone(bench, tiny, load_benchmark, tmp_path):
+    """benchmarks/transfer_map_longer.py picks the runs that stopped at the first cap, resumes a
+    copy of each from its last checkpoint to the fixed cap, and swaps it into the cell's mean."""
+    conv, longer = load_benchmark("convergence"), load_benchmark("transfer_map_longer")
+    p = dict(bench.load_preset("tiny"), target_steps=2, val_every=1, max_doublings=0)
+    mine, side = tmp_path / "map", tmp_path / "longer"
+    d = bench.run_dir(mine, "digits", 8, "scratch", 0)
+    r0 = bench.train_run(p, bench.target_experiment(p, "digits", 8, 0), d / "run", bench.trainer(mine, "digits", "scratch"))
+    (d / "result.json").write_text(json.dumps({**r0, "commit": "abc"}, default=str))
+    kept = {f: f.stat().st_mtime_ns for f in (d / "run").rglob("*") if f.is_file()}
+    assert longer.early_stops(p, mine, "digits", 8) == [("scratch", 0)]
+    assert longer.early_stops(dict(p, target_steps=4), mine, "digits", 8) == []
+    r = longer.go_on((p, mine, side, "digits", 8, "scratch", 0, 6))
+    run = bench.run_dir(side, "digits", 8, "scratch", 0) / "run"
+    assert r["step_cap"] == 6 and r["best_step"] == conv.best_step(run) and r["map"]["step_cap"] == 2
+    assert r["map"]["mse"] == r0["mse"] and r["converged"] == (6 >= 1.25 * r["best_step"])
+    steps = [int(row.split(",")[1]) for row in (run / "logs" / "metrics.csv").read_text().splitlines()[1:]]
+    assert max(steps) >= 5  # it trained on past the first cap, from the copied checkpoint
+    assert {f: f.stat().st_mtime_ns for f in (d / "run").rglob("*") if f.is_file()} == kept  # the map's run untouched
+    cell = longer.cells_with(p, mine, "digits", 8, [r])["scratch"]
+    assert cell["map"] == pytest.approx(r0["mse"]) and cell["longer"] == pytest.approx(r["mse"])
+    log = (run / "logs" / "metrics.csv").stat().st_mtime_ns
+    assert longer.go_on((p, mine, side, "digits", 8, "scratch", 0, 6))["mse"] == r["mse"]
+    assert (run / "logs" / "metrics.csv").stat().st_mtime_ns == log  # a finished run is kept, not redone

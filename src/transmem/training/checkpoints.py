@@ -130,12 +130,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own ``_atomic_save`` writes through an fsspec transaction whose local temporary
     file lives in the system temp folder and is moved with ``shutil.move``: atomic only when that
     folder is on the same file system as the run folder (otherwise the move copies into the
-    destination in place), and never fsynced. Remote URLs keep Lightning's path."""
+    destination in place), and never fsynced. Remote URLs keep Lightning's path.
+
+    Given the run's ``ckpt_dir``, a checkpoint loaded to resume has its checkpoint callbacks'
+    paths moved there (:func:`relocate_checkpoint_paths`): the run folder may have been moved or
+    copied since it was written."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike | None = None):
+        super().__init__()
+        self.ckpt_dir = ckpt_dir
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict:
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if self.ckpt_dir is not None and "://" not in str(path):
+            relocate_checkpoint_paths(checkpoint, self.ckpt_dir)
+        return checkpoint
+
+
+def relocate_checkpoint_paths(checkpoint: dict, ckpt_dir: str | os.PathLike) -> None:
+    """Point the ``ModelCheckpoint`` states of ``checkpoint`` at ``ckpt_dir`` (same file names).
+
+    They name the folder they wrote to. Resumed in another folder (a run moved to another disk,
+    or copied to go on with), Lightning would forget the best score so far, so that the first
+    validation after the resume, however bad, became the best model, saved as ``best-v1.ckpt``
+    beside the real ``best.ckpt``."""
+    new = os.path.realpath(ckpt_dir)  # ModelCheckpoint keeps its dirpath resolved
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict):
+            continue
+        if not state.get("dirpath") or state["dirpath"] == new:
+            continue
+        state["dirpath"] = new
+        for k in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if state.get(k):
+                state[k] = os.path.join(new, os.path.basename(state[k]))
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {os.path.join(new, os.path.basename(p)): v
+                                      for p, v in state["best_k_models"].items()}
 
 
 class DamagedCheckpoint(CheckpointError):

@@ -223,7 +223,7 @@ def _trainer(cfg: TrainConfig, out_dir: Path, callbacks, progress_bar: bool, val
         precision=cfg.precision,
         logger=run_loggers(out_dir),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(Path(out_dir) / "checkpoints")],  # a moved run resumes in its new folder
         use_distributed_sampler=False,  # StepSampler / ShardSampler split the data themselves
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
