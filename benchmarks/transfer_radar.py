@@ -461,6 +461,27 @@ def load_baseline(p: dict, net: str, name: str, exp):
     return api.load_baseline(name, exp, kmperpixel=pixel_km(p, net), timestep=float(NETWORKS[net]["minutes"]))
 
 
+def mixture_parts(p: dict, root: Path, target: str, budget: str, seed: int) -> tuple[dict, dict, list[str], Path]:
+    """What the mixtures of a cell and seed are made of: the cell's ranking, the validation MSE of
+    every baseline that scored there, the zoo entries that join as they are, and the finetuned
+    ``auto`` model of this seed."""
+    rk = _ranking(root, target, budget)
+    base = json.loads((job_dir(root, "baselines", target, None, None, 0) / "result.json").read_text())["baselines"]
+    ok = {n: v["val"]["mse"] for n, v in base.items() if "val" in v}
+    return rk, ok, mixture_entries(p, root, target, rk), job_dir(root, "run", target, budget, AUTO, seed) / "run" / "model"
+
+
+def grid_mixture_members(p: dict, root: Path, target: str, budget: str, seed: int, exp) -> tuple[list[str], list]:
+    """(names, forecasters) of ``mix:ft-auto+zoo+baseline``: the finetuned auto model, the zoo
+    entries as they are, and the baseline with the lowest validation MSE."""
+    rk, ok, others, auto_entry = mixture_parts(p, root, target, budget, seed)
+    best = min(ok, key=ok.get)
+    experts = [api.load_for_inference(auto_entry)[0]]
+    experts += [api.load_for_inference(zoo_entry(root, e))[0] for e in others]
+    experts += [load_baseline(p, target, best, exp)]
+    return [f"{AUTO} ({Path(rk['finetune']).name})"] + others + [f"baseline:{best}"], experts
+
+
 def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) -> dict:
     d = job_dir(root, job, target, budget, method, seed)
     if job == "zoo":
@@ -506,13 +527,8 @@ def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) ->
     exp = cell_experiment(p, root, target, budget, seed)
     data = build_datasets(exp.data)
     ft = json.loads((job_dir(root, "run", target, budget, AUTO, seed) / "result.json").read_text())
-    rk = _ranking(root, target, budget)
-    base = json.loads((job_dir(root, "baselines", target, None, None, 0) / "result.json").read_text())["baselines"]
-    ok = {n: v["val"]["mse"] for n, v in base.items() if "val" in v}
-    best = min(ok, key=ok.get)
-    others = mixture_entries(p, root, target, rk)
-    auto_entry = job_dir(root, "run", target, budget, AUTO, seed) / "run" / "model"
     if job == "mixp":  # the product, same members: its weights learned by gradient on the validation clips
+        _, ok, others, auto_entry = mixture_parts(p, root, target, budget, seed)
         t0 = time.time()
         api.run_mixture(exp, d / "run", teachers=[str(auto_entry)] + [str(zoo_entry(root, e)) for e in others],
                         member_steps=0, baselines=sorted(ok, key=ok.get), mix_on="val")
@@ -521,10 +537,7 @@ def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) ->
         return {**m, "weights": module.model.weights_per_lead(), "fit_wall_s": round(time.time() - t0, 1),
                 "best_step": ft["best_step"], "step_cap": ft["step_cap"], "converged": ft["converged"],
                 "train_wall_s": round(ft["train_wall_s"] + time.time() - t0, 1), "init_from": ft.get("init_from")}
-    experts = [api.load_for_inference(auto_entry)[0]]
-    experts += [api.load_for_inference(zoo_entry(root, e))[0] for e in others]
-    experts += [load_baseline(p, target, best, exp)]
-    names = [f"{AUTO} ({Path(rk['finetune']).name})"] + others + [f"baseline:{best}"]
+    names, experts = grid_mixture_members(p, root, target, budget, seed, exp)
     t0 = time.time()
     w = tm.fit_mixture(experts, data["val"])
     m = eval_metrics(exp, tm.Mixture(experts, w), data, "test")

@@ -31,7 +31,6 @@ import claims  # noqa: E402
 import transfer_map as tm  # noqa: E402
 import transfer_radar as tr  # noqa: E402
 
-from transmem import api  # noqa: E402
 from transmem.data import build_datasets  # noqa: E402
 
 
@@ -40,24 +39,11 @@ CODE = ["src", "benchmarks/transfer_radar_weights.py", "benchmarks/transfer_rada
         "benchmarks/transfer_digits.py", "benchmarks/claims.py", "benchmarks/convergence.py", "benchmarks/configs"]
 
 
-def members(p: dict, root: Path, target: str, budget: str, seed: int, exp) -> tuple[list[str], list]:
-    """The members of ``mix:ft-auto+zoo+baseline`` for this cell and seed, as transfer_radar builds them."""
-    rk = tr._ranking(root, target, budget)
-    base = json.loads((tr.job_dir(root, "baselines", target, None, None, 0) / "result.json").read_text())["baselines"]
-    ok = {n: v["val"]["mse"] for n, v in base.items() if "val" in v}
-    best = min(ok, key=ok.get)
-    others = tr.mixture_entries(p, root, target, rk)
-    auto = tr.job_dir(root, "run", target, budget, tr.AUTO, seed) / "run" / "model"
-    names = [f"{tr.AUTO} ({Path(rk['finetune']).name})"] + others + [f"baseline:{best}"]
-    models = [api.load_for_inference(auto)[0]] + [api.load_for_inference(tr.zoo_entry(root, e))[0] for e in others]
-    return names, models + [tr.load_baseline(p, target, best, exp)]
-
-
 def cell(p: dict, root: Path, target: str, seed: int) -> dict:
     budget = tr.verdict_budget(p, target)
     exp = tr.cell_experiment(p, root, target, budget, seed)
     data = build_datasets(exp.data)
-    names, experts = members(p, root, target, budget, seed, exp)
+    names, experts = tr.grid_mixture_members(p, root, target, budget, seed, exp)
     test = lambda f: tr.eval_metrics(exp, f, data, "test")["mse"]  # noqa: E731
     w_val, w_test = tm.fit_mixture(experts, data["val"]), tm.fit_mixture(experts, data["test"])
     stored = json.loads((tr.job_dir(root, "mix", target, budget, tr.MIX, seed) / "result.json").read_text())
