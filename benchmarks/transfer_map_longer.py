@@ -34,6 +34,8 @@ import claims  # noqa: E402
 import transfer_map as tm  # noqa: E402
 from convergence import best_step, converged, reopen  # noqa: E402
 
+from transmem.files import write_json  # noqa: E402
+
 #: the code its numbers depend on (the JSON's commit is ``-dirty`` when these differ from HEAD)
 CODE = ["src", "benchmarks/transfer_map_longer.py", "benchmarks/transfer_map.py", "benchmarks/transfer_digits.py",
         "benchmarks/claims.py", "benchmarks/convergence.py", "benchmarks/configs/transfer_map.yaml"]
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
            "family": args.family, "size": args.size, "steps": args.steps, "first_cap": p["target_steps"],
            "runs": longer, "cells": cells, "vs_scratch": vs, "wall_s": round(time.time() - t0, 1)}
     json_path = Path(args.json or HERE / "results" / "transfer_map_longer.json")
-    json_path.write_text(json.dumps(out, indent=1))
+    write_json(json_path, out)  # complete or absent
     for m, c in cells.items():
         print(f"{m:30s} map {c['map']:.2f}  longer {c['longer']:.2f}" +
               (f"  vs scratch {vs[m]['map_pct']:+.1f} % -> {vs[m]['longer_pct']:+.1f} %" if m in vs else ""))

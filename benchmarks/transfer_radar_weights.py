@@ -32,6 +32,7 @@ import transfer_map as tm  # noqa: E402
 import transfer_radar as tr  # noqa: E402
 
 from transmem.data import build_datasets  # noqa: E402
+from transmem.files import write_json  # noqa: E402
 
 
 #: the code its numbers depend on (the JSON's commit is ``-dirty`` when these differ from HEAD)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
            "wall_s": round(time.time() - t0, 1),
            "note": "oracle weights are fit on the test clips: a bound, not a method", "cells": cells}
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(args.json, out)  # complete or absent
     return 0
 
 
