@@ -140,8 +140,9 @@ TRANSFER = (AUTO, DISTILL, BANK, MIX, MIXP)  # transmem's transfers: the verdict
 ZERO_SHOT = "zero-shot"
 METHOD_TEXT = {
     SCRATCH: "train the backbone from random weights on the budget's clips",
-    AUTO: "finetune every weight from the top entry of zoo.rank (finetuning probe of probe_steps on the "
-          "budget's clips, seed 0), as `transmem finetune --from auto`",
+    AUTO: "finetune every weight from the top entry of zoo.rank (validation MSE after a finetuning probe of "
+          "probe_steps on the budget's clips, seed 0; probe_steps 0: zero-shot, the product's default), as "
+          "`transmem finetune --from auto`",
     DISTILL: "TMU (api.run_transfer), distill mode, lambda 0.1, backbone initialised from the finetune:auto "
              "entry, the ranking's top 2 teacher entries",
     BANK: "TMU in bank_read mode (teachers read their own predictions, transfer.teacher_inputs own), backbone "
