@@ -182,3 +182,44 @@ def test_the_weights_diagnostic_reproduces_the_mixture_and_its_oracle_is_a_bound
         assert c["oracle_test_mse"] <= min(c["members_test_mse"].values()) + 1e-9  # each member is a vertex
         for w in (c["val_weights"], c["oracle_weights"]):
             assert set(w) == set(c["members_test_mse"]) and sum(w.values()) == pytest.approx(1.0)
+
+
+def test_the_paired_diagnostic_scores_the_verdicts_forecasters_clip_by_clip(bench, tiny, load_benchmark, tmp_path):
+    """benchmarks/transfer_radar_paired.py: clip by clip, each forecaster scores exactly its row of
+    transfer_radar.json (the script refuses otherwise), and the tile statistics average the clips."""
+    root, radar_json, r = tiny
+    paired = load_benchmark("transfer_radar_paired")
+    out = tmp_path / "paired.json"
+    assert paired.main(["--preset", "tiny", "--root", str(root / "runs"), "--results", str(radar_json),
+                        "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [c["target"] for c in res["cells"]] == ["mch", "fmi"]
+    for c in res["cells"]:
+        row = r["verdict"]["per_target"][c["target"]]
+        assert c["best_transfer_mse"] == pytest.approx(row["best_transfer_mse"], rel=1e-4)
+        n = c["tiles"]
+        assert len(c["against"]) == 3 and n == bench.load_preset("tiny")["tiles"][c["target"]] ** 2
+        for s in c["against"].values():
+            assert len(s["per_tile_diff"]) == s["tiles"] == n and s["clips"] == c["test_clips"]
+            assert sum(s["per_tile_diff"]) / n == pytest.approx(s["mean_diff"], rel=1e-6)  # tiles hold equal clips
+            assert s["blocks"] == n * c["blocks_per_tile"] and s["clips_ahead"] <= s["clips"]
+            assert s["diff_pct"] == pytest.approx(100 * s["mean_diff"] / s["bar_mse"])
+            assert s["verdict"] in ("ahead", "behind", "tie")
+            if n == 1:  # no test over one tile: never a win
+                assert s["p_tiles"] is None and s["verdict"] == "tie"
+    assert set(res["targets_won_significantly"]) <= {"mch", "fmi"}
+
+
+def test_a_paired_difference_is_a_win_only_when_both_tests_say_so(load_benchmark):
+    import numpy as np
+    paired = load_benchmark("transfer_radar_paired")
+    tile, block = np.repeat(np.arange(4), 6), np.tile(np.arange(6), 4)
+    rng = np.random.default_rng(0)
+    steady = -1.0 + 0.05 * rng.standard_normal(24)  # ahead on every tile and block
+    s = paired.tests(steady, tile, block)
+    assert s["tiles_ahead"] == 4 and s["blocks_ahead"] == 24 and s["p_tiles"] < 0.05 and s["p_blocks"] < 0.05
+    assert paired.verdict_word(-5.0, s) == "ahead" and paired.verdict_word(5.0, s) == "behind"
+    one_tile = np.where(tile == 0, -4.0, 0.0) + 0.05 * rng.standard_normal(24)  # a mean won by one tile
+    s = paired.tests(one_tile, tile, block)
+    assert s["mean_diff"] < 0 and s["tiles_ahead"] <= 2 and s["p_tiles"] > 0.05
+    assert paired.verdict_word(-5.0, s) == "tie"
