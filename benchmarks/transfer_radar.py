@@ -9,7 +9,9 @@ mch the central 512 km (2 x 2 tiles), fmi 512 km over southern Finland where bot
 (2 x 2), opera 1024 km over central Europe (4 x 4 tiles, its 2 km grid averaged 4 x 4), mrms
 512 km x 512 km (461 x 656 grid cells of 0.01 deg, around 45.5 N, 85 W: where the event rained;
 2 x 2). The regions were picked once from maps of rain over the whole archive (as
-configs/radar_mrms.yaml picks its region); every method sees the same ones.
+configs/radar_mrms.yaml picks its region); every method sees the same ones. The networks, their
+regions and splits are the entries of ``configs/transfer_radar_networks.yaml``; ``--networks FILE``
+runs those of another file (a copy with your networks added: one entry each, nothing else to edit).
 
 **Time steps**: each network keeps its own frame interval (5, 5, 15, 2 min). A model sees frames,
 not minutes: a clip is 6 frames, 3 in -> 3 out, so the lead time is 15 min (mch, fmi), 45 min
@@ -59,6 +61,7 @@ step of `checkpoints/best.ckpt`; `logs/metrics.csv` writes validations at step -
     python benchmarks/transfer_radar.py --workers 2          # the full preset, resumable
     python benchmarks/transfer_radar.py --quick --workers 2  # the protocol at toy scale
     python benchmarks/transfer_radar.py --aggregate          # JSON + Markdown from finished jobs
+    python benchmarks/transfer_radar.py --networks mine.yaml --root runs/mine --json mine.json --workers 2
 
 Jobs are claimed through files (``benchmarks/claims.py``); a worker takes the first job whose
 inputs are ready, so two workers keep busy; a finished job (its ``result.json``) is never redone.
@@ -71,6 +74,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -100,37 +104,77 @@ SHARED = tm.SHARED
 FAMILY = "radar"  # the key of the model/data settings in a preset (transfer_map.experiment reads it)
 KM_PER_PIXEL_TARGET = 8.0
 
-# The networks: reader, region, frame interval, and the time split. A window is (event, first
-# frame, end frame) of that event's frame sequence; `event` None for a single-event source.
-NETWORKS = {
-    "mch": {
-        "title": "MeteoSwiss composite (5 min, 1 km)", "minutes": 5, "region_km": 512,
-        "source": {"name": "radar_mch", "path": "radar/mch", "extra": {"crop": [64, 99, 512, 512]}},
-        "train": [("20150515", 0, 40), ("20160711", 0, 28)], "val": [("20160711", 28, 40)],
-        "test": [("20170131", 0, 40)],
-    },
-    "fmi": {
-        "title": "FMI composite (5 min, 1 km)", "minutes": 5, "region_km": 512,
-        "source": {"name": "radar_fmi", "path": "radar/fmi/pgm", "extra": {"crop": [460, 248, 512, 512]}},
-        "train": [("20160928", 0, 28)], "val": [("20160928", 28, 40)], "test": [("20170509", 0, 40)],
-    },
-    "opera": {
-        "title": "OPERA pan-European composite (15 min, 2 km)", "minutes": 15, "region_km": 1024,
-        "source": {"name": "hdf5", "path": "radar/opera",
-                   "extra": {"crop": [1040, 700, 512, 512], "time_regex": r"_(\d{14})\.hdf$",
-                             "time_format": "%Y%m%d%H%M%S", "max_gap": 1800}},
-        "events": False,
-        "train": [(None, 0, 12)], "val": [(None, 12, 18)], "test": [(None, 18, 24)],
-    },
-    "mrms": {
-        "title": "NOAA MRMS precipitation rate (2 min, 0.01 deg)", "minutes": 2, "region_km": 512,
-        "source": {"name": "radar_mrms", "path": "radar/mrms",
-                   "extra": {"isel": {"latitude": [720, 1181], "longitude": [4200, 4856]}, "aspect": "stretch",
-                             "blocks": 1}},
-        "events": False,
-        "train": [(None, 0, 16)], "val": [(None, 16, 24)], "test": [(None, 24, 36)],
-    },
-}
+NETWORKS_FILE = HERE / "configs" / "transfer_radar_networks.yaml"
+NETWORK_KEYS = {"title": str, "minutes": (int, float), "region_km": (int, float), "source": dict,
+                "train": list, "val": list, "test": list}
+
+
+def load_networks(path) -> dict:
+    """The networks of a file like ``configs/transfer_radar_networks.yaml`` (reader, region, frame
+    interval, tiles, time split), checked: a bad entry exits with one line naming the file and key.
+    A window is ``(event, first frame, end frame)`` of that event's frame sequence."""
+    path = Path(path)
+
+    def bad(where: str, why: str):
+        sys.exit(f"{path}: {where}: {why}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        sys.exit(f"{path}: cannot read the networks: {' '.join(str(e).split())}")
+    if not isinstance(raw, dict) or not raw:
+        bad("top level", "expected a mapping of network names to their settings")
+    out = {}
+    for name, spec in raw.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name == "advected_rain":
+            bad(repr(name), "a network name is letters, digits, _ and - (and not advected_rain)")
+        if not isinstance(spec, dict):
+            bad(name, "expected a mapping of its settings")
+        for key, kind in NETWORK_KEYS.items():
+            if not isinstance(spec.get(key), kind) or isinstance(spec.get(key), bool):
+                bad(f"{name}.{key}", "missing" if key not in spec else f"expected {getattr(kind, '__name__', 'a number')}")
+        unknown = sorted(set(spec) - set(NETWORK_KEYS) - {"tiles"})
+        if unknown:
+            bad(f"{name}.{unknown[0]}", f"unknown key (known: {', '.join([*NETWORK_KEYS, 'tiles'])})")
+        if spec["minutes"] <= 0 or spec["region_km"] <= 0:
+            bad(f"{name}.{'minutes' if spec['minutes'] <= 0 else 'region_km'}", "must be positive")
+        if "tiles" in spec and (not isinstance(spec["tiles"], int) or isinstance(spec["tiles"], bool) or spec["tiles"] < 1):
+            bad(f"{name}.tiles", "expected a positive integer")
+        if not isinstance(spec["source"].get("name"), str) or not isinstance(spec["source"].get("path"), str):
+            bad(f"{name}.source", "needs the reader's `name` and the data's `path`")
+        seen = set()
+        for split in ("train", "val", "test"):
+            if not spec[split]:
+                bad(f"{name}.{split}", "needs at least one window")
+            for w in spec[split]:
+                if not (isinstance(w, list) and len(w) == 3 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                     for x in w[1:]) and 0 <= w[1] < w[2]):
+                    bad(f"{name}.{split}", f"{w!r}: a window is [event, first frame, end frame] with first < end")
+                frames = {(w[0], f) for f in range(w[1], w[2])}
+                if frames & seen:
+                    bad(f"{name}.{split}", f"{w!r} shares frames with an earlier window (no frame in two splits)")
+                seen |= frames
+        if len(spec["test"]) != 1:
+            bad(f"{name}.test", "one test window (the paired diagnostic reads tiles by position in it)")
+        out[name] = {**spec, **{k: [(None if w[0] is None else str(w[0]), w[1], w[2]) for w in spec[k]]
+                                for k in ("train", "val", "test")}}
+    return out
+
+
+NETWORKS = load_networks(NETWORKS_FILE)
+
+
+def use_networks(path, p: dict) -> None:
+    """Run the networks of another file (``--networks``): they replace the preset's, each tiled as
+    the preset says, else as its entry says."""
+    global NETWORKS
+    NETWORKS = load_networks(path)
+    tiles = {n: p.get("tiles", {}).get(n, s.get("tiles")) for n, s in NETWORKS.items()}
+    missing = [n for n, t in tiles.items() if t is None]
+    if missing:
+        sys.exit(f"{path}: {missing[0]}.tiles: missing, and the preset has none for it")
+    p["networks"], p["tiles"] = list(NETWORKS), tiles
+
+
 HOURS = {"1h": 1.0, "3h": 3.0}
 SCRATCH, AUTO, DISTILL, BANK, MIX = ("scratch", "finetune:auto", "tmu:distill+ft-init", "tmu:bank_read+ft-init",
                                      "mix:ft-auto+zoo+baseline")
@@ -212,11 +256,25 @@ def build_tiles(cfg: DataConfig) -> dict:
     return {"train": Tiles(ClipDataset(ds.prep, keep, cfg.frames, ds.events), cfg.extra.get("tiles", 1), cfg.size)}
 
 
+def source_path(net: str) -> Path:
+    """Where a network's data lie: its ``source.path``, relative to the shared data folder."""
+    return SHARED / NETWORKS[net]["source"]["path"]
+
+
+def check_sources(p: dict, networks_file) -> None:
+    for n in p["networks"]:
+        if n not in NETWORKS:
+            sys.exit(f"{networks_file}: {n}: the preset runs it, the file has no such network")
+        if not source_path(n).exists():
+            sys.exit(f"{networks_file}: {n}.source.path: {source_path(n)} not found (relative paths are under "
+                     f"{SHARED}, set by TRANSMEM_SHARED_DATA)")
+
+
 def tile_part(net: str, window: tuple, p: dict) -> dict:
     spec = NETWORKS[net]
     ev, a, b = window
     src = copy.deepcopy(spec["source"])
-    src["path"] = str(SHARED / src["path"])
+    src["path"] = str(source_path(net))
     if ev is not None:
         src["extra"]["events"] = [ev]
     return {"name": "transfer_radar_tiles", "extra": {"source": src, "tiles": p["tiles"][net], "window": [a, b]}}
@@ -711,7 +769,8 @@ def _rank_summary(r: dict) -> dict:
 def verdict(p: dict, cells: list[dict]) -> dict:
     """Per target at ~1 hour: the best transmem transfer (lowest mean test MSE of finetune:auto, the
     TMUs and the mixture) against scratch on the same clips, zero-shot and the best registered
-    baseline; the goal is to beat all three on at least 3 of the 4 targets."""
+    baseline; the goal is to beat all three on at least 3 of the 4 targets (three quarters of the
+    targets, rounded up, when another networks file has another number)."""
     rows = {}
     for t in p["networks"]:
         b = verdict_budget(p, t)
@@ -736,8 +795,10 @@ def verdict(p: dict, cells: list[dict]) -> dict:
         rows[t] = row
     done = [r for r in rows.values() if r.get("complete")]
     count = sum(r["beats_all"] for r in done)
-    return {"per_target": rows, "targets_won": count, "targets_scored": len(done), "goal": "at least 3 of 4 targets",
-            "goal_met": bool(count >= 3) if len(done) == len(rows) else None,
+    need = math.ceil(0.75 * len(rows))
+    return {"per_target": rows, "targets_won": count, "targets_scored": len(done),
+            "goal": f"at least {need} of {len(rows)} targets",
+            "goal_met": bool(count >= need) if len(done) == len(rows) else None,
             "rule": "at ~1 hour of target frames (mrms: all its 32 minutes), the lowest mean test MSE over seeds "
                     f"among {', '.join(TRANSFER)} is below scratch's on the same clips, the zero-shot forecast's and "
                     "the best registered baseline's (lowest test MSE)"}
@@ -796,8 +857,9 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, preset: str) ->
         "preset": preset, "settings": {k: v for k, v in p.items() if k != "families"},
         "complete": not c["missing"], "missing": c["missing"],
         "backbone": fp["model"], "frame_size": fp["size"], "t_in": fp["t_in"], "t_out": fp["frames"] - fp["t_in"],
-        "time_steps": "each network at its own frame interval (mch, fmi 5 min, opera 15 min, mrms 2 min): a model "
-                      "sees frames, not minutes; nothing is resampled",
+        "time_steps": "each network at its own frame interval (" + ", ".join(f"{n} {NETWORKS[n]['minutes']:g} min"
+                                                                            for n in p["networks"]) +
+                      "): a model sees frames, not minutes; nothing is resampled",
         "networks": networks_info(p),
         "budgets": budgets_info(p),
         "zoo": c["zoo"],
@@ -892,17 +954,21 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="worker processes to start")
     ap.add_argument("--aggregate", action="store_true", help="only collect finished jobs")
     ap.add_argument("--worker", action="store_true", help="run jobs in this process, do not aggregate")
+    ap.add_argument("--networks", help="the networks to run, a file like benchmarks/configs/transfer_radar_networks.yaml "
+                                       "(default: that file, the preset's networks of it)")
     ap.add_argument("--extend", action="store_true",
                     help="first set aside unconverged runs with doublings left (after max_doublings was raised)")
     args = ap.parse_args(argv)
     preset = "quick" if args.quick else args.preset
     p = load_preset(preset)
-    if not (SHARED / "radar").is_dir():
-        sys.exit(f"{SHARED / 'radar'}: radar data not found (set TRANSMEM_SHARED_DATA)")
+    if args.networks:
+        use_networks(args.networks, p)
+    check_sources(p, args.networks or NETWORKS_FILE)
     root = Path(args.root or REPO / "runs" / f"transfer-radar-{preset}").resolve()
     out_json = Path(args.json or HERE / "results" / ("transfer_radar.json" if preset == "full"
                                                       else f"transfer_radar_{preset}.json"))
-    command = "python benchmarks/transfer_radar.py" + ("" if preset == "full" else f" --preset {preset}") + " --workers 2"
+    command = "python benchmarks/transfer_radar.py" + ("" if preset == "full" else f" --preset {preset}") + \
+        (f" --networks {args.networks}" if args.networks else "") + " --workers 2"
     if args.extend:
         print(f"--extend: {extend(p, root)} unconverged runs go on", flush=True)
     if args.worker or (args.workers == 1 and not args.aggregate):
@@ -910,7 +976,8 @@ def main(argv=None) -> int:
         if args.worker:
             return 1 if failed else 0
     elif not args.aggregate:
-        claims.run_workers([__file__, "--preset", preset, "--root", str(root), "--worker"], args.workers)
+        claims.run_workers([__file__, "--preset", preset, "--root", str(root), "--worker"]
+                           + (["--networks", str(Path(args.networks).resolve())] if args.networks else []), args.workers)
     r = aggregate(p, root, out_json, command, preset)
     print(markdown(r))
     return 0

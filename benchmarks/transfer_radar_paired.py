@@ -143,10 +143,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="full", help="the preset of benchmarks/configs/transfer_radar.yaml that ran")
     ap.add_argument("--root", help="transfer_radar.py's runs (default runs/transfer-radar-<preset>)")
+    ap.add_argument("--networks", help="the networks file transfer_radar.py ran with --networks, if any")
     ap.add_argument("--results", help="its JSON (default benchmarks/results/transfer_radar[_<preset>].json)")
     ap.add_argument("--json", default=str(HERE / "results" / "transfer_radar_paired.json"))
     args = ap.parse_args(argv)
     p = tr.load_preset(args.preset)
+    if args.networks:
+        tr.use_networks(args.networks, p)
     root = Path(args.root or tr.REPO / "runs" / f"transfer-radar-{args.preset}").resolve()
     res = Path(args.results or HERE / "results" / ("transfer_radar.json" if args.preset == "full"
                                                    else f"transfer_radar_{args.preset}.json"))
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
                   f"{s['tiles_ahead']}/{s['tiles']} (p {s['p_tiles']}), blocks ahead {s['blocks_ahead']}/{s['blocks']} "
                   f"(p {s['p_blocks']}): {s['verdict']}", flush=True)
     wins = [c["target"] for c in cells if all(s["verdict"] == "ahead" for s in c["against"].values())]
-    out = {"commit": claims.commit(tr.REPO, CODE), "command": "python benchmarks/transfer_radar_paired.py",
+    command = "python benchmarks/transfer_radar_paired.py" + (f" --networks {args.networks}" if args.networks else "")
+    out = {"commit": claims.commit(tr.REPO, CODE), "command": command,
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
            "wall_s": round(time.time() - t0, 1), "results_from": os.path.relpath(res.resolve(), tr.REPO),
            "results_commit": json.loads(res.read_text())["commit"], "alpha": ALPHA,

@@ -59,9 +59,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="full", help="the preset of benchmarks/configs/transfer_radar.yaml that ran")
     ap.add_argument("--root", help="transfer_radar.py's runs (default runs/transfer-radar-<preset>)")
+    ap.add_argument("--networks", help="the networks file transfer_radar.py ran with --networks, if any")
     ap.add_argument("--json", default=str(HERE / "results" / "transfer_radar_weights.json"))
     args = ap.parse_args(argv)
     p = tr.load_preset(args.preset)
+    if args.networks:
+        tr.use_networks(args.networks, p)
     root = Path(args.root or tr.REPO / "runs" / f"transfer-radar-{args.preset}").resolve()
     if not (root / "zoo").is_dir():
         sys.exit(f"{root}: no transfer_radar.py runs here (run benchmarks/transfer_radar.py first)")
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
                   f"(stored {c['stored_mix_test_mse']:.4f}), oracle {c['oracle_test_mse']:.4f}, members "
                   + ", ".join(f"{n} {v:.4f}" for n, v in c["members_test_mse"].items()), flush=True)
             cells.append(c)
-    out = {"commit": claims.commit(tr.REPO, CODE), "command": "python benchmarks/transfer_radar_weights.py",
+    command = "python benchmarks/transfer_radar_weights.py" + (f" --networks {args.networks}" if args.networks else "")
+    out = {"commit": claims.commit(tr.REPO, CODE), "command": command,
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
            "wall_s": round(time.time() - t0, 1),
            "note": "oracle weights are fit on the test clips: a bound, not a method", "cells": cells}

@@ -223,3 +223,68 @@ def test_a_paired_difference_is_a_win_only_when_both_tests_say_so(load_benchmark
     s = paired.tests(one_tile, tile, block)
     assert s["mean_diff"] < 0 and s["tiles_ahead"] <= 2 and s["p_tiles"] > 0.05
     assert paired.verdict_word(-5.0, s) == "tie"
+
+
+def _networks_file(bench, path, edit=None, names=None):
+    """A copy of the shipped networks file: ``names`` renames entries (old -> new), ``edit(doc)`` changes it."""
+    import yaml
+    doc = yaml.safe_load(bench.NETWORKS_FILE.read_text())
+    doc = {(names or {}).get(k, k): v for k, v in doc.items() if not names or k in names}
+    if edit:
+        edit(doc)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda d: d["mch"].pop("minutes"), "mch.minutes: missing"),
+    (lambda d: d["mch"].update(region_km="big"), "mch.region_km: expected"),
+    (lambda d: d["mch"].update(val=[["20160711", 20, 40]]), "mch.val: ['20160711', 20, 40] shares frames"),
+    (lambda d: d["fmi"].update(test=[["20170509", 0, 20], ["20170509", 20, 40]]), "fmi.test: one test window"),
+    (lambda d: d["opera"].update(train=[[None, 12, 0]]), "opera.train: [None, 12, 0]: a window is"),
+    (lambda d: d["mrms"].update(colour="red"), "mrms.colour: unknown key"),
+    (lambda d: d.update({"advected_rain": d["mch"]}), "'advected_rain': a network name"),
+])
+def test_a_bad_networks_file_is_refused_in_one_line_naming_the_key(bench, tmp_path, edit, where):
+    f = _networks_file(bench, tmp_path / "networks.yaml", edit)
+    with pytest.raises(SystemExit) as e:
+        bench.load_networks(f)
+    msg = str(e.value.code)
+    assert msg.startswith(f"{f}: ") and where in msg and "\n" not in msg, msg
+
+
+def test_a_missing_source_is_refused_before_any_run_folder_exists(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "NETWORKS", bench.NETWORKS)  # main's --networks replaces it: restored after
+    f = _networks_file(bench, tmp_path / "networks.yaml",
+                       lambda d: d["mch"]["source"].update(path=str(tmp_path / "nowhere")),
+                       names={"mch": "mch", "fmi": "fmi"})  # the networks the tiny preset tiles
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "tiny", "--networks", str(f), "--root", str(root)])
+    assert str(e.value.code).startswith(f"{f}: mch.source.path: {tmp_path / 'nowhere'} not found")
+    assert not root.exists()
+
+
+def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, monkeypatch, shared_data):
+    """The protocol on networks the script has never named: two entries of a networks file (the
+    MeteoSwiss and FMI data under other names, one tile each), and nothing else changed."""
+    if not (shared_data / "radar" / "mch").is_dir() or not (shared_data / "radar" / "fmi").is_dir():
+        pytest.skip(f"{shared_data}/radar: the MeteoSwiss and FMI events are absent")
+    monkeypatch.setattr(bench, "NETWORKS", bench.NETWORKS)
+    monkeypatch.setattr(bench, "SHARED", shared_data)
+    monkeypatch.delenv("TRANSMEM_RADAR_CACHE", raising=False)
+
+    def one_tile(d):
+        for v in d.values():
+            v["tiles"] = 1
+    f = _networks_file(bench, tmp_path / "mine.yaml", one_tile, names={"mch": "alpine", "fmi": "nordic"})
+    out = tmp_path / "mine.json"
+    assert bench.main(["--preset", "tiny", "--networks", str(f), "--root", str(tmp_path / "runs"),
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["networks"]) == ["alpine", "nordic"] and r["complete"] and f"--networks {f}" in r["command"]
+    assert set(r["verdict"]["per_target"]) == {"alpine", "nordic"} and r["verdict"]["goal"] == "at least 2 of 2 targets"
+    assert {c["target"] for c in r["cells"]} == {"alpine", "nordic"}
+    zero_shot = {c["target"]: c["entry"] for c in r["cells"] if c["method"] == "zero-shot"}
+    assert zero_shot["alpine"] in ("advected_rain", "nordic") and zero_shot["nordic"] in ("advected_rain", "alpine")
+    assert sorted(p.name for p in (tmp_path / "runs" / "zoo").iterdir()) == ["advected_rain", "alpine", "nordic"]
