@@ -7,7 +7,8 @@ or weights that do not carry over to the test event? This diagnostic refits the 
 weights on the test clips themselves: an **oracle**, a bound no forecaster can reach, never a
 method. Per target (at its verdict budget) and seed it reports each member's test MSE, the
 mixture with validation weights (it must equal ``mix:ft-auto+zoo+baseline`` in
-``transfer_radar.json``), and the oracle mixture.
+``transfer_radar.json``), the oracle mixture, and the members' plain average (equal weights: does
+fitting weights on an hour's validation clips beat not fitting them?).
 
     python benchmarks/transfer_radar_weights.py          # needs benchmarks/transfer_radar.py's runs
 
@@ -52,7 +53,9 @@ def cell(p: dict, root: Path, target: str, seed: int) -> dict:
             "members_test_mse": {n: test(e) for n, e in zip(names, experts)},
             "val_weights": dict(zip(names, w_val)), "val_weights_test_mse": test(tm.Mixture(experts, w_val)),
             "stored_mix_test_mse": stored["mse"],
-            "oracle_weights": dict(zip(names, w_test)), "oracle_test_mse": test(tm.Mixture(experts, w_test))}
+            "oracle_weights": dict(zip(names, w_test)), "oracle_test_mse": test(tm.Mixture(experts, w_test)),
+            # equal weights: what fitting on the validation clips buys over not fitting at all
+            "equal_weights_test_mse": test(tm.Mixture(experts, [1 / len(experts)] * len(experts)))}
 
 
 def main(argv=None) -> int:
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
         for seed in p["seeds"]:
             c = cell(p, root, target, seed)
             print(f"{target} seed {seed}: val weights {c['val_weights_test_mse']:.4f} "
-                  f"(stored {c['stored_mix_test_mse']:.4f}), oracle {c['oracle_test_mse']:.4f}, members "
+                  f"(stored {c['stored_mix_test_mse']:.4f}), oracle {c['oracle_test_mse']:.4f}, "
+                  f"equal {c['equal_weights_test_mse']:.4f}, members "
                   + ", ".join(f"{n} {v:.4f}" for n, v in c["members_test_mse"].items()), flush=True)
             cells.append(c)
     command = "python benchmarks/transfer_radar_weights.py" + (f" --networks {args.networks}" if args.networks else "")

@@ -180,6 +180,8 @@ def test_the_weights_diagnostic_reproduces_the_mixture_and_its_oracle_is_a_bound
         assert c["stored_mix_test_mse"] == pytest.approx(stored[c["target"]], rel=1e-9)
         assert c["oracle_test_mse"] <= c["val_weights_test_mse"] + 1e-9
         assert c["oracle_test_mse"] <= min(c["members_test_mse"].values()) + 1e-9  # each member is a vertex
+        k = len(c["members_test_mse"])  # the average's error: at most the members' mean error (convexity)
+        assert 0 < c["equal_weights_test_mse"] <= sum(c["members_test_mse"].values()) / k + 1e-9
         for w in (c["val_weights"], c["oracle_weights"]):
             assert set(w) == set(c["members_test_mse"]) and sum(w.values()) == pytest.approx(1.0)
 
