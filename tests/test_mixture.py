@@ -209,6 +209,23 @@ def test_run_mixture_finetunes_the_members_and_saves_one_entry_naming_them(exp, 
     assert api.run_transfer(exp2, out, resume=True, teachers=["digits", "noise"], zoo_root=zoo_root) == m
 
 
+def test_mix_steps_0_saves_the_members_plain_average_without_training(exp, zoo_root, tmp_path, batch):
+    """``--mix-steps 0``: nothing trains (no checkpoint, no validation clips needed); the entry
+    forecasts the mean of its members' forecasts."""
+    no_val = load_experiment(base={**TINY, "data": {**TINY["data"], "val_clips": 0}})
+    out = tmp_path / "avg"
+    api.run_mixture(no_val, out, teachers=["digits", "noise"], zoo_root=zoo_root, member_steps=0, mix_steps=0)
+    card = zoo.read_card(out / "model")
+    assert card["mixture"]["mix_steps"] == 0 and not (out / "checkpoints").exists()
+    assert all(w == pytest.approx(0.5) for ws in card["mixture"]["weights"].values() for w in ws)
+    mixture = api.load_for_inference(out / "model")[0]
+    members = [ForecastModule(zoo.load_entry(zoo_root / n)[0], SamplingSchedule(kind="none", t_in=T_IN, frames=6))
+               for n in ("digits", "noise")]
+    with torch.no_grad():
+        mean = (members[0].rollout(batch) + members[1].rollout(batch)) / 2
+        torch.testing.assert_close(mixture.rollout(batch), mean, rtol=1e-5, atol=1e-6)
+
+
 def _write_cfg(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
@@ -251,7 +268,8 @@ def test_cli_mixture_by_auto_then_zoo_list_show_evaluate_and_predict(zoo_root, t
     (["--teachers", "digits", "no_such_entry"], "no_such_entry"),
     (["--teachers", "digits", "noise", "--baselines", "persistence,bogus"], "bogus"),
     (["--teachers", "digits"], "at least two members"),
-    (["--teachers", "digits", "noise", "--mix-steps", "0"], "--mix-steps"),
+    (["--teachers", "digits", "noise", "--mix-steps", "-1"], "--mix-steps"),
+    (["--teachers", "digits", "noise", "--mix-steps", "0", "--gating", "pixel"], "--gating pixel"),
     (["--teachers", "digits", "noise", "--data.val_clips", "0"], "--mix-on val"),
 ])
 def test_a_bad_member_or_option_is_one_line_before_anything_is_written(zoo_root, tmp_path, capsys, args, named):

@@ -87,8 +87,21 @@ def test_the_tiny_run_has_every_cell_and_the_schema(bench, tiny):
         scored = [c["method"].split(":", 1)[1] for c in r["cells"] if c["target"] == t
                   and c["method"].startswith("baseline:")]
         assert zero_shot in mixp["weights"] and set(scored) <= set(mixp["weights"]), (mixp["weights"], scored)
+        # the average: the grid mixture's members, each with the same weight at every lead
+        mixa = json.loads((bench.job_dir(root / "runs", "mixa", t, "1h", bench.MIXA, 0) / "result.json").read_text())
+        assert len(mixa["weights"]) == len(mix["weights"]) and zero_shot in mixa["weights"]
+        assert all(w == pytest.approx(1 / len(mix["weights"]), abs=1e-4) for ws in mixa["weights"].values() for w in ws)
+    # the verdict counts only the methods fixed before it; the post-hoc one adds the average
+    assert bench.MIXA not in bench.TRANSFER and bench.MIXA in r["methods"]
+    post = r["verdict_post_hoc"]
+    assert bench.MIXA in post["rule"] and bench.MIXA not in r["verdict"]["rule"] and "note" in post
+    for t, v in post["per_target"].items():
+        best = min(c["mse_mean"] for c in r["cells"] if c["target"] == t
+                   and c["method"] in bench.TRANSFER + bench.POST_HOC)
+        assert v["best_transfer_mse"] == best <= r["verdict"]["per_target"][t]["best_transfer_mse"]
     md = out.with_suffix(".md").read_text()
     assert "## Verdict at ~1 hour of target data" in md and "| mch | 1h (60 min) |" in md
+    assert "## Verdict with the post-hoc methods" in md
 
 
 @pytest.fixture(scope="module")

@@ -603,7 +603,7 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
             raise RunFolderError(f"{Path(out) / MIXTURE_FILE}: --resume with other mixture options than the run's: "
                                  f"{'; '.join(diffs[:3])} (nothing was changed)")
     datasets = datasets or _check_data(exp)
-    clips = fit_clips(datasets, opts)
+    clips = fit_clips(datasets, opts) if opts.mix_steps or opts.areas else None  # none to fit: the plain average
     ranking, auto = None, {}
     if k:
         ranking = _rank_for_auto(exp, out, resume, zoo_root, datasets, probe_steps)
@@ -644,9 +644,10 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
                           seed=t.seed)
     mix = copy.deepcopy(exp)  # the weights train on forecasts as at test time: members roll out on their own
     mix.train.steps, mix.train.lr, mix.train.schedule = opts.mix_steps, opts.mix_lr, "none"
-    mix.train.batch_size = min(mix.train.batch_size, len(clips))
     module = _module(mix, model, hw=hw)
-    fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
+    if opts.mix_steps:  # else the zero logits stay: softmax gives every member the same weight
+        mix.train.batch_size = min(mix.train.batch_size, len(clips))
+        fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
     if opts.areas:
         module.model.config.areas = calibrate_areas(module.model, clips, physical_units(exp.data),
                                                     exp.eval.thresholds, len(members), exp.eval.batch_size)

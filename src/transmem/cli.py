@@ -81,7 +81,8 @@ MIXTURE_FLAGS = {
                                                  "forecasts, the last frame and the lead"),
     "member_steps": dict(type=int, metavar="N", help="finetuning steps of each member (default train.steps; 0: use the entries "
                                         "as they are, already finetuned on this target)"),
-    "mix_steps": dict(type=int, metavar="N", help=f"steps that train the weights (default {MIX_STEPS})"),
+    "mix_steps": dict(type=int, metavar="N", help=f"steps that train the weights (default {MIX_STEPS}; 0: no "
+                                                  "training, the members' plain average, --gating lead only)"),
     "mix_lr": dict(type=float, metavar="LR", help=f"learning rate of the weights (default {MIX_LR})"),
     "mix_on": dict(choices=MIXTURE_FIT_SPLITS, help="the clips the weights train on (default val: clips the "
                                                     "members never trained on)"),

@@ -25,7 +25,9 @@ class MixtureOptions:
     """What ``transfer --mode mixture`` takes besides the config. ``member_steps``: finetuning
     steps of each member on the target (None: ``train.steps``; 0: the entries are used as they
     are, already finetuned on this target). ``mix_steps`` / ``mix_lr``: the training of the
-    weights (Adam on the logits: a larger step than a network's). ``mix_on``: the clips they
+    weights (Adam on the logits: a larger step than a network's); ``mix_steps`` 0 (``lead``
+    gating only): no training, the members' plain average -- weights fit on a few clips of one
+    event can do worse on the next event than equal ones. ``mix_on``: the clips they
     train on -- ``val`` (default), which the members never trained on, so that a member that
     fits its training clips best but forecasts worse does not win weight (as in stacking); or
     ``train``, when there are too few validation clips. ``areas``: after the weights, calibrate
@@ -56,12 +58,15 @@ class MixtureOptions:
             raise MixtureError(f"--gating {self.gating!r}: choose from {', '.join(MIXTURE_GATINGS)}")
         if not isinstance(self.areas, bool):
             raise MixtureError(f"--areas {self.areas!r}: on or off")
-        for key, lo in (("member_steps", 0), ("mix_steps", 1)):
+        for key, lo in (("member_steps", 0), ("mix_steps", 0)):
             v = getattr(self, key)
             if v is None and key == "member_steps":
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise MixtureError(f"--{key.replace('_', '-')} {v!r}: must be an integer >= {lo}")
+        if self.mix_steps == 0 and self.gating != "lead":
+            raise MixtureError(f"--mix-steps 0 (the members' plain average) with --gating {self.gating}: the "
+                               f"{self.gating} gate must be trained; use --gating lead, or --mix-steps >= 1")
         if isinstance(self.mix_lr, bool) or not isinstance(self.mix_lr, (int, float)) or not 0 < self.mix_lr <= 10:
             raise MixtureError(f"--mix-lr {self.mix_lr!r}: must be a number in (0, 10]")
         return self
