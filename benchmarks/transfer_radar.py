@@ -813,7 +813,9 @@ def verdict(p: dict, cells: list[dict], methods: tuple = TRANSFER) -> dict:
     return {"per_target": rows, "targets_won": count, "targets_scored": len(done),
             "goal": f"at least {need} of {len(rows)} targets",
             "goal_met": bool(count >= need) if len(done) == len(rows) else None,
-            "rule": "at ~1 hour of target frames (mrms: all its 32 minutes), the lowest mean test MSE over seeds "
+            "rule": "at ~1 hour of target frames (else a network's smallest budget: " +
+                    (", ".join(f"{t} {r['budget']}" for t, r in rows.items() if r["budget"] != "1h") or "none") +
+                    "), the lowest mean test MSE over seeds "
                     f"among {', '.join(methods)} is below scratch's on the same clips, the zero-shot forecast's and "
                     "the best registered baseline's (lowest test MSE)"}
 
