@@ -405,10 +405,7 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
     if kind == "ranked":
         return ranked_tmu(family, size, seed, s["k"], p, root, exp, d)
     # mixture of the finetuned experts of the same seed: weights fit on the validation clips
-    dirs = [run_dir(root, family, size, f"finetune:{e}", seed) for e in s["experts"]]
-    wait_files([x / "result.json" for x in dirs])
-    experts = [api.load_for_inference(x / "run" / "model")[0] for x in dirs]
-    experts += [api.load_baseline(b, exp, physical=False) for b in s.get("baselines", [])]
+    dirs, experts = mixture_experts(root, family, size, seed, s, exp)
     data = build_datasets(exp.data)
     t0 = time.time()
     w = fit_mixture(experts, data["val"])
@@ -420,6 +417,15 @@ def execute(job: str, family: str, size, method, seed: int, p: dict, root: Path)
     if all("best_step" in r for r in runs):  # the expert nearest to breaking the convergence rule
         m.update({k: binding(runs)[k] for k in ("best_step", "step_cap", "converged")})
     return m
+
+
+def mixture_experts(root: Path, family: str, size, seed: int, settings: dict, exp) -> tuple[list[Path], list]:
+    """A mixture's experts: the finetune runs of its zoo entries (same size and seed; waits for
+    them) as forecasters, then its baselines on the [0, 1] values. Returns (run dirs, experts)."""
+    dirs = [run_dir(root, family, size, f"finetune:{e}", seed) for e in settings["experts"]]
+    wait_files([x / "result.json" for x in dirs])
+    experts = [api.load_for_inference(x / "run" / "model")[0] for x in dirs]
+    return dirs, experts + [api.load_baseline(b, exp, physical=False) for b in settings.get("baselines", [])]
 
 
 def trainer(root: Path, family: str, method: str):
