@@ -112,11 +112,16 @@ def main(argv=None) -> int:
     root = Path(args.root or tm.REPO / "runs" / f"transfer-map-{args.preset}").resolve()
     if not (root / "zoo").is_dir():
         sys.exit(f"{root}: no transfer_map.py runs here (run benchmarks/transfer_map.py first)")
-    t0, cells = time.time(), []
+    t0, cells, missing = time.time(), [], []
     for family in p["families"]:
         for size in p["families"][family]["sizes"]:
             for method, (kind, _) in tm.methods(family, p).items():
                 if kind != "mixture":
+                    continue
+                absent = [f"{family} size {size} {method} seed {s}" for s in p["seeds"]
+                          if not (tm.run_dir(root, family, size, method, s) / "result.json").is_file()]
+                if absent:  # an unfinished map: said, and the cell left out
+                    missing += absent
                     continue
                 c = cell(p, root, family, size, method)
                 cells.append(c)
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
                          "(from transfer_radar_weights.json; the map's test clips played no part in it)",
            "overall": summary(cells), "by_family": {f: summary([c for c in cells if c["family"] == f])
                                                     for f in dict.fromkeys(c["family"] for c in cells)},
-           "cells": cells}
+           "missing": missing, "cells": cells}
     write_json(args.json, out)  # complete or absent
     return 0
 

@@ -227,3 +227,30 @@ def test_longer_resumes_an_early_stop_to_the_fixed_cap_and_leaves_the_map_alone(
     log = (run / "logs" / "metrics.csv").stat().st_mtime_ns
     assert longer.go_on((p, mine, side, "digits", 8, "scratch", 0, 6))["mse"] == r["mse"]
     assert (run / "logs" / "metrics.csv").stat().st_mtime_ns == log  # a finished run is kept, not redone
+
+
+def test_the_average_check_rescores_the_stored_mixtures_and_scores_the_plain_average(bench, tiny, load_benchmark,
+                                                                                       tmp_path):
+    """benchmarks/transfer_map_average.py: the stored weights reproduce each mixture run's MSE
+    (it refuses otherwise), and the average is the members' mean, scored the same way."""
+    import torch
+    root, _, r = tiny
+    avg = load_benchmark("transfer_map_average")
+    out = tmp_path / "average.json"
+    assert avg.main(["--preset", "tiny", "--root", str(root / "runs"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    p = bench.load_preset("tiny")
+    mixtures = [m for m, (kind, _) in bench.methods("digits", p).items() if kind == "mixture"]
+    every = {(n, m) for n in p["families"]["digits"]["sizes"] for m in mixtures}
+    absent = {(n, m) for n, m in every if not (bench.run_dir(root / "runs", "digits", n, m, 0) / "result.json").is_file()}
+    assert {(c["size"], c["method"]) for c in res["cells"]} == every - absent and len(every - absent) >= 2
+    assert set(res["missing"]) == {f"digits size {n} {m} seed 0" for n, m in absent}
+    stored = {(c["size"], c["method"]): c["mse_mean"] for c in r["cells"] if c["method"] in mixtures}
+    for c in res["cells"]:
+        assert c["fitted_mse"] == pytest.approx(stored[c["size"], c["method"]], rel=1e-4)
+        assert c["diff_pct"] == pytest.approx(100 * (c["average_mse"] / c["fitted_mse"] - 1))
+    assert res["overall"]["cells"] == len(res["cells"])
+    assert res["overall"]["average_ahead"] == sum(c["diff_pct"] < 0 for c in res["cells"])
+    a, b, truth = torch.rand(3, 2, 3, 1, 8, 8).unbind(0)
+    assert avg.mse([a, b], [0.5, 0.5], truth, None) == pytest.approx(
+        float(((a + b) / 2 - truth).pow(2).flatten(2).sum(-1).mean()), rel=1e-5)
