@@ -26,8 +26,8 @@ class MixtureOptions:
     steps of each member on the target (None: ``train.steps``; 0: the entries are used as they
     are, already finetuned on this target). ``mix_steps`` / ``mix_lr``: the training of the
     weights (Adam on the logits: a larger step than a network's); ``mix_steps`` 0 (``lead``
-    gating only): no training, the members' plain average -- weights fit on a few clips of one
-    event can do worse on the next event than equal ones. ``mix_on``: the clips they
+    gating only): no training, the members' plain average, for members of similar skill (fit
+    weights find a member much better than the others; equal ones cannot). ``mix_on``: the clips they
     train on -- ``val`` (default), which the members never trained on, so that a member that
     fits its training clips best but forecasts worse does not win weight (as in stacking); or
     ``train``, when there are too few validation clips. ``areas``: after the weights, calibrate
