@@ -100,6 +100,7 @@ from transmem.baselines import get_method  # noqa: E402
 from transmem.data import DataConfig, build_datasets, physical_units  # noqa: E402
 from transmem.data.clips import ClipDataset  # noqa: E402
 from transmem.data.registry import pixel_km as pixel_km_of, register_dataset  # noqa: E402
+from transmem.files import write_json  # noqa: E402
 
 SHARED = tm.SHARED
 FAMILY = "radar"  # the key of the model/data settings in a preset (transfer_map.experiment reads it)
@@ -277,6 +278,44 @@ def check_sources(p: dict, networks_file) -> None:
         if not source_path(n).exists():
             sys.exit(f"{networks_file}: {n}.source.path: {source_path(n)} not found (relative paths are under "
                      f"{SHARED}, set by TRANSMEM_SHARED_DATA)")
+
+
+#: preset keys that a rerun in the same folder may change: more seeds, budgets or networks add
+#: jobs, a raised max_doublings lets --extend go on; any other change would mix two set-ups
+GROWABLE = ("seeds", "budgets", "networks", "tiles", "max_doublings")
+STAMP = "setup.json"
+
+
+def setup_stamp(p: dict) -> dict:
+    """What the runs in a folder depend on: each network's entry and tiling, and the preset's
+    other settings (as JSON would store them)."""
+    nets = {n: {**NETWORKS[n], "tiles": p["tiles"][n]} for n in p["networks"]}
+    return json.loads(json.dumps({"networks": nets, "preset": {k: v for k, v in p.items() if k not in GROWABLE}}))
+
+
+def check_setup(root: Path, p: dict, write: bool) -> None:
+    """Refuse, in one line, to run or aggregate in a folder whose runs were made with another
+    set-up (a network's region, splits, source or tiles; the model, the steps...): the results
+    would mix the two. Networks the folder has not seen join it; ``write`` records them."""
+    f = Path(root) / STAMP
+    now = setup_stamp(p)
+    was = json.loads(f.read_text()) if f.is_file() else None
+    if was is not None:
+        for n, spec in now["networks"].items():
+            if n in was["networks"] and was["networks"][n] != spec:
+                key = next(k for k in sorted(set(spec) | set(was["networks"][n]))
+                           if spec.get(k) != was["networks"][n].get(k))
+                sys.exit(f"{f}: {n}.{key}: the runs here were made with {was['networks'][n].get(key)!r}, now "
+                         f"{spec.get(key)!r}; choose another --root (nothing was run)")
+        key = next((k for k in sorted(set(now["preset"]) | set(was["preset"]))
+                    if now["preset"].get(k) != was["preset"].get(k)), None)
+        if key is not None:
+            sys.exit(f"{f}: preset key {key}: the runs here were made with {was['preset'].get(key)!r}, now "
+                     f"{now['preset'].get(key)!r}; choose another --root (nothing was run)")
+        now["networks"] = {**was["networks"], **now["networks"]}
+    if write and now != was:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        write_json(f, now)
 
 
 def tile_part(net: str, window: tuple, p: dict) -> dict:
@@ -995,6 +1034,7 @@ def main(argv=None) -> int:
                                                       else f"transfer_radar_{preset}.json"))
     command = "python benchmarks/transfer_radar.py" + ("" if preset == "full" else f" --preset {preset}") + \
         (f" --networks {args.networks}" if args.networks else "") + " --workers 2"
+    check_setup(root, p, write=not args.aggregate and not args.worker)  # workers: their parent checked
     if args.extend:
         print(f"--extend: {extend(p, root)} unconverged runs go on", flush=True)
     if args.worker or (args.workers == 1 and not args.aggregate):

@@ -303,3 +303,32 @@ def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, mon
     zero_shot = {c["target"]: c["entry"] for c in r["cells"] if c["method"] == "zero-shot"}
     assert zero_shot["alpine"] in ("advected_rain", "nordic") and zero_shot["nordic"] in ("advected_rain", "alpine")
     assert sorted(p.name for p in (tmp_path / "runs" / "zoo").iterdir()) == ["advected_rain", "alpine", "nordic"]
+
+
+def test_a_folder_refuses_runs_of_another_setup_and_takes_more_seeds_and_networks(bench, tmp_path, monkeypatch,
+                                                                                    shared_data):
+    import copy
+    if not (shared_data / "radar" / "mch").is_dir() or not (shared_data / "radar" / "fmi").is_dir():
+        pytest.skip(f"{shared_data}/radar: the MeteoSwiss and FMI events are absent")
+    monkeypatch.setattr(bench, "NETWORKS", copy.deepcopy(bench.NETWORKS))
+    monkeypatch.setattr(bench, "SHARED", shared_data)
+    p = bench.load_preset("tiny")
+    root = tmp_path / "runs"
+    bench.check_setup(root, p, write=True)
+    stamp = json.loads((root / bench.STAMP).read_text())
+    assert set(stamp["networks"]) == {"mch", "fmi"} and "seeds" not in stamp["preset"]
+    bench.check_setup(root, dict(p, seeds=[0, 1, 2], max_doublings=9), write=True)  # more of the same: fine
+    for changed, where in ((dict(p, tiles={**p["tiles"], "fmi": 2}), "fmi.tiles"),
+                           (dict(p, target_steps=p["target_steps"] + 1), "preset key target_steps")):
+        with pytest.raises(SystemExit) as e:
+            bench.check_setup(root, changed, write=True)
+        assert str(e.value.code).startswith(f"{root / bench.STAMP}: {where}: ") and "another --root" in str(e.value.code)
+    bench.NETWORKS["mch"]["region_km"] = 256
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "tiny", "--root", str(root)])
+    assert "mch.region_km: the runs here were made with 512, now 256" in str(e.value.code)
+    assert sorted(x.name for x in root.iterdir()) == [bench.STAMP]  # nothing ran
+    bench.NETWORKS["mch"]["region_km"] = 512
+    bench.NETWORKS["alpine"] = bench.NETWORKS["mch"]
+    bench.check_setup(root, dict(p, networks=["alpine"], tiles={"alpine": 1}), write=True)  # a new one joins
+    assert set(json.loads((root / bench.STAMP).read_text())["networks"]) == {"mch", "fmi", "alpine"}
