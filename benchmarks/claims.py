@@ -1,10 +1,12 @@
 """Shared by the benchmarks: runs are claimed through files, so that several worker processes can
 share one list of runs and a finished run is never redone; the commit a run's code comes from;
-and the writers of their result JSONs, which record the environment (transmem.environment:
-versions, CPU capability, threads) the numbers were computed with."""
+the writers of their result JSONs, which record the environment (transmem.environment:
+versions, CPU capability, threads) the numbers were computed with; and the paired t test their
+verdicts quote."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,3 +83,18 @@ def write_json(path, result: dict, runs=(), indent: int = 2) -> Path:
     tmp.write_text(json.dumps({**result, "environment": env}, indent=indent) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def paired_t(a, b) -> tuple[float, float | None]:
+    """Paired t statistic of ``a - b`` and its two-sided p value (None without scipy); nan and None
+    for fewer than two pairs or no spread."""
+    import numpy as np
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return float("nan"), None
+    t = float(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))))
+    try:
+        from scipy import stats
+        return t, float(stats.t.sf(abs(t), len(d) - 1) * 2)
+    except ImportError:
+        return t, None

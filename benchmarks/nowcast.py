@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -41,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims  # noqa: E402
+from claims import paired_t  # noqa: E402
 from transmem.models.mixture import StackGate, banded as banded_areas  # noqa: E402
 from transmem.transfer.mixture import count_areas, pick_areas as pick_best_areas  # noqa: E402
 
@@ -503,18 +503,6 @@ def run_areas(work: Path, event: str, seed: int, events: list[str], quick: bool,
 
 
 # -------------------------------------------------------------------------------------- aggregate
-def paired_t(a: list[float], b: list[float]) -> tuple[float, float | None]:
-    d = np.asarray(a) - np.asarray(b)
-    if len(d) < 2 or d.std(ddof=1) == 0:
-        return float("nan"), None
-    t = float(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))))
-    try:
-        from scipy import stats
-        return t, float(stats.t.sf(abs(t), len(d) - 1) * 2)
-    except ImportError:
-        return t, None
-
-
 def selection(work: Path, events: list[str], seeds, baselines: list[str]) -> dict | None:
     """{event: the learned variant picked on the other events}, or None while a unit is missing.
 

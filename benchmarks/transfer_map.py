@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -51,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # benchmarks/claims.py, transfer_digits.py, also when imported by path
 import claims  # noqa: E402
-from claims import claim  # noqa: E402
+from claims import claim, paired_t  # noqa: E402
 from convergence import (EXTENDED, binding, extended_from, extension, record, resumable, set_aside,  # noqa: E402
                          train_to_convergence)
 from transfer_digits import wait_for  # noqa: E402
@@ -699,6 +700,17 @@ VERDICT_METHODS = ("tmu:distill+ft-init", "tmu:ranked", "mix:finetuned", "mix:fi
                    "finetune:auto")
 
 
+def paired_by_seed(cell: dict, bar: dict) -> dict:
+    """``cell`` against ``bar`` seed by seed: the seeds where it is lower, and a paired t test (a
+    difference with p >= 0.05 is a tie, whatever the sign of the mean)."""
+    a = {s["seed"]: s["mse"] for s in cell["per_seed"]}
+    b = {s["seed"]: s["mse"] for s in bar["per_seed"]}
+    seeds = sorted(set(a) & set(b))
+    t, pv = paired_t([a[s] for s in seeds], [b[s] for s in seeds])
+    return {"seeds": len(seeds), "seeds_lower": sum(a[s] < b[s] for s in seeds),
+            "t": None if math.isnan(t) else t, "p": pv}
+
+
 def verdict(cells: list[dict], p: dict) -> list[dict]:
     """Per (family, size): the TMU and the mixture against scratch and the best single finetune."""
     out = []
@@ -715,7 +727,8 @@ def verdict(cells: list[dict], p: dict) -> list[dict]:
                 if m in c:
                     v = c[m]["mse_mean"]
                     row[m] = {"mse": v, "vs_scratch_pct": 100 * (v / row["scratch"] - 1),
-                              "vs_best_finetune_pct": 100 * (v / row["best_finetune_mse"] - 1)}
+                              "vs_best_finetune_pct": 100 * (v / row["best_finetune_mse"] - 1),
+                              "vs_best_finetune_paired": paired_by_seed(c[m], ft[best])}
             out.append(row)
     return out
 

@@ -37,8 +37,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import claims  # noqa: E402
+from claims import paired_t  # noqa: E402
 import transfer_map as tm  # noqa: E402
-from nowcast import paired_t  # noqa: E402
 
 from transmem.data import build_datasets  # noqa: E402
 from transmem.files import write_json  # noqa: E402
@@ -47,7 +47,7 @@ from transmem.training.evaluation import predict_batches  # noqa: E402
 
 #: the code its numbers depend on (the JSON's commit is ``-dirty`` when these differ from HEAD)
 CODE = ["src", "benchmarks/transfer_map_average.py", "benchmarks/transfer_map.py", "benchmarks/transfer_digits.py",
-        "benchmarks/nowcast.py", "benchmarks/claims.py", "benchmarks/convergence.py", "benchmarks/configs"]
+        "benchmarks/claims.py", "benchmarks/convergence.py", "benchmarks/configs"]
 
 
 def forecasts(experts: list, dataset) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:

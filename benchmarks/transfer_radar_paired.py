@@ -35,9 +35,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import claims  # noqa: E402
+from claims import paired_t  # noqa: E402
 import transfer_map as tm  # noqa: E402
 import transfer_radar as tr  # noqa: E402
-from nowcast import paired_t  # noqa: E402
 
 from transmem import api  # noqa: E402
 from transmem.data import build_datasets  # noqa: E402
@@ -46,7 +46,7 @@ from transmem.training.evaluation import predict_batches  # noqa: E402
 
 #: the code its numbers depend on (the JSON's commit is ``-dirty`` when these differ from HEAD)
 CODE = ["src", "benchmarks/transfer_radar_paired.py", "benchmarks/transfer_radar.py", "benchmarks/transfer_map.py",
-        "benchmarks/transfer_digits.py", "benchmarks/nowcast.py", "benchmarks/claims.py",
+        "benchmarks/transfer_digits.py", "benchmarks/claims.py",
         "benchmarks/convergence.py", "benchmarks/configs"]
 ALPHA = 0.05
 

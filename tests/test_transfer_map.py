@@ -254,3 +254,16 @@ def test_the_average_check_rescores_the_stored_mixtures_and_scores_the_plain_ave
     a, b, truth = torch.rand(3, 2, 3, 1, 8, 8).unbind(0)
     assert avg.mse([a, b], [0.5, 0.5], truth, None) == pytest.approx(
         float(((a + b) / 2 - truth).pow(2).flatten(2).sum(-1).mean()), rel=1e-5)
+
+
+def test_the_verdict_pairs_a_method_with_the_best_finetune_seed_by_seed(bench, tiny):
+    cell = {"per_seed": [{"seed": 2, "mse": 9.0}, {"seed": 0, "mse": 10.0}, {"seed": 1, "mse": 11.0}]}
+    bar = {"per_seed": [{"seed": 0, "mse": 11.0}, {"seed": 1, "mse": 12.5}, {"seed": 2, "mse": 9.5}]}
+    r = bench.paired_by_seed(cell, bar)  # differences -1, -1.5, -0.5 whatever the order of the lists
+    assert r["seeds"] == 3 and r["seeds_lower"] == 3 and r["t"] == pytest.approx(-1.0 / (0.5 / 3 ** 0.5))
+    assert r["p"] is None or r["p"] == pytest.approx(0.0742, abs=1e-3)  # t = -3.46 on 2 degrees of freedom
+    one = bench.paired_by_seed({"per_seed": [{"seed": 0, "mse": 1.0}]}, bar)  # one seed: no test
+    assert one == {"seeds": 1, "seeds_lower": 1, "t": None, "p": None}
+    _, _, r = tiny
+    rows = [row for row in r["verdict"] if "mix:finetuned" in row]
+    assert rows and all(row["mix:finetuned"]["vs_best_finetune_paired"]["seeds"] == 1 for row in rows)
