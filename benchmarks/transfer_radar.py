@@ -289,7 +289,8 @@ STAMP = "setup.json"
 def setup_stamp(p: dict) -> dict:
     """What the runs in a folder depend on: each network's entry and tiling, and the preset's
     other settings (as JSON would store them)."""
-    nets = {n: {**NETWORKS[n], "tiles": p["tiles"][n]} for n in p["networks"]}
+    nets = {n: {**{k: v for k, v in NETWORKS[n].items() if k != "title"}, "tiles": p["tiles"][n]}  # a title is a label
+            for n in p["networks"]}
     return json.loads(json.dumps({"networks": nets, "preset": {k: v for k, v in p.items() if k not in GROWABLE}}))
 
 

@@ -329,6 +329,8 @@ def test_a_folder_refuses_runs_of_another_setup_and_takes_more_seeds_and_network
     assert "mch.region_km: the runs here were made with 512, now 256" in str(e.value.code)
     assert sorted(x.name for x in root.iterdir()) == [bench.STAMP]  # nothing ran
     bench.NETWORKS["mch"]["region_km"] = 512
+    bench.NETWORKS["mch"]["title"] = "MeteoSwiss, renamed"  # a label: the runs do not depend on it
+    bench.check_setup(root, p, write=True)
     bench.NETWORKS["alpine"] = bench.NETWORKS["mch"]
     bench.check_setup(root, dict(p, networks=["alpine"], tiles={"alpine": 1}), write=True)  # a new one joins
     assert set(json.loads((root / bench.STAMP).read_text())["networks"]) == {"mch", "fmi", "alpine"}
