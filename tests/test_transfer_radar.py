@@ -280,7 +280,7 @@ def test_a_missing_source_is_refused_before_any_run_folder_exists(bench, tmp_pat
     assert not root.exists()
 
 
-def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, monkeypatch, shared_data):
+def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, monkeypatch, shared_data, load_benchmark):
     """The protocol on networks the script has never named: two entries of a networks file (the
     MeteoSwiss and FMI data under other names, one tile each), and nothing else changed."""
     if not (shared_data / "radar" / "mch").is_dir() or not (shared_data / "radar" / "fmi").is_dir():
@@ -303,6 +303,16 @@ def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, mon
     zero_shot = {c["target"]: c["entry"] for c in r["cells"] if c["method"] == "zero-shot"}
     assert zero_shot["alpine"] in ("advected_rain", "nordic") and zero_shot["nordic"] in ("advected_rain", "alpine")
     assert sorted(p.name for p in (tmp_path / "runs" / "zoo").iterdir()) == ["advected_rain", "alpine", "nordic"]
+    # the diagnostics read the same networks file
+    for name, extra in (("transfer_radar_weights", []), ("transfer_radar_paired", ["--results", str(out)])):
+        diag = load_benchmark(name)
+        monkeypatch.setattr(diag.tr, "NETWORKS", diag.tr.NETWORKS)  # the imported module's: --networks replaces it
+        monkeypatch.setattr(diag.tr, "SHARED", shared_data)
+        j = tmp_path / f"{name}.json"
+        assert diag.main(["--preset", "tiny", "--networks", str(f), "--root", str(tmp_path / "runs"), "--json", str(j),
+                          *extra]) == 0
+        d = json.loads(j.read_text())
+        assert {c["target"] for c in d["cells"]} == {"alpine", "nordic"} and f"--networks {f}" in d["command"]
 
 
 def test_a_folder_refuses_runs_of_another_setup_and_takes_more_seeds_and_networks(bench, tmp_path, monkeypatch,
