@@ -463,7 +463,7 @@ def jobs(p: dict) -> list[tuple]:
     for t, b in cells:
         out += [("run", t, b, m, s) for m in TRAINED for s in p["seeds"]]
         out += [("mix", t, b, MIX, s) for s in p["seeds"]]
-    out += [(job, t, verdict_budget(p, t), m, s) for m, job in ((MIXP, "mixp"), (MIXA, "mixa"))
+    out += [(MIXTURE_JOBS[m], t, verdict_budget(p, t), m, s) for m in (MIXP, MIXA)
             for t in p["networks"] for s in p["seeds"]]
     return out
 
@@ -1011,6 +1011,33 @@ def load_preset(name: str) -> dict:
     return presets[name]
 
 
+def default_root(preset: str) -> Path:
+    return (REPO / "runs" / f"transfer-radar-{preset}").resolve()
+
+
+def default_results(preset: str) -> Path:
+    return HERE / "results" / ("transfer_radar.json" if preset == "full" else f"transfer_radar_{preset}.json")
+
+
+def diagnostic_options(ap: argparse.ArgumentParser) -> None:
+    """The options of a diagnostic that reads this script's runs (which preset, folder and networks)."""
+    ap.add_argument("--preset", default="full", help="the preset of benchmarks/configs/transfer_radar.yaml that ran")
+    ap.add_argument("--root", help="transfer_radar.py's runs (default runs/transfer-radar-<preset>)")
+    ap.add_argument("--networks", help="the networks file transfer_radar.py ran with --networks, if any")
+
+
+def diagnostic_setup(args) -> tuple[dict, Path]:
+    """(preset, runs folder) of a diagnostic's ``args`` (:func:`diagnostic_options`); exits in one
+    line when the folder holds no runs of this script."""
+    p = load_preset(args.preset)
+    if args.networks:
+        use_networks(args.networks, p)
+    root = Path(args.root).resolve() if args.root else default_root(args.preset)
+    if not (root / "zoo").is_dir():
+        sys.exit(f"{root}: no transfer_radar.py runs here (run benchmarks/transfer_radar.py first)")
+    return p, root
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="full", help="a preset of benchmarks/configs/transfer_radar.yaml")
@@ -1030,9 +1057,8 @@ def main(argv=None) -> int:
     if args.networks:
         use_networks(args.networks, p)
     check_sources(p, args.networks or NETWORKS_FILE)
-    root = Path(args.root or REPO / "runs" / f"transfer-radar-{preset}").resolve()
-    out_json = Path(args.json or HERE / "results" / ("transfer_radar.json" if preset == "full"
-                                                      else f"transfer_radar_{preset}.json"))
+    root = Path(args.root).resolve() if args.root else default_root(preset)
+    out_json = Path(args.json) if args.json else default_results(preset)
     command = "python benchmarks/transfer_radar.py" + ("" if preset == "full" else f" --preset {preset}") + \
         (f" --networks {args.networks}" if args.networks else "") + " --workers 2"
     check_setup(root, p, write=not args.aggregate and not args.worker)  # workers: their parent checked

@@ -142,20 +142,14 @@ def target_cell(p: dict, root: Path, row: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="full", help="the preset of benchmarks/configs/transfer_radar.yaml that ran")
-    ap.add_argument("--root", help="transfer_radar.py's runs (default runs/transfer-radar-<preset>)")
-    ap.add_argument("--networks", help="the networks file transfer_radar.py ran with --networks, if any")
+    tr.diagnostic_options(ap)
     ap.add_argument("--results", help="its JSON (default benchmarks/results/transfer_radar[_<preset>].json)")
     ap.add_argument("--json", default=str(HERE / "results" / "transfer_radar_paired.json"))
     args = ap.parse_args(argv)
-    p = tr.load_preset(args.preset)
-    if args.networks:
-        tr.use_networks(args.networks, p)
-    root = Path(args.root or tr.REPO / "runs" / f"transfer-radar-{args.preset}").resolve()
-    res = Path(args.results or HERE / "results" / ("transfer_radar.json" if args.preset == "full"
-                                                   else f"transfer_radar_{args.preset}.json"))
-    if not (root / "zoo").is_dir() or not res.is_file():
-        sys.exit(f"{root if not (root / 'zoo').is_dir() else res}: missing (run benchmarks/transfer_radar.py first)")
+    p, root = tr.diagnostic_setup(args)
+    res = Path(args.results) if args.results else tr.default_results(args.preset)
+    if not res.is_file():
+        sys.exit(f"{res}: missing (run benchmarks/transfer_radar.py first)")
     results = json.loads(res.read_text())
     t0, parts = time.time(), {}
     for key in ("verdict", "verdict_post_hoc"):  # the second: the best transfer with the post-hoc methods

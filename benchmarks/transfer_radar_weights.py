@@ -60,17 +60,10 @@ def cell(p: dict, root: Path, target: str, seed: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="full", help="the preset of benchmarks/configs/transfer_radar.yaml that ran")
-    ap.add_argument("--root", help="transfer_radar.py's runs (default runs/transfer-radar-<preset>)")
-    ap.add_argument("--networks", help="the networks file transfer_radar.py ran with --networks, if any")
+    tr.diagnostic_options(ap)
     ap.add_argument("--json", default=str(HERE / "results" / "transfer_radar_weights.json"))
     args = ap.parse_args(argv)
-    p = tr.load_preset(args.preset)
-    if args.networks:
-        tr.use_networks(args.networks, p)
-    root = Path(args.root or tr.REPO / "runs" / f"transfer-radar-{args.preset}").resolve()
-    if not (root / "zoo").is_dir():
-        sys.exit(f"{root}: no transfer_radar.py runs here (run benchmarks/transfer_radar.py first)")
+    p, root = tr.diagnostic_setup(args)
     t0, cells = time.time(), []
     for target in p["networks"]:
         for seed in p["seeds"]:
