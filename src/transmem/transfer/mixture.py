@@ -58,12 +58,12 @@ class MixtureOptions:
             raise MixtureError(f"--gating {self.gating!r}: choose from {', '.join(MIXTURE_GATINGS)}")
         if not isinstance(self.areas, bool):
             raise MixtureError(f"--areas {self.areas!r}: on or off")
-        for key, lo in (("member_steps", 0), ("mix_steps", 0)):
+        for key in ("member_steps", "mix_steps"):
             v = getattr(self, key)
             if v is None and key == "member_steps":
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise MixtureError(f"--{key.replace('_', '-')} {v!r}: must be an integer >= {lo}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise MixtureError(f"--{key.replace('_', '-')} {v!r}: must be an integer >= 0")
         if self.mix_steps == 0 and self.gating != "lead":
             raise MixtureError(f"--mix-steps 0 (the members' plain average) with --gating {self.gating}: the "
                                f"{self.gating} gate must be trained; use --gating lead, or --mix-steps >= 1")
