@@ -570,9 +570,9 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     pixel) that combine their forecasts and those of the registered ``baselines`` train for
     ``mix_steps`` at ``mix_lr`` on the ``mix_on`` clips (``val``: clips the members did not train
     on; ``mix_steps`` 0: nothing trains, the plain average), the members frozen
-    (``gating="stack"``: the radar recipe's CNN gate); ``areas``: then rain areas calibrated on those clips at ``eval.thresholds`` (:func:`~transmem.transfer.mixture.calibrate_areas`).
-    One entry (``out/model``, and ``zoo_name``)
-    holds it all; its card lists the members with the sha256 of their weights. ``exp`` is not
+    (``gating="stack"``: the radar recipe's CNN gate); ``areas``: then rain areas calibrated on
+    those clips at ``eval.thresholds`` (:func:`~transmem.transfer.mixture.calibrate_areas`). One
+    entry (``out/model``, and ``zoo_name``) holds it all; its card lists the members with the sha256 of their weights. ``exp`` is not
     changed. Every member, baseline and option is checked before anything is written."""
     exp = copy.deepcopy(exp)
     exp.transfer.mode = "mixture"
