@@ -20,8 +20,10 @@ archives do.
 
 **Zoo**: the advected-rain model (synthetic advected rain, as the transfer map's), and one model
 per network in the recommended recipe (the advection backbone pretrained on advected rain, then
-finetuned on all of that network's frames, with flips, rotations and time reversal). For a target
-its own network's model is left out: the zoo is advected_rain and the three other networks.
+finetuned on that network's frames, with flips, rotations and time reversal, to convergence by the
+rule below on the network's validation windows, which it does not train on; the first cap
+`network_steps`). For a target its own network's model is left out: the zoo is advected_rain and
+the three other networks.
 
 **Target splits** (in time, no frame shared between splits; a clip never leaves its window):
 mch train 20150515 + the first 28 frames of 20160711, val the last 12 frames of 20160711, test
@@ -388,11 +390,13 @@ def target_data(p: dict, net: str, budget: str, cache: Path) -> dict:
 
 
 def network_data(p: dict, net: str, cache: Path) -> dict:
-    """A zoo model's data: every frame of the network (its card's test score is in-sample)."""
+    """A zoo model's data: every frame of the network but its validation windows, which select the
+    model's step (its card's test score is in-sample: the test windows are trained on too; the
+    entry serves only the other networks)."""
     spec = NETWORKS[net]
-    every = spec["train"] + spec["val"] + spec["test"]
     return {"name": "transfer_map_parts", "cache_dir": str(cache),
-            "extra": {"parts": {"train": [tile_part(net, w, p) for w in _merge(every)],
+            "extra": {"parts": {"train": [tile_part(net, w, p) for w in _merge(spec["train"] + spec["test"])],
+                                "val": [tile_part(net, w, p) for w in spec["val"]],
                                 "test": [tile_part(net, w, p) for w in spec["test"]]}}}
 
 
@@ -533,6 +537,23 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     return {**res, **extended_from(d, earlier)}
 
 
+def train_network_entry(p: dict, root: Path, net: str, d: Path) -> dict:
+    """A network's zoo entry, trained to convergence by the cells' rule: finetuned from advected
+    rain on the network's frames, validated on its validation windows, the first cap
+    ``network_steps``; the best checkpoint becomes the entry ``zoo/<net>``."""
+    out = d / "run"
+
+    def train(steps: int, resume: bool) -> dict:
+        exp = experiment(p, network_data(p, net, cache_dir(root)), steps, 0)
+        return api.run_train(exp, out, resume=resume, init_from=zoo_entry(root, "advected_rain"), kind="pretrain")
+    t0 = time.time()
+    m, cap, history = train_to_convergence(train, out, first_cap=p["network_steps"], max_doublings=p["max_doublings"])
+    model, card = zoo.load_entry(out / "model")
+    own = ("card_version", "name", "model", "config", "params", "sha256")  # save_entry writes these
+    zoo.save_entry(model, zoo_entry(root, net), {k: v for k, v in card.items() if k not in own}, overwrite=True)
+    return {**m, **record(history, cap), "train_wall_s": round(time.time() - t0, 1)}
+
+
 def extend(p: dict, root: Path) -> int:
     """Set aside the results of runs that stopped unconverged with doublings left under the
     preset's (raised) ``max_doublings``, and those of the mixtures built on them, so that the next
@@ -597,9 +618,7 @@ def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) ->
         if method == "advected_rain":
             exp = experiment(p, tm.advected_data(p), p["pretext_steps"], 0, pretext=True)
             return api.run_train(exp, d / "run", zoo_name=method, zoo_root=root / "zoo", kind="pretrain")
-        exp = experiment(p, network_data(p, method, cache_dir(root)), p["network_steps"], 0, pretext=True)
-        return api.run_train(exp, d / "run", init_from=zoo_entry(root, "advected_rain"), zoo_name=method,
-                             zoo_root=root / "zoo", kind="pretrain")
+        return train_network_entry(p, root, method, d)
     if job == "baselines":
         exp = cell_experiment(p, root, target, verdict_budget(p, target), 0)
         data = build_datasets(exp.data)
@@ -745,7 +764,9 @@ def collect(p: dict, root: Path) -> dict:
         if r is not None:
             zoo_cards[e] = {"test_mse_own_data": r["mse"], "steps": r["train_steps"], "train_wall_s": r["train_wall_s"],
                             "data": "synthetic advected rain" if e == "advected_rain" else
-                            f"all frames of {e}, finetuned from advected_rain (in-sample test score)"}
+                            f"the frames of {e} but its validation windows, finetuned from advected_rain "
+                            "(in-sample test score)",
+                            **{k: r[k] for k in ("best_step", "step_cap", "converged", "doublings") if k in r}}
     for t in p["networks"]:
         zs = get("zeroshot", t, None, None, 0)
         if zs is not None:
@@ -860,16 +881,20 @@ def verdict(p: dict, cells: list[dict], methods: tuple = TRANSFER) -> dict:
                     "the best registered baseline's (lowest test MSE)"}
 
 
-def convergence(p: dict, cells: list[dict]) -> dict:
+def convergence(p: dict, cells: list[dict], zoo_cards: dict) -> dict:
     learned = [c for c in cells if not c.get("reference") and c["method"] not in MIXTURE_JOBS]
     bad = [f"{c['target']} {c['budget']} {c['method']}" for c in learned if not c["converged"]]
+    bad += [f"zoo {e}" for e, z in zoo_cards.items() if z.get("converged") is False]
     return {"rule": "step_cap >= 1.25 * best_step for every seed (best_step: the step of the lowest validation MSE, "
                     "the checkpoint select_best keeps; a cell's best_step / step_cap are those of its seed nearest to "
                     "breaking the rule); a run that breaks it is resumed from its last checkpoint with the "
                     f"cap doubled, at most {p['max_doublings']} times (first cap {p['target_steps']} steps, "
-                    f"validation every {p['val_every']} steps)",
+                    f"validation every {p['val_every']} steps); each network's zoo entry by the same rule on its "
+                    f"validation windows (first cap {p['network_steps']} steps)",
             "cells": len(learned), "unconverged": bad,
-            "doubled_runs": sum(s["doublings"] > 0 for c in learned for s in c["per_seed"])}
+            "doubled_runs": sum(s["doublings"] > 0 for c in learned for s in c["per_seed"]),
+            "zoo": {e: {k: z[k] for k in ("best_step", "step_cap", "converged")} for e, z in zoo_cards.items()
+                    if "step_cap" in z}}
 
 
 def networks_info(p: dict) -> dict:
@@ -926,7 +951,7 @@ def aggregate(p: dict, root: Path, out_json: Path, command: str, preset: str) ->
                      "log-scaled rain rate in [0, 1]; csi_1: CSI at 1 mm/h over the test clips",
         "rankings": c["rankings"],
         "cells": c["cells"],
-        "convergence": convergence(p, c["cells"]),
+        "convergence": convergence(p, c["cells"], c["zoo"]),
         "verdict": verdict(p, c["cells"]),
         "verdict_post_hoc": {**verdict(p, c["cells"], TRANSFER + POST_HOC),
                              "note": f"with {', '.join(POST_HOC)}, added after the verdict from what the weights "
@@ -944,7 +969,10 @@ def markdown(r: dict) -> str:
              f"Backbone `{r['backbone']['name']}` {r['backbone']}, {r['frame_size']}x{r['frame_size']} tiles, "
              f"{r['t_in']} -> {r['t_out']} frames; {r['time_steps']}. {r['mse_units']}.",
              f"Convergence: {r['convergence']['rule']}; unconverged cells: "
-             f"{', '.join(r['convergence']['unconverged']) or 'none'}; runs extended: {r['convergence']['doubled_runs']}."]
+             f"{', '.join(r['convergence']['unconverged']) or 'none'}; runs extended: {r['convergence']['doubled_runs']}"
+             + ("; zoo entries (best step / cap): " + ", ".join(f"{e} {z['best_step']}/{z['step_cap']}" for e, z in
+                                                                r["convergence"].get("zoo", {}).items())
+                if r["convergence"].get("zoo") else "") + "."]
     if r["baselines_not_scored"]:
         lines += ["", "Baselines without a score (left out of best_baseline): " + "; ".join(r["baselines_not_scored"])]
     if not r["complete"]:

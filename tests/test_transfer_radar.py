@@ -27,7 +27,7 @@ def tiny(bench, tmp_path_factory, shared_data):
     return root, out, json.loads(out.read_text())
 
 
-def test_the_budgets_each_network_gets(bench):
+def test_the_budgets_each_network_gets(bench, tmp_path):
     p = bench.load_preset("full")
     assert {n: bench.budgets_of(p, n) for n in p["networks"]} == {
         "mch": ["1h", "3h", "all"], "fmi": ["1h", "all"], "opera": ["1h", "all"], "mrms": ["all"]}
@@ -42,6 +42,14 @@ def test_the_budgets_each_network_gets(bench):
         frames = [(ev, f) for k in ("train", "val", "test") for ev, a, b in s[k] for f in range(a, b)]
         assert len(frames) == len(set(frames)), n
         assert bench.pixel_km(p, n) == 8.0
+        # a network's zoo entry never trains on the validation windows that pick its step
+        parts = bench.network_data(p, n, tmp_path)["extra"]["parts"]
+
+        def frames_of(split):
+            return {(str(x["extra"]["source"].get("extra", {}).get("events")), f)
+                    for x in parts[split] for f in range(*x["extra"]["window"])}
+        assert frames_of("val") and frames_of("train").isdisjoint(frames_of("val")), n
+        assert frames_of("test") <= frames_of("train"), n
 
 
 def test_the_tiny_run_has_every_cell_and_the_schema(bench, tiny):
@@ -74,6 +82,14 @@ def test_the_tiny_run_has_every_cell_and_the_schema(bench, tiny):
         assert c["step_cap"] == min(s["step_cap"] for s in c["per_seed"])
         assert c["converged"] or f"{c['target']} {c['budget']} {c['method']}" in r["convergence"]["unconverged"] \
             or c["method"] == bench.MIX
+    # every network's zoo entry is trained by the same rule, on its validation windows, and saved
+    # under its network's name
+    for n in ("mch", "fmi"):
+        z = r["zoo"][n]
+        assert 0 < z["best_step"] <= z["step_cap"] and z["step_cap"] >= p["network_steps"], z
+        assert z["converged"] == (z["step_cap"] >= 1.25 * z["best_step"])
+        assert r["convergence"]["zoo"][n]["step_cap"] == z["step_cap"]
+        assert json.loads((root / "runs" / "zoo" / n / "card.json").read_text())["name"] == n
     for t, v in r["verdict"]["per_target"].items():
         assert v["complete"] and v["best_transfer"] in bench.TRANSFER
         assert v["beats_all"] == (v["beats_scratch"] and v["beats_zero_shot"] and v["beats_best_baseline"])
