@@ -282,6 +282,39 @@ def check_sources(p: dict, networks_file) -> None:
                      f"{SHARED}, set by TRANSMEM_SHARED_DATA)")
 
 
+def event_frames(p: dict, net: str, event, cache: Path) -> int:
+    """How many frames the network's ``event`` holds (its shortest sequence; ``None``: the whole
+    source), read as the jobs read it (through the shared cache)."""
+    part = tile_part(net, (event, 0, 1), p)["extra"]
+    cfg = DataConfig.from_dict({"name": "transfer_radar_tiles", "size": p["families"][FAMILY]["size"],
+                                "frames": frames_per_clip(p), "cache_dir": str(cache), "extra": part})
+    return min(build_datasets(_source_config(cfg))["train"].prep.lengths)
+
+
+def check_windows(p: dict, networks_file, cache: Path) -> None:
+    """Before any job, in one line: every validation and test window holds a clip, some training
+    window does, and no window runs past its event's frames (it would give fewer clips than the
+    JSON counts, silently)."""
+    T = frames_per_clip(p)
+    for n in p["networks"]:
+        spec = NETWORKS[n]
+        for split in ("val", "test"):
+            for w in spec[split]:
+                if w[2] - w[1] < T:
+                    sys.exit(f"{networks_file}: {n}.{split}: {list(w)} holds {w[2] - w[1]} frames, fewer than "
+                             f"a clip's {T}: it gives no clip")
+        if not any(b - a >= T for _, a, b in spec["train"]):
+            sys.exit(f"{networks_file}: {n}.train: no window holds a clip's {T} frames")
+        lengths = {}
+        for split in ("train", "val", "test"):
+            for w in spec[split]:
+                if w[0] not in lengths:
+                    lengths[w[0]] = event_frames(p, n, w[0], cache)
+                if w[2] > lengths[w[0]]:
+                    sys.exit(f"{networks_file}: {n}.{split}: {list(w)} ends past the {lengths[w[0]]} frames of "
+                             f"{'event ' + w[0] if w[0] is not None else 'the source'}")
+
+
 #: preset keys that a rerun in the same folder may change: more seeds, budgets or networks add
 #: jobs, a raised max_doublings lets --extend go on; any other change would mix two set-ups
 GROWABLE = ("seeds", "budgets", "networks", "tiles", "max_doublings")
@@ -1086,6 +1119,8 @@ def main(argv=None) -> int:
         use_networks(args.networks, p)
     check_sources(p, args.networks or NETWORKS_FILE)
     root = Path(args.root).resolve() if args.root else default_root(preset)
+    if not args.aggregate and not args.worker:  # workers: their parent checked
+        check_windows(p, args.networks or NETWORKS_FILE, cache_dir(root))
     out_json = Path(args.json) if args.json else default_results(preset)
     command = "python benchmarks/transfer_radar.py" + ("" if preset == "full" else f" --preset {preset}") + \
         (f" --networks {args.networks}" if args.networks else "") + " --workers 2"

@@ -296,6 +296,29 @@ def test_a_missing_source_is_refused_before_any_run_folder_exists(bench, tmp_pat
     assert not root.exists()
 
 
+@pytest.mark.parametrize("edit, where", [
+    (lambda d: d["fmi"].update(val=[["20160928", 28, 32]]), "fmi.val: ['20160928', 28, 32] holds 4 frames, fewer than a clip's 6"),
+    (lambda d: d["mch"].update(train=[["20150515", 0, 5]]), "mch.train: no window holds a clip's 6 frames"),
+    (lambda d: d["fmi"].update(test=[["20170509", 0, 48]]), "fmi.test: ['20170509', 0, 48] ends past the 40 frames of "
+                                                            "event 20170509"),
+])
+def test_a_window_without_clips_or_past_its_event_is_refused_before_any_run(bench, tmp_path, monkeypatch, shared_data,
+                                                                           edit, where):
+    """A held-out network's file is checked against its data before anything runs: a window past
+    its event's end would give fewer clips than the JSON counts, silently."""
+    if not (shared_data / "radar" / "mch").is_dir() or not (shared_data / "radar" / "fmi").is_dir():
+        pytest.skip(f"{shared_data}/radar: the MeteoSwiss and FMI events are absent")
+    monkeypatch.setattr(bench, "NETWORKS", bench.NETWORKS)
+    monkeypatch.setattr(bench, "SHARED", shared_data)
+    f = _networks_file(bench, tmp_path / "networks.yaml", edit, names={"mch": "mch", "fmi": "fmi"})
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--preset", "tiny", "--networks", str(f), "--root", str(root)])
+    msg = str(e.value.code)
+    assert msg.startswith(f"{f}: ") and where in msg and "\n" not in msg, msg
+    assert not root.exists()
+
+
 def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, monkeypatch, shared_data, load_benchmark):
     """The protocol on networks the script has never named: two entries of a networks file (the
     MeteoSwiss and FMI data under other names, one tile each), and nothing else changed."""
