@@ -226,6 +226,52 @@ def test_mix_steps_0_saves_the_members_plain_average_without_training(exp, zoo_r
         torch.testing.assert_close(mixture.rollout(batch), mean, rtol=1e-5, atol=1e-6)
 
 
+def test_kept_baseline_forecasts_are_the_plain_code_s_computed_once_per_clip_within_the_bound(zoo_root, batch,
+                                                                                             monkeypatch):
+    """While a mixture's weights fit, each clip's baseline forecasts are computed once (by its
+    input frames) and served again exactly; never more than the bound is kept; the gradient still
+    reaches the weights."""
+    model = _mixture(zoo_root, baselines=["persistence"]).train()
+    base = model.baselines[0]
+    plain = model.baseline_forecasts(batch, T_IN)
+    calls, rollout = [], base.rollout
+    monkeypatch.setattr(base, "rollout", lambda x: calls.append(len(x)) or rollout(x))
+    model.remember_baselines(1 << 20)
+    assert torch.equal(model.baseline_forecasts(batch[:5], T_IN), plain[:5])
+    assert torch.equal(model.baseline_forecasts(batch, T_IN), plain) and calls == [5, 3]
+    future = batch.clone()
+    future[:, T_IN:] = 0  # the baselines read only the input frames: the same clip to them
+    assert torch.equal(model.baseline_forecasts(future, T_IN), plain) and calls == [5, 3]
+    loss = _loss(model, batch)
+    loss.backward()
+    assert model.logits.grad.abs().sum() > 0
+    model.remember_baselines(2 * plain[0].nbytes)  # room for two clips' forecasts
+    calls.clear()
+    model.baseline_forecasts(batch, T_IN)
+    model.baseline_forecasts(batch, T_IN)
+    assert calls == [8, 6] and model._memo_used == 2 * plain[0].nbytes
+    model.remember_baselines(0)
+    assert not model._memo and torch.equal(model.baseline_forecasts(batch, T_IN), plain) and calls == [8, 6, 8]
+
+
+def test_run_mixture_fits_the_same_weights_with_and_without_kept_baseline_forecasts(exp, zoo_root, tmp_path,
+                                                                                   monkeypatch):
+    from transmem.baselines import forecaster
+    clips, persistence = [], forecaster.persistence
+    monkeypatch.setattr(forecaster, "persistence", lambda x, t_in: clips.append(len(x)) or persistence(x, t_in))
+    weights, computed = [], []
+    for memo in (0, 1 << 20):
+        monkeypatch.setattr(api, "MIX_MEMO_BYTES", memo)
+        out = tmp_path / f"memo{memo}"
+        clips.clear()
+        api.run_mixture(exp, out, teachers=["digits", "noise"], zoo_root=zoo_root, baselines=["persistence"],
+                        member_steps=0, mix_steps=6, mix_lr=0.2)
+        weights.append(zoo.read_card(out / "model")["mixture"]["weights"])
+        computed.append(sum(clips))
+    assert weights[0] == weights[1] and any(abs(w - 1 / 3) > 1e-3 for ws in weights[0].values() for w in ws)
+    assert computed[1] < computed[0], computed  # the fit's 8 validation clips, once each instead of once a step
+
+
 def _write_cfg(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(TINY))

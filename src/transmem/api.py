@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import run_report, zoo
-from .choices import MIX_LR, MIX_STEPS
+from .choices import MIX_LR, MIX_MEMO_BYTES, MIX_STEPS
 from .config import ConfigError, Experiment, TransferConfig, check_patch, load_experiment, read_config_file, validate
 from .data import adopt_fitted, build_datasets, frame_size_of, physical_units
 from .environment import environment
@@ -647,7 +647,10 @@ def run_mixture(exp: Experiment, out, resume=False, teachers=None, zoo_name=None
     module = _module(mix, model, hw=hw)
     if opts.mix_steps:  # else the zero logits stay: softmax gives every member the same weight
         mix.train.batch_size = min(mix.train.batch_size, len(clips))
+        # the fit revisits its clips (random crops aside): each baseline forecast is computed once
+        module.model.remember_baselines(0 if mix.train.crop else MIX_MEMO_BYTES)
         fit(module, clips, datasets.get("val"), mix.train, out, resume=resume)
+        module.model.remember_baselines(0)
     if opts.areas:
         module.model.config.areas = calibrate_areas(module.model, clips, physical_units(exp.data),
                                                     exp.eval.thresholds, len(members), exp.eval.batch_size)

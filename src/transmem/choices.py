@@ -13,6 +13,7 @@ MIXTURE_GATINGS = ("lead", "pixel", "stack")          # mixture weights per lead
 MIXTURE_FIT_SPLITS = ("val", "train")                 # the clips a mixture's weights train on
 MIX_STEPS = 100                                       # default steps that train a mixture's weights
 MIX_LR = 0.05                                         # default learning rate of a mixture's weights (logits)
+MIX_MEMO_BYTES = 1 << 29                              # baseline forecasts kept by clip while a mixture's weights fit
 TMU_WEIGHTINGS = ("none", "softmax")                  # weighting across sources
 TEACHER_INPUTS = ("ground_truth", "own")              # what the teachers read after T_in
 CACHE_BANK = ("memory", "disk", "none")               # where a ground-truth bank is cached

@@ -24,6 +24,7 @@ the whole forecaster and loads like any other
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -104,6 +105,7 @@ class MixtureModel(nn.Module):
         elif config.gating == "stack":
             self.gate = StackGate(n, config.channels, config.gate_width)
         check_areas(config.areas, self.names)
+        self.remember_baselines(0)
 
     @property
     def names(self) -> list[str]:
@@ -153,12 +155,36 @@ class MixtureModel(nn.Module):
             head = preds[:, :t_in - 1].mean(2)
             fc = preds[:, t_in - 1:]
             if self.baselines:
-                base = []
-                for b in self.baselines:
-                    b.t_in = t_in
-                    base.append(b.rollout(frames).to(fc.device, fc.dtype))
-                fc = torch.cat([fc, torch.stack(base, 2)], 2)
+                fc = torch.cat([fc, self.baseline_forecasts(frames, t_in).to(fc.device, fc.dtype)], 2)
         return head, fc
+
+    def baseline_forecasts(self, frames: torch.Tensor, t_in: int) -> torch.Tensor:
+        """``(B, T-t_in, NB, C, H, W)``: every baseline's forecast (they read only the ``t_in``
+        input frames). While ``memo_bytes`` > 0 (the weights' fit: it revisits the same clips,
+        and pysteps is most of its time) a clip's forecasts are kept by its input frames' bytes,
+        up to that many bytes, and served again exactly as computed."""
+        def run(x):
+            out = []
+            for b in self.baselines:
+                b.t_in = t_in
+                out.append(b.rollout(x))
+            return torch.stack(out, 2)
+        if not self.memo_bytes:
+            return run(frames)
+        inputs = frames[:, :t_in].detach().to("cpu", torch.float32).contiguous()
+        keys = [(t_in, frames.shape[1], hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest()) for x in inputs]
+        todo = [i for i, k in enumerate(keys) if k not in self._memo]
+        fresh = dict(zip(todo, run(frames[todo]).cpu())) if todo else {}
+        for i in todo:
+            if self._memo_used + fresh[i].nbytes <= self.memo_bytes:
+                self._memo[keys[i]] = fresh[i]
+                self._memo_used += fresh[i].nbytes
+        return torch.stack([fresh[i] if i in fresh else self._memo[k] for i, k in enumerate(keys)]).to(frames.device)
+
+    def remember_baselines(self, max_bytes: int) -> None:
+        """Keep baseline forecasts by clip (:meth:`baseline_forecasts`) up to ``max_bytes``; 0: keep
+        none and forget those kept."""
+        self.memo_bytes, self._memo, self._memo_used = int(max_bytes), {}, 0
 
     def combine(self, fc: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, L, C, H, W)``: the members' forecasts ``fc`` ``(B, L, N, C, H, W)`` weighted
