@@ -101,7 +101,9 @@ from transmem import api, zoo  # noqa: E402
 from transmem.baselines import get_method  # noqa: E402
 from transmem.data import DataConfig, build_datasets, physical_units  # noqa: E402
 from transmem.data.clips import ClipDataset  # noqa: E402
-from transmem.data.registry import pixel_km as pixel_km_of, register_dataset  # noqa: E402
+from transmem.data.errors import DataError  # noqa: E402
+from transmem.errors import UserError  # noqa: E402
+from transmem.data.registry import extra_keys, pixel_km as pixel_km_of, register_dataset  # noqa: E402
 from transmem.files import write_json  # noqa: E402
 
 SHARED = tm.SHARED
@@ -253,18 +255,33 @@ class Tiles(Dataset):
         return {k: v[..., y * s:(y + 1) * s, x * s:(x + 1) * s].contiguous() for k, v in self.clips[c].items()}
 
 
-@register_dataset("transfer_radar_tiles", units=_tiles_units, extra=("source", "tiles", "window"),
+def event_sequences(cfg: DataConfig) -> tuple[ClipDataset, list[int]]:
+    """The source's clips and the indices of the sequences of ``extra.event`` (all without one):
+    those the reader names so, or whose event is so named, for readers that cannot read one event
+    alone (``extra.events``); a name not found is one line listing the names found."""
+    ds = build_datasets(_source_config(cfg))["train"]
+    ev, prep = cfg.extra.get("event"), ds.prep
+    seqs = [i for i, n in enumerate(prep.names) if ev is None or str(ev) in (n, prep.events[i])]
+    if not seqs:
+        raise DataError(cfg.extra["source"]["path"], f"event {ev}: no sequence of that name (found: "
+                        f"{', '.join(dict.fromkeys(prep.names))})")
+    return ds, seqs
+
+
+@register_dataset("transfer_radar_tiles", units=_tiles_units, extra=("source", "tiles", "window", "event"),
                   pixel_km=lambda cfg: pixel_km_of(_source_config(cfg)),  # the source's, where it declares one
                   inflow="last")  # a tile's edge lies inside the region: rain comes in across it
 def build_tiles(cfg: DataConfig) -> dict:
-    """``extra.source``: a radar data config (one event), read at ``size * tiles`` pixels square;
-    ``extra.window = [a, b]``: the clips whose frames all lie in frames ``a .. b-1`` of a
-    sequence; every clip is served as ``tiles x tiles`` tiles of ``size`` pixels. One split, train
-    (``transfer_map_parts`` puts it in a named split)."""
+    """``extra.source``: a radar data config, read at ``size * tiles`` pixels square (one event:
+    the reader's ``extra.events``, else ``extra.event`` picks its sequences); ``extra.window =
+    [a, b]``: the clips whose frames all lie in frames ``a .. b-1`` of a sequence; every clip is
+    served as ``tiles x tiles`` tiles of ``size`` pixels. One split, train (``transfer_map_parts``
+    puts it in a named split)."""
     a, b = (int(v) for v in cfg.extra["window"])
-    ds = build_datasets(_source_config(cfg))["train"]
+    ds, seqs = event_sequences(cfg)
     names = ds.prep.names
-    keep = [(names.index(name), s) for name, s in ds.clips if a <= s and s + cfg.frames <= b]
+    keep = [(names.index(name), s) for name, s in ds.clips
+            if names.index(name) in seqs and a <= s and s + cfg.frames <= b]
     return {"train": Tiles(ClipDataset(ds.prep, keep, cfg.frames, ds.events), cfg.extra.get("tiles", 1), cfg.size)}
 
 
@@ -288,7 +305,8 @@ def event_frames(p: dict, net: str, event, cache: Path) -> int:
     part = tile_part(net, (event, 0, 1), p)["extra"]
     cfg = DataConfig.from_dict({"name": "transfer_radar_tiles", "size": p["families"][FAMILY]["size"],
                                 "frames": frames_per_clip(p), "cache_dir": str(cache), "extra": part})
-    return min(build_datasets(_source_config(cfg))["train"].prep.lengths)
+    ds, seqs = event_sequences(cfg)
+    return min(ds.prep.lengths[i] for i in seqs)
 
 
 def check_windows(p: dict, networks_file, cache: Path) -> None:
@@ -309,7 +327,10 @@ def check_windows(p: dict, networks_file, cache: Path) -> None:
         for split in ("train", "val", "test"):
             for w in spec[split]:
                 if w[0] not in lengths:
-                    lengths[w[0]] = event_frames(p, n, w[0], cache)
+                    try:
+                        lengths[w[0]] = event_frames(p, n, w[0], cache)
+                    except UserError as e:  # the reader's one line: a file it cannot read, an event not found
+                        sys.exit(f"{networks_file}: {n}.{split}: {list(w)}: {' '.join(str(e).split())}")
                 if w[2] > lengths[w[0]]:
                     sys.exit(f"{networks_file}: {n}.{split}: {list(w)} ends past the {lengths[w[0]]} frames of "
                              f"{'event ' + w[0] if w[0] is not None else 'the source'}")
@@ -359,9 +380,12 @@ def tile_part(net: str, window: tuple, p: dict) -> dict:
     ev, a, b = window
     src = copy.deepcopy(spec["source"])
     src["path"] = str(source_path(net))
-    if ev is not None:
-        src["extra"]["events"] = [ev]
-    return {"name": "transfer_radar_tiles", "extra": {"source": src, "tiles": p["tiles"][net], "window": [a, b]}}
+    pick = {}
+    if ev is not None and "events" in (extra_keys(src["name"]) or ()):
+        src.setdefault("extra", {})["events"] = [ev]  # the reader reads that event alone
+    elif ev is not None:
+        pick = {"event": ev}  # the tiles keep that event's sequences of everything the reader reads
+    return {"name": "transfer_radar_tiles", "extra": {"source": src, "tiles": p["tiles"][net], "window": [a, b], **pick}}
 
 
 def frames_per_clip(p: dict) -> int:

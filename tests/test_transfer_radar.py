@@ -301,6 +301,7 @@ def test_a_missing_source_is_refused_before_any_run_folder_exists(bench, tmp_pat
     (lambda d: d["mch"].update(train=[["20150515", 0, 5]]), "mch.train: no window holds a clip's 6 frames"),
     (lambda d: d["fmi"].update(test=[["20170509", 0, 48]]), "fmi.test: ['20170509', 0, 48] ends past the 40 frames of "
                                                             "event 20170509"),
+    (lambda d: d["mch"].update(val=[["19990101", 0, 12]]), "mch.val: ['19990101', 0, 12]: "),
 ])
 def test_a_window_without_clips_or_past_its_event_is_refused_before_any_run(bench, tmp_path, monkeypatch, shared_data,
                                                                            edit, where):
@@ -317,6 +318,35 @@ def test_a_window_without_clips_or_past_its_event_is_refused_before_any_run(benc
     msg = str(e.value.code)
     assert msg.startswith(f"{f}: ") and where in msg and "\n" not in msg, msg
     assert not root.exists()
+
+
+def test_a_reader_without_extra_events_gets_its_event_by_sequence_name(bench, monkeypatch, shared_data, tmp_path):
+    """A held-out network may come through a reader that reads every event of its folder (hdf5,
+    pysteps, gridded files): the tiles then keep the sequences of the window's event, the same
+    clips as a reader that reads that event alone; a name not found lists those found."""
+    import torch
+
+    from transmem.data import DataConfig, build_datasets
+    from transmem.data.errors import DataError
+    if not (shared_data / "radar" / "mch").is_dir():
+        pytest.skip(f"{shared_data}/radar/mch: the MeteoSwiss events are absent")
+    monkeypatch.setattr(bench, "SHARED", shared_data)
+    p = bench.load_preset("tiny")
+
+    def clips(part):
+        cfg = DataConfig.from_dict({"name": "transfer_radar_tiles", "size": 16, "frames": 6, "cache_dir": str(tmp_path),
+                                    "extra": part["extra"]})
+        d = build_datasets(cfg)["train"]
+        return torch.stack([d[i]["frames"] for i in range(len(d))])
+    window = bench.NETWORKS["mch"]["val"][0]
+    alone = clips(bench.tile_part("mch", window, p))
+    monkeypatch.setattr(bench, "extra_keys", lambda name: ())  # as if radar_mch had no extra.events
+    part = bench.tile_part("mch", window, p)
+    assert part["extra"]["event"] == window[0] and "events" not in part["extra"]["source"]["extra"]
+    assert len(alone) == 12 - 6 + 1 and torch.equal(clips(part), alone)
+    with pytest.raises(DataError) as e:
+        clips(bench.tile_part("mch", ("19990101", 0, 12), p))
+    assert "event 19990101: no sequence of that name (found: 20150515, 20160711, 20170131)" in str(e.value)
 
 
 def test_new_networks_are_one_entry_each_in_a_networks_file(bench, tmp_path, monkeypatch, shared_data, load_benchmark):
