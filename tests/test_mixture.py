@@ -242,6 +242,9 @@ def test_kept_baseline_forecasts_are_the_plain_code_s_computed_once_per_clip_wit
     future = batch.clone()
     future[:, T_IN:] = 0  # the baselines read only the input frames: the same clip to them
     assert torch.equal(model.baseline_forecasts(future, T_IN), plain) and calls == [5, 3]
+    turned = batch.reshape(*batch.shape[:3], 8, 32)  # the same bytes in frames of another shape: other clips
+    assert model.baseline_forecasts(turned, T_IN).shape[-2:] == (8, 32) and calls == [5, 3, 8]
+    calls.pop()
     loss = _loss(model, batch)
     loss.backward()
     assert model.logits.grad.abs().sum() > 0

@@ -172,7 +172,8 @@ class MixtureModel(nn.Module):
         if not self.memo_bytes:
             return run(frames)
         inputs = frames[:, :t_in].detach().to("cpu", torch.float32).contiguous()
-        keys = [(t_in, frames.shape[1], hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest()) for x in inputs]
+        keys = [(t_in, tuple(frames.shape[1:]), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest())
+                for x in inputs]
         todo = [i for i, k in enumerate(keys) if k not in self._memo]
         fresh = dict(zip(todo, run(frames[todo]).cpu())) if todo else {}
         for i in todo:
