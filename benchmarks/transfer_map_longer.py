@@ -5,8 +5,10 @@ Under noisy validation a run can meet the rule at its first cap (best step 450-6
 its seeds that ran on kept improving for 10 000+ steps. This check copies the map's scratch and
 finetune runs of one cell that stopped at the first cap, resumes each from its last checkpoint
 (``convergence.reopen``) to a fixed cap, with the map's curriculum (scheduled sampling over the
-first 150 steps), and scores the best validation checkpoint on the test clips. It leaves the map
-as it is and says what its rows would read with the longer runs in their place.
+first 150 steps), and scores the best validation checkpoint on the test clips; the cell's
+mixtures are refit (the map's fit on the validation clips) for each seed with a member that ran
+longer. It leaves the map as it is and says what its rows would read with the longer runs in
+their place.
 
     python benchmarks/transfer_map_longer.py --workers 2     # digits, 3000 clips, to 6400 steps
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -34,6 +37,8 @@ import claims  # noqa: E402
 import transfer_map as tm  # noqa: E402
 from convergence import best_step, converged, reopen  # noqa: E402
 
+from transmem import api  # noqa: E402
+from transmem.data import build_datasets  # noqa: E402
 from transmem.files import write_json  # noqa: E402
 
 #: the code its numbers depend on (the JSON's commit is ``-dirty`` when these differ from HEAD)
@@ -72,7 +77,8 @@ def go_on(args: tuple) -> dict:
          "converged": converged(b, steps), "train_wall_s": round(time.time() - t0, 1),
          "map": {k: before.get(k) for k in ("mse", "best_step", "step_cap", "commit")}, "commit": commit()}
     claims.write_run(job / "result.json", r)
-    print(f"{method} seed {seed}: {before['mse']:.2f} at {before['step_cap']} steps -> {m['mse']:.2f} at {steps} "
+    print(f"{method} seed {seed}: {before['mse']:.2f} at {before.get('step_cap', before.get('train_steps'))} steps -> "
+          f"{m['mse']:.2f} at {steps} "
           f"(best step {b})", flush=True)
     return r
 
@@ -81,8 +87,44 @@ def commit() -> str:
     return claims.commit(tm.REPO, CODE)
 
 
+def refit_mixtures(p: dict, root: Path, side: Path, family: str, size: int, longer: list[dict]) -> list[dict]:
+    """Each mixture of the cell with a member that ran longer, refit per such seed by the map's fit
+    (convex weights on the validation clips): first on the map's members, which must reproduce
+    the map's result, then with the longer runs in their place."""
+    swapped = {(r["method"], r["seed"]) for r in longer}
+    out = []
+    for method, (kind, s) in tm.methods(family, p).items():
+        for seed in p["seeds"] if kind == "mixture" else []:
+            moved = [e for e in s["experts"] if (f"finetune:{e}", seed) in swapped]
+            if not moved:
+                continue
+            exp = tm.target_experiment(p, family, size, seed)
+            data = build_datasets(exp.data)
+            stored = json.loads((tm.run_dir(root, family, size, method, seed) / "result.json").read_text())
+            fits = {}
+            for which in ("map", "longer"):
+                experts = [api.load_for_inference(tm.run_dir(side if which == "longer" and e in moved else root,
+                                                             family, size, f"finetune:{e}", seed) / "run" / "model")[0]
+                           for e in s["experts"]]
+                experts += [api.load_baseline(b, exp, physical=False) for b in s.get("baselines", [])]
+                w = tm.fit_mixture(experts, data["val"])
+                fits[which] = (api.evaluate_forecaster(exp, tm.Mixture(experts, w), data)["mse"], w)
+            if not math.isclose(fits["map"][0], stored["mse"], rel_tol=1e-5):
+                sys.exit(f"{method} seed {seed}: the refit on the map's members gives {fits['map'][0]:.6f}, the map "
+                         f"has {stored['mse']:.6f}: not the map's fit; nothing written")
+            names = s["experts"] + s.get("baselines", [])
+            out.append({"method": method, "seed": seed, "longer_members": [f"finetune:{e}" for e in moved],
+                        "mse": fits["longer"][0], "weights": dict(zip(names, fits["longer"][1])),
+                        "map": {"mse": stored["mse"], "weights": stored["weights"], "reproduced": fits["map"][0]},
+                        "commit": commit()})
+            print(f"{method} seed {seed}: refit with the longer {', '.join(moved)}: {stored['mse']:.2f} -> "
+                  f"{fits['longer'][0]:.2f}", flush=True)
+    return out
+
+
 def cells_with(p: dict, root: Path, family: str, size: int, longer: list[dict]) -> dict:
-    """The cell's mean test MSE per method, as the map has it and with the longer runs in place."""
+    """The cell's mean test MSE per method, as the map has it and with the longer runs (and the
+    mixtures refit on them) in place."""
     swap = {(r["method"], r["seed"]): r["mse"] for r in longer}
     out = {}
     for method in tm.methods(family, p):
@@ -119,14 +161,15 @@ def main(argv=None) -> int:
             longer = pool.map(go_on, jobs)
     else:
         longer = [go_on(j) for j in jobs]
-    cells = cells_with(p, root, args.family, args.size, longer)
+    refits = refit_mixtures(p, root, side, args.family, args.size, longer)
+    cells = cells_with(p, root, args.family, args.size, longer + refits)
     scratch = cells["scratch"]
     vs = {m: {"map_pct": 100 * (c["map"] / scratch["map"] - 1), "longer_pct": 100 * (c["longer"] / scratch["longer"] - 1)}
           for m, c in cells.items() if m != "scratch"}
-    out = {"commit": sorted({r["commit"] for r in longer}), "command": "python benchmarks/transfer_map_longer.py --workers 2",
+    out = {"commit": sorted({r["commit"] for r in longer + refits}), "command": "python benchmarks/transfer_map_longer.py --workers 2",
            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, 1 thread per run",
            "family": args.family, "size": args.size, "steps": args.steps, "first_cap": p["target_steps"],
-           "runs": longer, "cells": cells, "vs_scratch": vs, "wall_s": round(time.time() - t0, 1)}
+           "runs": longer, "mixtures_refit": refits, "cells": cells, "vs_scratch": vs, "wall_s": round(time.time() - t0, 1)}
     json_path = Path(args.json or HERE / "results" / "transfer_map_longer.json")
     write_json(json_path, out)  # complete or absent
     for m, c in cells.items():

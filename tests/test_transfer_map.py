@@ -229,6 +229,33 @@ def test_longer_resumes_an_early_stop_to_the_fixed_cap_and_leaves_the_map_alone(
     assert (run / "logs" / "metrics.csv").stat().st_mtime_ns == log  # a finished run is kept, not redone
 
 
+def test_longer_refits_the_mixtures_of_a_seed_whose_member_ran_longer(bench, tiny, load_benchmark, tmp_path,
+                                                                      monkeypatch):
+    """A mixture's seed with a member that ran longer is refit with that run in place, after the
+    refit on the map's members reproduced the map's result (else nothing is written)."""
+    root, _, _ = tiny
+    longer = load_benchmark("transfer_map_longer")
+    p = bench.load_preset("tiny")
+    mixtures = {m: s for m, (kind, s) in bench.methods("digits", p).items() if kind == "mixture"}
+    member = f"finetune:{next(iter(mixtures.values()))['experts'][0]}"
+    first = json.loads((bench.run_dir(root / "runs", "digits", 8, member, 0) / "result.json").read_text())
+    cap = first.get("step_cap") or first["train_steps"]
+    run = longer.go_on((p, root / "runs", tmp_path, "digits", 8, member, 0, 2 * cap))
+    refits = longer.refit_mixtures(p, root / "runs", tmp_path, "digits", 8, [run])
+    assert {x["method"] for x in refits} == {m for m, s in mixtures.items() if member[len("finetune:"):] in s["experts"]}
+    cells = longer.cells_with(p, root / "runs", "digits", 8, [run] + refits)
+    for x in refits:
+        assert x["seed"] == 0 and x["longer_members"] == [member]
+        assert x["map"]["reproduced"] == pytest.approx(x["map"]["mse"], rel=1e-5)
+        assert sum(x["weights"].values()) == pytest.approx(1.0)
+        assert cells[x["method"]]["per_seed_longer"] == [x["mse"]]
+        assert cells[x["method"]]["map"] == pytest.approx(x["map"]["mse"])
+    monkeypatch.setattr(longer.tm, "fit_mixture", lambda experts, val: [0.123, 0.877] + [0.0] * (len(experts) - 2))
+    with pytest.raises(SystemExit) as e:  # a fit that is not the map's: refused
+        longer.refit_mixtures(p, root / "runs", tmp_path, "digits", 8, [run])
+    assert "not the map's fit" in str(e.value.code)
+
+
 def test_the_average_check_rescores_the_stored_mixtures_and_scores_the_plain_average(bench, tiny, load_benchmark,
                                                                                        tmp_path):
     """benchmarks/transfer_map_average.py: the stored weights reproduce each mixture run's MSE
