@@ -4,10 +4,10 @@
 `transmem transfer --mode mixture --baselines ...` fits softmax weights per lead for
 ``mix_steps`` steps on the validation clips. Every step forecasts its batch with every member;
 the pysteps baselines are most of that time, and the fit revisits the same clips. The mixture now
-keeps each clip's baseline forecasts by its input frames while it fits (``MixtureModel
-.remember_baselines``, bounded by ``api.MIX_MEMO_BYTES``). This script times ``api.run_mixture``
-both ways on the same clips, interleaved (A, B, A, B ...), and checks that the fitted weights and
-test MSE are identical.
+keeps each clip's baseline forecasts by its input frames while it fits
+(``MixtureModel.remember_baselines``, bounded by ``api.MIX_MEMO_BYTES``). This script times
+``api.run_mixture`` both ways on the same clips, interleaved (A, B, A, B ...), and checks that
+the fitted weights and test MSE are identical.
 
 Workload: synthetic advected rain (mm/h, 32 x 32, 3 -> 3 frames, ``--val-clips`` clips to fit
 on, 32 test clips), two members (the advection backbone briefly pretrained from two seeds), the

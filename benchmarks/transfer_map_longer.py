@@ -77,9 +77,9 @@ def go_on(args: tuple) -> dict:
          "converged": converged(b, steps), "train_wall_s": round(time.time() - t0, 1),
          "map": {k: before.get(k) for k in ("mse", "best_step", "step_cap", "commit")}, "commit": commit()}
     claims.write_run(job / "result.json", r)
-    print(f"{method} seed {seed}: {before['mse']:.2f} at {before.get('step_cap', before.get('train_steps'))} steps -> "
-          f"{m['mse']:.2f} at {steps} "
-          f"(best step {b})", flush=True)
+    cap = before.get("step_cap", before.get("train_steps"))  # a preset without the rule records no cap
+    print(f"{method} seed {seed}: {before['mse']:.2f} at {cap} steps -> {m['mse']:.2f} at {steps} (best step {b})",
+          flush=True)
     return r
 
 
