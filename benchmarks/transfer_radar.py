@@ -18,8 +18,9 @@ not minutes: a clip is 6 frames, 3 in -> 3 out, so the lead time is 15 min (mch,
 (opera) or 6 min (mrms). Nothing is resampled; the zoo's entries differ in time step as real
 archives do.
 
-**Zoo**: the advected-rain model (synthetic advected rain, as the transfer map's), and one model
-per network in the recommended recipe (the advection backbone pretrained on advected rain, then
+**Zoo**: the advected-rain model (synthetic advected rain, as the transfer map's; to convergence
+by the rule below on its own validation clips, the first cap `pretext_steps`), and one model per
+network in the recommended recipe (the advection backbone pretrained on advected rain, then
 finetuned on that network's frames, with flips, rotations and time reversal, to convergence by the
 rule below on the network's validation windows, which it does not train on; the first cap
 `network_steps`). For a target its own network's model is left out: the zoo is advected_rain and
@@ -594,20 +595,26 @@ def run_to_convergence(p: dict, root: Path, target: str, budget: str, method: st
     return {**res, **extended_from(d, earlier)}
 
 
-def train_network_entry(p: dict, root: Path, net: str, d: Path) -> dict:
-    """A network's zoo entry, trained to convergence by the cells' rule: finetuned from advected
-    rain on the network's frames, validated on its validation windows, the first cap
-    ``network_steps``; the best checkpoint becomes the entry ``zoo/<net>``."""
+def train_zoo_entry(p: dict, root: Path, name: str, d: Path) -> dict:
+    """A zoo entry, trained to convergence by the cells' rule; the best checkpoint becomes the
+    entry ``zoo/<name>``. The advected-rain model: on synthetic advected rain, validated on its
+    own validation clips, the first cap ``pretext_steps``; a network's: finetuned from it on the
+    network's frames, validated on its validation windows, the first cap ``network_steps``."""
     out = d / "run"
+    pretext = name == "advected_rain"
 
     def train(steps: int, resume: bool) -> dict:
-        exp = experiment(p, network_data(p, net, cache_dir(root)), steps, 0)
+        if pretext:
+            return api.run_train(experiment(p, tm.advected_data(p), steps, 0, pretext=True), out, resume=resume,
+                                 kind="pretrain")
+        exp = experiment(p, network_data(p, name, cache_dir(root)), steps, 0)
         return api.run_train(exp, out, resume=resume, init_from=zoo_entry(root, "advected_rain"), kind="pretrain")
     t0 = time.time()
-    m, cap, history = train_to_convergence(train, out, first_cap=p["network_steps"], max_doublings=p["max_doublings"])
+    m, cap, history = train_to_convergence(train, out, first_cap=p["pretext_steps" if pretext else "network_steps"],
+                                           max_doublings=p["max_doublings"])
     model, card = zoo.load_entry(out / "model")
     own = ("card_version", "name", "model", "config", "params", "sha256")  # save_entry writes these
-    zoo.save_entry(model, zoo_entry(root, net), {k: v for k, v in card.items() if k not in own}, overwrite=True)
+    zoo.save_entry(model, zoo_entry(root, name), {k: v for k, v in card.items() if k not in own}, overwrite=True)
     return {**m, **record(history, cap), "train_wall_s": round(time.time() - t0, 1)}
 
 
@@ -672,10 +679,7 @@ def grid_mixture_members(p: dict, root: Path, target: str, budget: str, seed: in
 def execute(job: str, target, budget, method, seed: int, p: dict, root: Path) -> dict:
     d = job_dir(root, job, target, budget, method, seed)
     if job == "zoo":
-        if method == "advected_rain":
-            exp = experiment(p, tm.advected_data(p), p["pretext_steps"], 0, pretext=True)
-            return api.run_train(exp, d / "run", zoo_name=method, zoo_root=root / "zoo", kind="pretrain")
-        return train_network_entry(p, root, method, d)
+        return train_zoo_entry(p, root, method, d)
     if job == "baselines":
         exp = cell_experiment(p, root, target, verdict_budget(p, target), 0)
         data = build_datasets(exp.data)
@@ -946,8 +950,10 @@ def convergence(p: dict, cells: list[dict], zoo_cards: dict) -> dict:
                     "the checkpoint select_best keeps; a cell's best_step / step_cap are those of its seed nearest to "
                     "breaking the rule); a run that breaks it is resumed from its last checkpoint with the "
                     f"cap doubled, at most {p['max_doublings']} times (first cap {p['target_steps']} steps, "
-                    f"validation every {p['val_every']} steps); each network's zoo entry by the same rule on its "
-                    f"validation windows (first cap {p['network_steps']} steps)",
+                    f"validation every {p['val_every']} steps); the zoo's entries by the same rule: the "
+                    f"advected-rain model on its validation clips (first cap {p['pretext_steps']} steps, validation "
+                    f"every {max(p['pretext_steps'] // 4, 1)}), each network's on its validation windows (first cap "
+                    f"{p['network_steps']} steps)",
             "cells": len(learned), "unconverged": bad,
             "doubled_runs": sum(s["doublings"] > 0 for c in learned for s in c["per_seed"]),
             "zoo": {e: {k: z[k] for k in ("best_step", "step_cap", "converged")} for e, z in zoo_cards.items()
