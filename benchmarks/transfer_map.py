@@ -425,8 +425,13 @@ def mixture_experts(root: Path, family: str, size, seed: int, settings: dict, ex
     them) as forecasters, then its baselines on the [0, 1] values. Returns (run dirs, experts)."""
     dirs = [run_dir(root, family, size, f"finetune:{e}", seed) for e in settings["experts"]]
     wait_files([x / "result.json" for x in dirs])
+    return dirs, expert_forecasters(dirs, settings, exp)
+
+
+def expert_forecasters(dirs: list[Path], settings: dict, exp) -> list:
+    """The finetune runs in ``dirs`` as forecasters, then the mixture's baselines on the [0, 1] values."""
     experts = [api.load_for_inference(x / "run" / "model")[0] for x in dirs]
-    return dirs, experts + [api.load_baseline(b, exp, physical=False) for b in settings.get("baselines", [])]
+    return experts + [api.load_baseline(b, exp, physical=False) for b in settings.get("baselines", [])]
 
 
 def trainer(root: Path, family: str, method: str):

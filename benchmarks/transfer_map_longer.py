@@ -103,10 +103,9 @@ def refit_mixtures(p: dict, root: Path, side: Path, family: str, size: int, long
             stored = json.loads((tm.run_dir(root, family, size, method, seed) / "result.json").read_text())
             fits = {}
             for which in ("map", "longer"):
-                experts = [api.load_for_inference(tm.run_dir(side if which == "longer" and e in moved else root,
-                                                             family, size, f"finetune:{e}", seed) / "run" / "model")[0]
-                           for e in s["experts"]]
-                experts += [api.load_baseline(b, exp, physical=False) for b in s.get("baselines", [])]
+                dirs = [tm.run_dir(side if which == "longer" and e in moved else root, family, size, f"finetune:{e}",
+                                   seed) for e in s["experts"]]
+                experts = tm.expert_forecasters(dirs, s, exp)
                 w = tm.fit_mixture(experts, data["val"])
                 fits[which] = (api.evaluate_forecaster(exp, tm.Mixture(experts, w), data)["mse"], w)
             if not math.isclose(fits["map"][0], stored["mse"], rel_tol=1e-5):
